@@ -1,0 +1,62 @@
+// kvloom/attention.h — single-token decode attention on the CPU.
+//
+// One query token per batch row attends over keys/values that are either dense tensors
+// or a cache's head_stores. GQA-aware: each kv head is read once for its whole query
+// group (Hq / Hkv query heads); softmax is computed online in fp32 whatever the storage
+// dtype (fp32/fp16/bf16); work is split over (batch, kv head, key range) across threads
+// and partial softmax states are merged.
+//
+// Segments and RoPE: the keys a query sees may come in several segments (Hogwild!
+// views). Keys are stored rotated at segment-local positions; segment s carries an angle
+// offset delta_s = own_offset - segment_offset, and the kernel rotates the query by
+// delta_s (angles delta_s * inv_freq[i], rotate-half convention, first 2*n_freq dims)
+// instead of re-rotating keys. With no rope (n_freq == 0) deltas must be 0.
+//
+// Thread safety: reads only; callers must not write the attended sequences concurrently.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kvloom/cache.h"
+#include "kvloom/tensor_view.h"
+
+namespace kvloom {
+
+struct rope_spec {
+  const float* inv_freq = nullptr;  // [n_freq]
+  int n_freq = 0;
+};
+
+// One dense segment: k, v [B, Hkv, T_s, D]; delta [B] int64 angle offsets (null: 0).
+struct dense_segment {
+  tensor_view k, v;
+  const int64_t* delta = nullptr;
+};
+
+// q [B, Hq, D], out [B, Hq, D]; scale <= 0 means 1/sqrt(D).
+void decode_attention_dense(const tensor_view& q, const std::vector<dense_segment>& segments,
+                            const tensor_view& out, float scale, const rope_spec& rope);
+
+// One segment of a sequence's view over the cache: sequence `seq` seen at angle offset delta.
+struct cache_segment {
+  int64_t seq;
+  int64_t delta = 0;
+};
+
+// q [B, Hq, D] for `layer`; views[b] lists the segments row b attends to.
+void decode_attention_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
+                            const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope);
+
+// Threads used by the kernels (default: hardware concurrency, or KVLOOM_NUM_THREADS).
+void set_num_threads(int n);
+int get_num_threads();
+// Name of the kernel path chosen at run time ("avx2" or "generic").
+const char* kernel_isa();
+void force_generic_kernels(bool on);  // for tests: use the portable path
+
+// Reads every byte of `bytes` with all threads (returns a checksum); used by the benchmark
+// to measure the machine's read bandwidth with the same threads the kernels use.
+double read_probe(const void* data, size_t bytes);
+
+}  // namespace kvloom

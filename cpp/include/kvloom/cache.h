@@ -1,0 +1,130 @@
+// kvloom/cache.h — a paged KV cache: layers x kv heads x sequences of head_stores.
+//
+// head_store: the KV of one (layer, kv head, sequence). A block table maps slot s to
+// block table[s / block_size], offset s % block_size. Every slot carries metadata: live
+// flag, `ord` (0-based index of the token in the order it was appended to this sequence:
+// the logical token index), `pos` (its RoPE position), a token class and a score for
+// policies. Attention is permutation-invariant over keys, so eviction just frees a slot;
+// a new token fills the lowest free slot; a block whose slots are all free goes back to
+// the pool. Per-head lengths differ: that is the point.
+//
+// Sequences: seq_add() makes an empty one; seq_fork() makes a copy that shares every
+// block (reference counts), and whichever side first writes into a shared block copies it
+// (copy-on-write). seq_rollback(seq, n) forgets the last n appended tokens; seq_drop()
+// releases everything. Sequence ids are never reused.
+//
+// Failure atomicity: every operation validates its arguments and reserves the blocks it
+// needs before touching anything, so an exception (bad input, capacity_error) leaves the
+// cache exactly as it was.
+//
+// Thread safety: structural operations (seq_add, seq_fork, seq_drop, set_policy) need
+// exclusive access to the cache. Other operations on *different* sequences may run
+// concurrently (the block pool locks its own state); operations on the same sequence, or
+// attention over a sequence while it is being written, must be serialised by the caller.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kvloom/block_pool.h"
+#include "kvloom/policy.h"
+#include "kvloom/tensor_view.h"
+
+namespace kvloom {
+
+class head_store {
+ public:
+  int64_t length() const { return n_live_; }        // live tokens
+  int64_t appended() const { return n_appended_; }  // tokens ever appended (logical length)
+  int64_t n_slots() const { return static_cast<int64_t>(live_.size()); }
+  const std::vector<block_id>& table() const { return table_; }  // [n_blocks], -1 = no block
+  bool live(int64_t slot) const { return live_[slot] != 0; }
+  int32_t ord(int64_t slot) const { return ord_[slot]; }
+  int32_t pos(int64_t slot) const { return pos_[slot]; }
+  const uint8_t* live_data() const { return live_.data(); }  // [n_slots]
+  const std::vector<uint16_t>& block_live() const { return block_live_; }  // [n_blocks]
+  int64_t hint() const { return hint_; }  // no table entry before this one has a free slot
+  const head_plan* plan() const { return plan_.get(); }
+
+ private:
+  friend class cache;
+  std::vector<block_id> table_;          // [n_blocks]
+  std::vector<uint16_t> block_live_;     // [n_blocks] live slots per block
+  std::vector<uint8_t> live_;            // [n_blocks * block_size]
+  std::vector<int32_t> ord_;             // [n_blocks * block_size]
+  std::vector<int32_t> pos_;             // [n_blocks * block_size]
+  int64_t n_live_ = 0;
+  int64_t n_appended_ = 0;
+  int64_t hint_ = 0;  // no block before this table index has a free slot
+  std::shared_ptr<const head_plan> plan_;
+};
+
+class cache {
+ public:
+  cache(std::shared_ptr<block_pool> pool, int n_layers, int n_kv_heads, std::shared_ptr<const policy> pol);
+  ~cache();
+  cache(const cache&) = delete;
+  cache& operator=(const cache&) = delete;
+
+  int n_layers() const { return n_layers_; }
+  int n_kv_heads() const { return n_kv_heads_; }
+  int head_dim() const { return pool_->head_dim(); }
+  int block_size() const { return pool_->block_size(); }
+  dtype type() const { return pool_->type(); }
+  const block_pool& pool() const { return *pool_; }
+  const policy& current_policy() const { return *policy_; }
+
+  // Sets the policy for sequences added from now on (existing heads keep their plans).
+  void set_policy(std::shared_ptr<const policy> pol);
+
+  int64_t seq_add();
+  int64_t seq_fork(int64_t seq);
+  void seq_drop(int64_t seq);
+  // Forgets the last n appended tokens of every head of `seq` (0 <= n <= seq_length).
+  void seq_rollback(int64_t seq, int64_t n);
+  bool seq_exists(int64_t seq) const;
+  std::vector<int64_t> seq_ids() const;
+  int64_t seq_length(int64_t seq) const;  // logical tokens appended (layer 0)
+
+  // Appends n tokens to every kv head of (layer, seq). k, v: [n_kv_heads, n, head_dim]
+  // of any float dtype (converted to the pool's). positions: int32 [n], or null for
+  // positions equal to the logical token index.
+  void append(int layer, int64_t seq, const tensor_view& k, const tensor_view& v, const tensor_view* positions);
+  // Frees the given live slots of one head (all valid and distinct, else nothing changes).
+  void evict(int layer, int head, int64_t seq, const int32_t* slots, int64_t n);
+  // Runs each head's plan for (layer, seq) and frees what it names; returns slots freed.
+  int64_t apply_policy(int layer, int64_t seq);
+  // Re-plans every head of seq with the current policy and the given statistics.
+  void replan(int64_t seq, const prompt_stats* stats);
+
+  const head_store& store(int layer, int head, int64_t seq) const;
+  int64_t length(int layer, int head, int64_t seq) const { return store(layer, head, seq).length(); }
+
+  // Copies the live tokens of one head, ordered by `ord`, into k_out/v_out [length, D]
+  // (any float dtype), ord_out/pos_out int32 [length] (either may be null).
+  void gather(int layer, int head, int64_t seq, const tensor_view& k_out, const tensor_view& v_out,
+              const tensor_view* ord_out, const tensor_view* pos_out) const;
+
+  // Exact bytes held: distinct live blocks referenced by this cache x block bytes.
+  size_t memory_bytes() const;
+  int64_t blocks_held() const;
+
+ private:
+  struct sequence {
+    std::vector<head_store> heads;  // [n_layers * n_kv_heads]
+  };
+  sequence& seq_ref(int64_t seq);
+  const sequence& seq_ref(int64_t seq) const;
+  void check_layer(int layer) const;
+  void check_head(int head) const;
+  void release(head_store& hs);
+  void free_slot(head_store& hs, int64_t slot);
+
+  std::shared_ptr<block_pool> pool_;
+  int n_layers_, n_kv_heads_;
+  std::shared_ptr<const policy> policy_;
+  std::vector<std::unique_ptr<sequence>> seqs_;  // index = sequence id; null once dropped
+};
+
+}  // namespace kvloom

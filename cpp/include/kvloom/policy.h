@@ -1,0 +1,67 @@
+// kvloom/policy.h — eviction policies.
+//
+// A policy is consulted once per (layer, kv head, sequence) to choose a head_plan; the
+// cache asks the plan, after appends, which slots to free. Policies that profile the
+// prompt (FastGen, Task-KV, ...) choose a different plan per head from prompt statistics;
+// `full` and `window` use the same plan everywhere. Plans are immutable: everything a
+// plan needs to decide (token order, positions, scores) lives in the head_store's slot
+// metadata, so forked sequences can share plans.
+//
+// Thread safety: policies and plans are immutable after construction; any thread may use them.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace kvloom {
+
+class head_store;
+struct prompt_stats;  // prompt statistics collected during prefill (defined by the policies that use them)
+
+struct head_key {
+  int layer;
+  int head;
+  int64_t seq;
+};
+
+class head_plan {
+ public:
+  virtual ~head_plan() = default;
+  virtual std::string name() const = 0;
+  // Appends to `out` the slots of `hs` that this plan frees now (each a live slot, once).
+  virtual void select_evictions(const head_store& hs, std::vector<int32_t>& out) const = 0;
+};
+
+class policy {
+ public:
+  virtual ~policy() = default;
+  virtual std::string name() const = 0;
+  // The plan for one head. `stats` is null before (or without) prompt profiling.
+  virtual std::shared_ptr<const head_plan> plan_head(const head_key& where, const head_store& hs,
+                                                     const prompt_stats* stats) const = 0;
+};
+
+// Keeps every token.
+class full_policy final : public policy {
+ public:
+  std::string name() const override { return "full"; }
+  std::shared_ptr<const head_plan> plan_head(const head_key&, const head_store&, const prompt_stats*) const override;
+};
+
+// StreamingLLM (Xiao et al., 2024, "Efficient Streaming Language Models with Attention
+// Sinks"): keep the first `sinks` tokens and the most recent `recent` tokens of each head.
+class window_policy final : public policy {
+ public:
+  window_policy(int64_t sinks, int64_t recent);
+  std::string name() const override;
+  std::shared_ptr<const head_plan> plan_head(const head_key&, const head_store&, const prompt_stats*) const override;
+  int64_t sinks() const { return sinks_; }
+  int64_t recent() const { return recent_; }
+
+ private:
+  int64_t sinks_, recent_;
+  std::shared_ptr<const head_plan> plan_;  // one immutable plan serves every head
+};
+
+}  // namespace kvloom

@@ -1,0 +1,329 @@
+#include "kvloom/attention.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace kvloom {
+
+namespace {
+
+using detail::kernel_ops;
+using detail::kv_chunk;
+
+std::atomic<bool> g_force_generic{false};
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+const kernel_ops& pick_ops(int D) {
+  const kernel_ops* v = detail::avx2_ops();
+  if (v && !g_force_generic.load() && cpu_has_avx2() && D % 8 == 0) return *v;
+  return detail::generic_ops();
+}
+
+constexpr int kDenseChunk = 32;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// One (batch row, kv head) with its chunks [c0, c1) in the flat chunk list.
+struct head_task {
+  int64_t b, h;
+  int64_t c0, c1;
+};
+
+struct work_item {
+  int64_t task;
+  int64_t c0, c1;
+};
+
+// Runs decode attention over prepared chunks. q [B, Hq, D], out [B, Hq, D];
+// deltas[b * n_seg + s] is segment s's angle offset for row b.
+void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype kv_type,
+                const std::vector<kv_chunk>& chunks, const std::vector<head_task>& tasks, int n_seg,
+                const std::vector<int64_t>& deltas, float scale, const rope_spec& rope) {
+  const int64_t Hq = q.shape[1];
+  const int D = static_cast<int>(q.shape[2]);
+  const int G = static_cast<int>(Hq / Hkv);
+  const kernel_ops& ops = pick_ops(D);
+  const float qscale = (scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(D))) * kLog2e;
+
+  // Split long heads across threads; merge the partial softmax states afterwards.
+  const int threads = detail::pool_threads();
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  const int64_t want_items = std::max<int64_t>(n_tasks, 4 * threads);
+  std::vector<work_item> items;
+  std::vector<int64_t> task_first_item(static_cast<size_t>(n_tasks) + 1, 0);
+  for (int64_t ti = 0; ti < n_tasks; ++ti) {
+    const head_task& t = tasks[ti];
+    const int64_t nc = t.c1 - t.c0;
+    int64_t splits = (want_items + n_tasks - 1) / n_tasks;
+    splits = std::max<int64_t>(1, std::min<int64_t>(splits, nc / 8));  // at least 8 chunks a split
+    task_first_item[ti] = static_cast<int64_t>(items.size());
+    for (int64_t s = 0; s < splits; ++s)
+      items.push_back({ti, t.c0 + nc * s / splits, t.c0 + nc * (s + 1) / splits});
+  }
+  task_first_item[n_tasks] = static_cast<int64_t>(items.size());
+
+  const int64_t state = static_cast<int64_t>(G) * (D + 2);  // m[G], l[G], acc[G*D]
+  std::vector<float> partial(items.size() * static_cast<size_t>(state));
+  const int64_t qsz = static_cast<int64_t>(dtype_size(q.type));
+
+  detail::parallel_for(static_cast<int64_t>(items.size()), [&](int64_t ii, int) {
+    thread_local std::vector<float> buf;
+    const work_item& it = items[ii];
+    const head_task& t = tasks[it.task];
+    int max_n = kDenseChunk;
+    for (int64_t c = it.c0; c < it.c1; ++c) max_n = std::max(max_n, chunks[c].n);
+    const int64_t need = 2 * static_cast<int64_t>(G) * D + detail::scratch_floats(G, max_n, D);
+    if (static_cast<int64_t>(buf.size()) < need) buf.resize(static_cast<size_t>(need));
+    float* qbase = buf.data();      // [G][D] scaled queries
+    float* qrot = qbase + G * D;    // [G][D] rotated for the current segment
+    float* scratch = qrot + G * D;
+    for (int g = 0; g < G; ++g) {
+      const char* src = static_cast<const char*>(q.data) +
+                        (t.b * q.strides[0] + (t.h * G + g) * q.strides[1]) * qsz;
+      for (int d = 0; d < D; ++d) qbase[g * D + d] = load_as_f32(src, q.type, static_cast<size_t>(d * q.strides[2])) * qscale;
+    }
+    float* st = partial.data() + ii * state;
+    float* m = st;
+    float* l = st + G;
+    float* acc = st + 2 * G;
+    std::fill(m, m + G, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + G, 0.f);
+    std::fill(acc, acc + G * D, 0.f);
+    int cur_seg = -1;
+    const float* qcur = qbase;
+    for (int64_t c = it.c0; c < it.c1; ++c) {
+      const kv_chunk& ch = chunks[c];
+      if (ch.seg != cur_seg) {
+        cur_seg = ch.seg;
+        const int64_t delta = deltas.empty() ? 0 : deltas[t.b * n_seg + cur_seg];
+        if (delta == 0 || rope.n_freq == 0) {
+          qcur = qbase;
+        } else {
+          const int nf = rope.n_freq;
+          for (int g = 0; g < G; ++g) {
+            const float* x = qbase + g * D;
+            float* y = qrot + g * D;
+            for (int i = 0; i < nf; ++i) {
+              const double ang = static_cast<double>(delta) * static_cast<double>(rope.inv_freq[i]);
+              const float cs = static_cast<float>(std::cos(ang)), sn = static_cast<float>(std::sin(ang));
+              y[i] = x[i] * cs - x[i + nf] * sn;
+              y[i + nf] = x[i + nf] * cs + x[i] * sn;
+            }
+            for (int d = 2 * nf; d < D; ++d) y[d] = x[d];
+          }
+          qcur = qrot;
+        }
+      }
+      ops.attend_chunk(qcur, G, D, ch, kv_type, m, l, acc, scratch);
+    }
+  });
+
+  // Merge the splits of each head and write out = acc / l.
+  const int64_t osz = static_cast<int64_t>(dtype_size(out.type));
+  detail::parallel_for(n_tasks, [&](int64_t ti, int) {
+    const head_task& t = tasks[ti];
+    const int64_t i0 = task_first_item[ti], i1 = task_first_item[ti + 1];
+    for (int g = 0; g < G; ++g) {
+      float M = -std::numeric_limits<float>::infinity();
+      for (int64_t i = i0; i < i1; ++i) M = std::fmax(M, partial[i * state + g]);
+      float L = 0.f;
+      char* dst = static_cast<char*>(out.data) + (t.b * out.strides[0] + (t.h * G + g) * out.strides[1]) * osz;
+      if (M == -std::numeric_limits<float>::infinity()) {  // no live key: defined as zeros
+        for (int d = 0; d < D; ++d) store_from_f32(dst, out.type, static_cast<size_t>(d * out.strides[2]), 0.f);
+        continue;
+      }
+      thread_local std::vector<float> o;
+      o.assign(static_cast<size_t>(D), 0.f);
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* st = partial.data() + i * state;
+        const float w = std::exp2(st[g] - M);
+        if (w == 0.f) continue;
+        L += st[G + g] * w;
+        const float* a = st + 2 * G + g * D;
+        for (int d = 0; d < D; ++d) o[d] += a[d] * w;
+      }
+      const float inv = 1.f / L;
+      for (int d = 0; d < D; ++d) store_from_f32(dst, out.type, static_cast<size_t>(d * out.strides[2]), o[d] * inv);
+    }
+  });
+}
+
+void check_q_out(const tensor_view& q, const tensor_view& out) {
+  check_rank(q, 3, "q");
+  check_float(q, "q");
+  check_cpu(q, "q");
+  check_rank(out, 3, "out");
+  check_float(out, "out");
+  check_cpu(out, "out");
+  if (out.shape[0] != q.shape[0] || out.shape[1] != q.shape[1] || out.shape[2] != q.shape[2])
+    fail_value("out must have the shape of q " + q.describe() + ", got " + out.describe());
+  if (q.shape[2] < 1) fail_value("head_dim must be >= 1");
+}
+
+void check_rope(const rope_spec& rope, int64_t D) {
+  if (rope.n_freq < 0 || 2 * static_cast<int64_t>(rope.n_freq) > D)
+    fail_value("rope: inv_freq has " + std::to_string(rope.n_freq) + " entries; at most head_dim/2 = " +
+               std::to_string(D / 2) + " allowed");
+  if (rope.n_freq > 0 && !rope.inv_freq) fail_value("rope: inv_freq is null");
+}
+
+}  // namespace
+
+void decode_attention_dense(const tensor_view& q, const std::vector<dense_segment>& segments, const tensor_view& out,
+                            float scale, const rope_spec& rope) {
+  check_q_out(q, out);
+  const int64_t B = q.shape[0], Hq = q.shape[1], D = q.shape[2];
+  check_rope(rope, D);
+  if (segments.empty()) fail_value("decode attention needs at least one key/value segment");
+  const dense_segment& s0 = segments[0];
+  const int64_t Hkv = s0.k.ndim == 4 ? s0.k.shape[1] : 0;
+  dtype kv_type = s0.k.type;
+  int64_t total_T = 0;
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const dense_segment& s = segments[i];
+    for (const tensor_view* t : {&s.k, &s.v}) {
+      const char* what = t == &s.k ? "k" : "v";
+      check_rank(*t, 4, what);
+      check_float(*t, what);
+      check_cpu(*t, what);
+      check_inner_contiguous(*t, what);
+      if (t->type != kv_type) fail_type("k and v of every segment must share one dtype");
+      if (t->shape[0] != B) fail_value(std::string(what) + " batch " + std::to_string(t->shape[0]) + " != q batch " + std::to_string(B));
+      if (t->shape[1] != Hkv) fail_value("k and v must have the same number of kv heads in every segment");
+      if (t->shape[3] != D) fail_value(std::string(what) + " head_dim " + std::to_string(t->shape[3]) + " != q head_dim " + std::to_string(D));
+    }
+    if (s.v.shape[2] != s.k.shape[2]) fail_value("k and v must have the same length, got " + s.k.describe() + " and " + s.v.describe());
+    if (s.delta && rope.n_freq == 0)
+      for (int64_t b = 0; b < B; ++b)
+        if (s.delta[b] != 0) fail_value("a nonzero rope delta needs inv_freq");
+    total_T += s.k.shape[2];
+  }
+  if (Hkv < 1 || Hq % Hkv != 0)
+    fail_value("query heads (" + std::to_string(Hq) + ") must be a multiple of kv heads (" + std::to_string(Hkv) + ")");
+  if (total_T < 1) fail_value("decode attention needs at least one key (k has length 0)");
+  if (B == 0) return;
+
+  const int n_seg = static_cast<int>(segments.size());
+  std::vector<int64_t> deltas(static_cast<size_t>(B * n_seg), 0);
+  for (int s = 0; s < n_seg; ++s)
+    if (segments[s].delta)
+      for (int64_t b = 0; b < B; ++b) deltas[b * n_seg + s] = segments[s].delta[b];
+
+  std::vector<kv_chunk> chunks;
+  std::vector<head_task> tasks;
+  const int64_t esz = static_cast<int64_t>(dtype_size(kv_type));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h) {
+      head_task t{b, h, static_cast<int64_t>(chunks.size()), 0};
+      for (int s = 0; s < n_seg; ++s) {
+        const tensor_view& K = segments[s].k;
+        const tensor_view& V = segments[s].v;
+        for (int64_t t0 = 0; t0 < K.shape[2]; t0 += kDenseChunk) {
+          kv_chunk c;
+          c.k = static_cast<const char*>(K.data) + (b * K.strides[0] + h * K.strides[1] + t0 * K.strides[2]) * esz;
+          c.v = static_cast<const char*>(V.data) + (b * V.strides[0] + h * V.strides[1] + t0 * V.strides[2]) * esz;
+          c.k_stride = K.strides[2];
+          c.v_stride = V.strides[2];
+          c.live = nullptr;
+          c.n = static_cast<int32_t>(std::min<int64_t>(kDenseChunk, K.shape[2] - t0));
+          c.seg = s;
+          chunks.push_back(c);
+        }
+      }
+      t.c1 = static_cast<int64_t>(chunks.size());
+      tasks.push_back(t);
+    }
+  run_decode(q, out, Hkv, kv_type, chunks, tasks, n_seg, deltas, scale, rope);
+}
+
+void decode_attention_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
+                            const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope) {
+  check_q_out(q, out);
+  const int64_t B = q.shape[0], Hq = q.shape[1], D = q.shape[2];
+  check_rope(rope, D);
+  const int64_t Hkv = c.n_kv_heads();
+  if (D != c.head_dim()) fail_value("q head_dim " + std::to_string(D) + " != cache head_dim " + std::to_string(c.head_dim()));
+  if (Hq % Hkv != 0)
+    fail_value("query heads (" + std::to_string(Hq) + ") must be a multiple of the cache's kv heads (" + std::to_string(Hkv) + ")");
+  if (static_cast<int64_t>(views.size()) != B)
+    fail_value("need one view per batch row: " + std::to_string(views.size()) + " views for batch " + std::to_string(B));
+  int n_seg = 0;
+  for (const auto& vw : views) {
+    if (vw.empty()) fail_value("every batch row needs at least one sequence to attend to");
+    n_seg = std::max(n_seg, static_cast<int>(vw.size()));
+    for (const auto& sg : vw) {
+      c.store(layer, 0, sg.seq);  // validates layer and sequence
+      if (sg.delta != 0 && rope.n_freq == 0) fail_value("a nonzero rope delta needs inv_freq");
+    }
+  }
+  if (B == 0) return;
+  std::vector<int64_t> deltas(static_cast<size_t>(B * n_seg), 0);
+  std::vector<kv_chunk> chunks;
+  std::vector<head_task> tasks;
+  const int bs = c.block_size();
+  const block_pool& pool = c.pool();
+  for (int64_t b = 0; b < B; ++b) {
+    for (size_t s = 0; s < views[b].size(); ++s) deltas[b * n_seg + s] = views[b][s].delta;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      head_task t{b, h, static_cast<int64_t>(chunks.size()), 0};
+      for (size_t s = 0; s < views[b].size(); ++s) {
+        const head_store& hs = c.store(layer, static_cast<int>(h), views[b][s].seq);
+        const auto& table = hs.table();
+        for (size_t bi = 0; bi < table.size(); ++bi) {
+          if (table[bi] < 0 || hs.block_live()[bi] == 0) continue;
+          kv_chunk ch;
+          ch.k = pool.block_keys(table[bi]);
+          ch.v = pool.block_values(table[bi]);
+          ch.k_stride = ch.v_stride = D;
+          ch.live = hs.block_live()[bi] == bs ? nullptr : hs.live_data() + bi * bs;
+          ch.n = bs;
+          ch.seg = static_cast<int32_t>(s);
+          chunks.push_back(ch);
+        }
+      }
+      t.c1 = static_cast<int64_t>(chunks.size());
+      tasks.push_back(t);
+    }
+  }
+  run_decode(q, out, Hkv, c.type(), chunks, tasks, n_seg, deltas, scale, rope);
+}
+
+void set_num_threads(int n) {
+  if (n < 1) fail_value("num_threads must be >= 1, got " + std::to_string(n));
+  detail::pool_resize(n);
+}
+
+int get_num_threads() { return detail::pool_threads(); }
+
+const char* kernel_isa() { return pick_ops(64).name; }
+
+void force_generic_kernels(bool on) { g_force_generic.store(on); }
+
+double read_probe(const void* data, size_t bytes) {
+  const kernel_ops& ops = pick_ops(64);
+  const int64_t n = static_cast<int64_t>(bytes / sizeof(float));
+  const int threads = detail::pool_threads();
+  std::vector<double> sums(static_cast<size_t>(threads), 0.0);
+  detail::parallel_for(threads, [&](int64_t i, int) {
+    const int64_t a = n * i / threads, b = n * (i + 1) / threads;
+    sums[i] = ops.sum_floats(static_cast<const float*>(data) + a, b - a);
+  });
+  double s = 0;
+  for (double x : sums) s += x;
+  return s;
+}
+
+}  // namespace kvloom

@@ -1,0 +1,409 @@
+#include "kvloom/cache.h"
+
+#include <algorithm>
+#include <cassert>
+#include <climits>
+#include <cstring>
+#include <numeric>
+#include <string>
+
+namespace kvloom {
+
+namespace {
+
+// Where one head's append lands: slots to write and which table entries get new blocks.
+struct append_plan {
+  std::vector<int64_t> slots;          // [n] target slot per token
+  std::vector<int64_t> cow_entries;    // existing shared blocks to copy before writing
+  std::vector<int64_t> hole_entries;   // table holes that receive a fresh block
+  int64_t new_entries = 0;             // blocks appended to the table
+  int64_t last_entry = 0;              // hint after the append
+  int64_t blocks_needed() const {
+    return static_cast<int64_t>(cow_entries.size() + hole_entries.size()) + new_entries;
+  }
+};
+
+void copy_rows(void* dst, dtype dst_type, const tensor_view& src, int64_t h, int64_t j, int64_t D) {
+  const int64_t idx[3] = {h, j, 0};
+  const void* s = src.at(idx);
+  const int64_t st = src.strides[2];
+  if (src.type == dst_type && st == 1) {
+    std::memcpy(dst, s, static_cast<size_t>(D) * dtype_size(dst_type));
+    return;
+  }
+  for (int64_t d = 0; d < D; ++d) store_from_f32(dst, dst_type, d, load_as_f32(s, src.type, d * st));
+}
+
+}  // namespace
+
+cache::cache(std::shared_ptr<block_pool> pool, int n_layers, int n_kv_heads, std::shared_ptr<const policy> pol)
+    : pool_(std::move(pool)), n_layers_(n_layers), n_kv_heads_(n_kv_heads), policy_(std::move(pol)) {
+  if (!pool_) fail_value("cache: pool must not be null");
+  if (n_layers <= 0) fail_value("cache: n_layers must be >= 1, got " + std::to_string(n_layers));
+  if (n_kv_heads <= 0) fail_value("cache: n_kv_heads must be >= 1, got " + std::to_string(n_kv_heads));
+  if (!policy_) policy_ = std::make_shared<full_policy>();
+}
+
+cache::~cache() {
+  for (auto& s : seqs_)
+    if (s)
+      for (auto& hs : s->heads) release(hs);
+}
+
+void cache::set_policy(std::shared_ptr<const policy> pol) {
+  if (!pol) fail_value("cache: policy must not be null");
+  policy_ = std::move(pol);
+}
+
+void cache::check_layer(int layer) const {
+  if (layer < 0 || layer >= n_layers_)
+    fail_index("layer " + std::to_string(layer) + " out of range [0, " + std::to_string(n_layers_) + ")");
+}
+
+void cache::check_head(int head) const {
+  if (head < 0 || head >= n_kv_heads_)
+    fail_index("kv head " + std::to_string(head) + " out of range [0, " + std::to_string(n_kv_heads_) + ")");
+}
+
+cache::sequence& cache::seq_ref(int64_t seq) {
+  return const_cast<sequence&>(static_cast<const cache*>(this)->seq_ref(seq));
+}
+
+const cache::sequence& cache::seq_ref(int64_t seq) const {
+  if (seq < 0 || seq >= static_cast<int64_t>(seqs_.size()) || !seqs_[seq])
+    fail_index("sequence " + std::to_string(seq) + " does not exist (never added, or dropped)");
+  return *seqs_[seq];
+}
+
+bool cache::seq_exists(int64_t seq) const {
+  return seq >= 0 && seq < static_cast<int64_t>(seqs_.size()) && seqs_[seq];
+}
+
+std::vector<int64_t> cache::seq_ids() const {
+  std::vector<int64_t> out;
+  for (size_t i = 0; i < seqs_.size(); ++i)
+    if (seqs_[i]) out.push_back(static_cast<int64_t>(i));
+  return out;
+}
+
+int64_t cache::seq_add() {
+  auto s = std::make_unique<sequence>();
+  s->heads.resize(static_cast<size_t>(n_layers_) * n_kv_heads_);
+  const int64_t id = static_cast<int64_t>(seqs_.size());
+  for (int l = 0; l < n_layers_; ++l)
+    for (int h = 0; h < n_kv_heads_; ++h) {
+      head_store& hs = s->heads[static_cast<size_t>(l) * n_kv_heads_ + h];
+      hs.plan_ = policy_->plan_head(head_key{l, h, id}, hs, nullptr);
+    }
+  seqs_.push_back(std::move(s));
+  return id;
+}
+
+int64_t cache::seq_fork(int64_t seq) {
+  const sequence& src = seq_ref(seq);
+  auto s = std::make_unique<sequence>(src);  // copies tables and metadata
+  std::vector<block_id> ids;
+  for (const auto& hs : s->heads)
+    for (block_id b : hs.table_)
+      if (b >= 0) ids.push_back(b);
+  seqs_.push_back(nullptr);  // reserve the id first so a throw below leaks nothing
+  pool_->incref_many(ids.data(), ids.size());
+  seqs_.back() = std::move(s);
+  return static_cast<int64_t>(seqs_.size()) - 1;
+}
+
+void cache::release(head_store& hs) {
+  std::vector<block_id> ids;
+  for (block_id b : hs.table_)
+    if (b >= 0) ids.push_back(b);
+  pool_->decref_many(ids.data(), ids.size());
+  hs.table_.clear();
+  hs.block_live_.clear();
+  hs.live_.clear();
+  hs.ord_.clear();
+  hs.pos_.clear();
+  hs.n_live_ = 0;
+  hs.hint_ = 0;
+}
+
+void cache::seq_drop(int64_t seq) {
+  sequence& s = seq_ref(seq);
+  for (auto& hs : s.heads) release(hs);
+  seqs_[seq].reset();
+}
+
+int64_t cache::seq_length(int64_t seq) const { return seq_ref(seq).heads[0].n_appended_; }
+
+const head_store& cache::store(int layer, int head, int64_t seq) const {
+  check_layer(layer);
+  check_head(head);
+  return seq_ref(seq).heads[static_cast<size_t>(layer) * n_kv_heads_ + head];
+}
+
+void cache::free_slot(head_store& hs, int64_t slot) {
+  const int bs = pool_->block_size();
+  const int64_t bi = slot / bs;
+  assert(hs.live_[slot]);
+  hs.live_[slot] = 0;
+  hs.ord_[slot] = -1;
+  hs.pos_[slot] = 0;
+  --hs.n_live_;
+  hs.hint_ = std::min(hs.hint_, bi);
+  if (--hs.block_live_[bi] == 0) {
+    pool_->decref(hs.table_[bi]);
+    hs.table_[bi] = -1;
+    // Trailing holes shrink the table.
+    size_t n = hs.table_.size();
+    while (n > 0 && hs.table_[n - 1] < 0) --n;
+    if (n != hs.table_.size()) {
+      hs.table_.resize(n);
+      hs.block_live_.resize(n);
+      hs.live_.resize(n * bs);
+      hs.ord_.resize(n * bs);
+      hs.pos_.resize(n * bs);
+    }
+  }
+}
+
+void cache::seq_rollback(int64_t seq, int64_t n) {
+  sequence& s = seq_ref(seq);
+  if (n < 0) fail_value("rollback: n_tokens must be >= 0, got " + std::to_string(n));
+  for (const auto& hs : s.heads)
+    if (n > hs.n_appended_)
+      fail_value("rollback: cannot roll back " + std::to_string(n) + " tokens, sequence " + std::to_string(seq) +
+                 " holds only " + std::to_string(hs.n_appended_) + " in some head");
+  if (n == 0) return;
+  for (auto& hs : s.heads) {
+    const int64_t keep = hs.n_appended_ - n;
+    for (int64_t slot = hs.n_slots() - 1; slot >= 0; --slot)
+      if (slot < hs.n_slots() && hs.live_[slot] && hs.ord_[slot] >= keep) free_slot(hs, slot);
+    hs.n_appended_ = keep;
+  }
+}
+
+namespace {
+
+append_plan plan_append(const head_store& hs, const block_pool& pool, int64_t n) {
+  append_plan p;
+  p.slots.reserve(static_cast<size_t>(n));
+  const int bs = pool.block_size();
+  const int64_t n_entries = static_cast<int64_t>(hs.table().size());
+  int64_t remaining = n;
+  int64_t bi = hs.hint();
+  p.last_entry = bi;
+  for (; bi < n_entries && remaining > 0; ++bi) {
+    const block_id b = hs.table()[bi];
+    if (b < 0) {
+      p.hole_entries.push_back(bi);
+      for (int o = 0; o < bs && remaining > 0; ++o, --remaining) p.slots.push_back(bi * bs + o);
+      p.last_entry = bi;
+      continue;
+    }
+    bool used = false;
+    for (int o = 0; o < bs && remaining > 0; ++o) {
+      const int64_t slot = bi * bs + o;
+      if (!hs.live(slot)) {
+        p.slots.push_back(slot);
+        --remaining;
+        used = true;
+      }
+    }
+    if (used) {
+      p.last_entry = bi;
+      if (pool.refcount(b) > 1) p.cow_entries.push_back(bi);
+    }
+  }
+  if (remaining > 0) {
+    p.new_entries = (remaining + bs - 1) / bs;
+    for (int64_t k = 0; k < remaining; ++k) p.slots.push_back(n_entries * bs + k);
+    p.last_entry = n_entries + p.new_entries - 1;
+  }
+  return p;
+}
+
+}  // namespace
+
+void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_view& v, const tensor_view* positions) {
+  check_layer(layer);
+  sequence& s = seq_ref(seq);
+  check_rank(k, 3, "k");
+  check_rank(v, 3, "v");
+  check_float(k, "k");
+  check_float(v, "v");
+  check_cpu(k, "k");
+  check_cpu(v, "v");
+  const int64_t D = pool_->head_dim();
+  if (k.shape[0] != n_kv_heads_ || k.shape[2] != D)
+    fail_value("k must be [n_kv_heads=" + std::to_string(n_kv_heads_) + ", n, head_dim=" + std::to_string(D) +
+               "], got " + k.describe());
+  if (v.shape[0] != k.shape[0] || v.shape[1] != k.shape[1] || v.shape[2] != k.shape[2])
+    fail_value("v must have the shape of k " + k.describe() + ", got " + v.describe());
+  const int64_t n = k.shape[1];
+  const int32_t* pos = nullptr;
+  if (positions) {
+    check_dtype(*positions, dtype::i32, "positions");
+    check_cpu(*positions, "positions");
+    if (positions->ndim != 1 || positions->shape[0] != n)
+      fail_value("positions must be int32 [" + std::to_string(n) + "], got " + positions->describe());
+    if (n > 1 && positions->strides[0] != 1) fail_value("positions must be contiguous");
+    pos = static_cast<const int32_t*>(positions->data);
+  }
+  if (n == 0) return;
+  const size_t base = static_cast<size_t>(layer) * n_kv_heads_;
+  if (s.heads[base].n_appended_ + n > INT32_MAX) fail_value("append: sequence would exceed 2^31 tokens");
+
+  // 1. Plan every head and reserve all blocks at once (all or nothing).
+  std::vector<append_plan> plans(static_cast<size_t>(n_kv_heads_));
+  int64_t need = 0;
+  for (int h = 0; h < n_kv_heads_; ++h) {
+    plans[h] = plan_append(s.heads[base + h], *pool_, n);
+    need += plans[h].blocks_needed();
+  }
+  std::vector<block_id> fresh(static_cast<size_t>(need));
+  pool_->alloc(need, fresh.data());  // throws capacity_error with nothing changed
+
+  // 2. Execute: nothing below can fail.
+  const int bs = pool_->block_size();
+  const size_t row_bytes = static_cast<size_t>(D) * dtype_size(pool_->type());
+  std::vector<block_id> released;
+  size_t next = 0;
+  for (int h = 0; h < n_kv_heads_; ++h) {
+    head_store& hs = s.heads[base + h];
+    const append_plan& p = plans[h];
+    for (int64_t bi : p.cow_entries) {
+      const block_id nb = fresh[next++];
+      std::memcpy(pool_->block_keys(nb), pool_->block_keys(hs.table_[bi]), pool_->block_bytes());
+      released.push_back(hs.table_[bi]);
+      hs.table_[bi] = nb;
+    }
+    for (int64_t bi : p.hole_entries) hs.table_[bi] = fresh[next++];
+    if (p.new_entries > 0) {
+      const size_t old = hs.table_.size();
+      const size_t total = old + static_cast<size_t>(p.new_entries);
+      for (int64_t i = 0; i < p.new_entries; ++i) hs.table_.push_back(fresh[next++]);
+      hs.block_live_.resize(total, 0);
+      hs.live_.resize(total * bs, 0);
+      hs.ord_.resize(total * bs, -1);
+      hs.pos_.resize(total * bs, 0);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t slot = p.slots[j];
+      const int64_t bi = slot / bs, off = slot % bs;
+      char* kb = static_cast<char*>(pool_->block_keys(hs.table_[bi]));
+      copy_rows(kb + off * row_bytes, pool_->type(), k, h, j, D);
+      copy_rows(kb + pool_->value_offset() + off * row_bytes, pool_->type(), v, h, j, D);
+      const int32_t ord = static_cast<int32_t>(hs.n_appended_ + j);
+      hs.live_[slot] = 1;
+      hs.ord_[slot] = ord;
+      hs.pos_[slot] = pos ? pos[j] : ord;
+      ++hs.block_live_[bi];
+    }
+    hs.n_live_ += n;
+    hs.n_appended_ += n;
+    hs.hint_ = p.last_entry;
+  }
+  assert(next == fresh.size());
+  pool_->decref_many(released.data(), released.size());
+}
+
+void cache::evict(int layer, int head, int64_t seq, const int32_t* slots, int64_t n) {
+  check_layer(layer);
+  check_head(head);
+  head_store& hs = seq_ref(seq).heads[static_cast<size_t>(layer) * n_kv_heads_ + head];
+  if (n < 0) fail_value("evict: negative count");
+  std::vector<int32_t> sorted(slots, slots + n);
+  std::sort(sorted.begin(), sorted.end());
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t sl = sorted[i];
+    if (sl < 0 || sl >= hs.n_slots() || !hs.live_[sl])
+      fail_index("evict: slot " + std::to_string(sl) + " is not a live slot of layer " + std::to_string(layer) +
+                 " head " + std::to_string(head) + " sequence " + std::to_string(seq));
+    if (i > 0 && sorted[i - 1] == sl) fail_value("evict: slot " + std::to_string(sl) + " named twice");
+  }
+  // Free from the highest slot down so table shrinking never invalidates a pending slot.
+  for (int64_t i = n - 1; i >= 0; --i) free_slot(hs, sorted[i]);
+}
+
+int64_t cache::apply_policy(int layer, int64_t seq) {
+  check_layer(layer);
+  sequence& s = seq_ref(seq);
+  int64_t total = 0;
+  std::vector<int32_t> victims;
+  for (int h = 0; h < n_kv_heads_; ++h) {
+    const head_store& hs = s.heads[static_cast<size_t>(layer) * n_kv_heads_ + h];
+    victims.clear();
+    if (hs.plan_) hs.plan_->select_evictions(hs, victims);
+    if (!victims.empty()) evict(layer, h, seq, victims.data(), static_cast<int64_t>(victims.size()));
+    total += static_cast<int64_t>(victims.size());
+  }
+  return total;
+}
+
+void cache::replan(int64_t seq, const prompt_stats* stats) {
+  sequence& s = seq_ref(seq);
+  std::vector<std::shared_ptr<const head_plan>> plans(s.heads.size());
+  for (int l = 0; l < n_layers_; ++l)
+    for (int h = 0; h < n_kv_heads_; ++h) {
+      const size_t i = static_cast<size_t>(l) * n_kv_heads_ + h;
+      plans[i] = policy_->plan_head(head_key{l, h, seq}, s.heads[i], stats);
+    }
+  for (size_t i = 0; i < plans.size(); ++i) s.heads[i].plan_ = std::move(plans[i]);
+}
+
+void cache::gather(int layer, int head, int64_t seq, const tensor_view& k_out, const tensor_view& v_out,
+                   const tensor_view* ord_out, const tensor_view* pos_out) const {
+  const head_store& hs = store(layer, head, seq);
+  const int64_t L = hs.length(), D = pool_->head_dim();
+  for (const tensor_view* t : {&k_out, &v_out}) {
+    check_rank(*t, 2, "gather output");
+    check_float(*t, "gather output");
+    check_cpu(*t, "gather output");
+    if (t->shape[0] != L || t->shape[1] != D)
+      fail_value("gather output must be [" + std::to_string(L) + ", " + std::to_string(D) + "], got " + t->describe());
+  }
+  for (const tensor_view* t : {ord_out, pos_out}) {
+    if (!t) continue;
+    check_dtype(*t, dtype::i32, "gather ord/pos output");
+    check_cpu(*t, "gather ord/pos output");
+    if (t->ndim != 1 || t->shape[0] != L) fail_value("gather ord/pos output must be int32 [" + std::to_string(L) + "]");
+  }
+  std::vector<int64_t> slots;
+  slots.reserve(static_cast<size_t>(L));
+  for (int64_t sl = 0; sl < hs.n_slots(); ++sl)
+    if (hs.live_[sl]) slots.push_back(sl);
+  std::sort(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return hs.ord_[a] < hs.ord_[b]; });
+  const int bs = pool_->block_size();
+  const dtype st = pool_->type();
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t sl = slots[i];
+    const char* kb = static_cast<const char*>(pool_->block_keys(hs.table_[sl / bs]));
+    const size_t row = static_cast<size_t>(sl % bs) * D * dtype_size(st);
+    const void* ks = kb + row;
+    const void* vs = kb + pool_->value_offset() + row;
+    char* kd = static_cast<char*>(k_out.data) + i * k_out.strides[0] * static_cast<int64_t>(dtype_size(k_out.type));
+    char* vd = static_cast<char*>(v_out.data) + i * v_out.strides[0] * static_cast<int64_t>(dtype_size(v_out.type));
+    for (int64_t d = 0; d < D; ++d) {
+      const float kf = load_as_f32(ks, st, d), vf = load_as_f32(vs, st, d);
+      // element d of the output row, honouring the output's inner stride
+      store_from_f32(kd + d * k_out.strides[1] * static_cast<int64_t>(dtype_size(k_out.type)), k_out.type, 0, kf);
+      store_from_f32(vd + d * v_out.strides[1] * static_cast<int64_t>(dtype_size(v_out.type)), v_out.type, 0, vf);
+    }
+    if (ord_out) static_cast<int32_t*>(ord_out->data)[i * ord_out->strides[0]] = hs.ord_[sl];
+    if (pos_out) static_cast<int32_t*>(pos_out->data)[i * pos_out->strides[0]] = hs.pos_[sl];
+  }
+}
+
+int64_t cache::blocks_held() const {
+  std::vector<block_id> ids;
+  for (const auto& s : seqs_)
+    if (s)
+      for (const auto& hs : s->heads)
+        for (block_id b : hs.table_)
+          if (b >= 0) ids.push_back(b);
+  std::sort(ids.begin(), ids.end());
+  return static_cast<int64_t>(std::unique(ids.begin(), ids.end()) - ids.begin());
+}
+
+size_t cache::memory_bytes() const { return static_cast<size_t>(blocks_held()) * pool_->block_bytes(); }
+
+}  // namespace kvloom

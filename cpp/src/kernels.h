@@ -1,0 +1,41 @@
+// Internal: the per-ISA inner kernels of decode attention.
+//
+// attend_chunk folds one chunk of n keys/values into the online-softmax state of G query
+// rows. Scores live in the log2 domain: the caller pre-multiplies the queries by
+// scale * log2(e), so p = exp2(s - m). State per query row g: m[g] (running max), l[g]
+// (running sum of p), acc[g*D .. g*D+D) (running sum of p * v).
+#pragma once
+
+#include <cstdint>
+
+#include "kvloom/common.h"
+
+namespace kvloom {
+namespace detail {
+
+struct kv_chunk {
+  const void* k;       // [n, D] rows, row stride k_stride elements, inner stride 1
+  const void* v;       // [n, D]
+  int64_t k_stride;
+  int64_t v_stride;
+  const uint8_t* live; // [n] or null: slot t is attended only where live[t] != 0
+  int32_t n;
+  int32_t seg;         // index of the segment (query rotation) this chunk belongs to
+};
+
+struct kernel_ops {
+  const char* name;
+  // scratch: at least scratch_floats(G, n, D) floats.
+  void (*attend_chunk)(const float* q, int G, int D, const kv_chunk& c, dtype kv_type, float* m, float* l,
+                       float* acc, float* scratch);
+  // Sum of all floats in [p, p + n) (bandwidth probe).
+  double (*sum_floats)(const float* p, int64_t n);
+};
+
+inline int64_t scratch_floats(int G, int n, int D) { return static_cast<int64_t>(G) * n + 2 * static_cast<int64_t>(n) * D + 64; }
+
+const kernel_ops& generic_ops();
+const kernel_ops* avx2_ops();  // null when not compiled in
+
+}  // namespace detail
+}  // namespace kvloom

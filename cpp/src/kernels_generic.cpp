@@ -1,0 +1,71 @@
+// Portable reference-speed kernels: plain loops, std::exp2. Also the fallback for head
+// dims the vector path does not cover.
+#include <cmath>
+#include <limits>
+
+#include "kernels.h"
+
+namespace kvloom {
+namespace detail {
+
+namespace {
+
+void attend_chunk_generic(const float* q, int G, int D, const kv_chunk& c, dtype kv_type, float* m, float* l,
+                          float* acc, float* scratch) {
+  const int n = c.n;
+  float* s = scratch;  // [G][n]
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int t = 0; t < n; ++t) {
+    const bool on = !c.live || c.live[t];
+    for (int g = 0; g < G; ++g) {
+      if (!on) {
+        s[g * n + t] = ninf;
+        continue;
+      }
+      const float* qg = q + static_cast<int64_t>(g) * D;
+      float dot = 0.f;
+      for (int d = 0; d < D; ++d) dot += qg[d] * load_as_f32(c.k, kv_type, static_cast<size_t>(t * c.k_stride + d));
+      s[g * n + t] = dot;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    float* sg = s + g * n;
+    float mx = ninf;
+    for (int t = 0; t < n; ++t) mx = std::fmax(mx, sg[t]);
+    const float m_new = std::fmax(m[g], mx);
+    if (m_new == ninf) continue;  // nothing live yet
+    const float alpha = std::exp2(m[g] - m_new);
+    float* ag = acc + static_cast<int64_t>(g) * D;
+    if (alpha != 1.f) {
+      for (int d = 0; d < D; ++d) ag[d] *= alpha;
+    }
+    float sum = 0.f;
+    for (int t = 0; t < n; ++t) {
+      const float p = std::exp2(sg[t] - m_new);
+      if (p == 0.f) continue;
+      sum += p;
+      for (int d = 0; d < D; ++d) ag[d] += p * load_as_f32(c.v, kv_type, static_cast<size_t>(t * c.v_stride + d));
+    }
+    l[g] = l[g] * alpha + sum;
+    m[g] = m_new;
+  }
+}
+
+double sum_floats_generic(const float* p, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += p[i];
+  return s;
+}
+
+const kernel_ops kGeneric = {"generic", attend_chunk_generic, sum_floats_generic};
+
+}  // namespace
+
+const kernel_ops& generic_ops() { return kGeneric; }
+
+#ifndef KVLOOM_HAVE_AVX2_TU
+const kernel_ops* avx2_ops() { return nullptr; }
+#endif
+
+}  // namespace detail
+}  // namespace kvloom

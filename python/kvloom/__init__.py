@@ -1,0 +1,29 @@
+"""kvloom: a KV-cache runtime for transformer decoding.
+
+A C++ core (paged per-head KV cache with forks, rollback and eviction policies; fast
+GQA-aware CPU decode attention) behind a small Python API. See the README.
+"""
+from ._version import __version__
+from . import _core
+from ._core import CapacityError
+from .cache import BlockPool, Full, KVCache, Window, default_capacity_bytes
+from . import ops
+
+__all__ = [
+    "__version__", "CapacityError", "BlockPool", "KVCache", "Full", "Window", "ops",
+    "set_num_threads", "get_num_threads", "kernel_isa", "default_capacity_bytes",
+]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by kvloom's kernels (default: all cores, or KVLOOM_NUM_THREADS)."""
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _core.get_num_threads()
+
+
+def kernel_isa() -> str:
+    """The CPU kernel path chosen at run time: 'avx2' or 'generic'."""
+    return _core.kernel_isa()

@@ -1,0 +1,52 @@
+"""Small helpers for getting user tensors across the DLPack boundary."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_KV_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def kv_dtype_name(dtype) -> str:
+    """Canonical name ('float32' | 'float16' | 'bfloat16') of a torch dtype or string."""
+    if isinstance(dtype, str):
+        if dtype in _NAMES:
+            return _KV_DTYPES[_NAMES[dtype]]
+        raise TypeError(f"unknown KV dtype {dtype!r}; use float32, float16 or bfloat16")
+    if dtype in _KV_DTYPES:
+        return _KV_DTYPES[dtype]
+    raise TypeError(f"unsupported KV dtype {dtype}; use torch.float32, torch.float16 or torch.bfloat16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _NAMES[name]
+
+
+def as_tensor(x, what: str) -> torch.Tensor:
+    """A detached CPU tensor view of `x` (torch tensor or numpy array), no copy when possible."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, np.ndarray):
+        t = torch.from_numpy(x if x.flags.writeable else x.copy())
+    elif hasattr(x, "__dlpack__"):
+        t = torch.from_dlpack(x)
+    else:
+        raise TypeError(f"{what} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{what} is on {t.device}; kvloom's CPU kernels need CPU tensors")
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return t
+
+
+def kernel_ready(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous in the last dimension (what the kernels stream over)."""
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t

@@ -1,0 +1,69 @@
+"""Dense entry points to kvloom's kernels, for benchmarking and for other serving stacks.
+
+The functions take torch tensors (or anything exporting DLPack, e.g. numpy arrays) on the
+CPU in float32, float16 or bfloat16, and return a tensor of the query's type.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import _core
+from ._tensors import as_tensor, kernel_ready
+
+__all__ = ["decode_attention", "decode_attention_segments"]
+
+
+def _check_q(q: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {tuple(q.shape)}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+
+
+def decode_attention(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
+    """Single-token decode attention with grouped KV heads.
+
+    q: [B, Hq, D]; k, v: [B, Hkv, T, D] with Hq a multiple of Hkv (GQA/MQA; Hq == Hkv is
+    MHA); returns out [B, Hq, D] = softmax(q k^T * scale) v, with query head i reading kv
+    head i // (Hq // Hkv). scale defaults to 1/sqrt(D). Accumulation is fp32 whatever the
+    storage dtype.
+    """
+    return decode_attention_segments(q, [(k, v, None)], scale=scale)
+
+
+def decode_attention_segments(q, segments: Sequence[Tuple[object, object, Optional[Sequence[int]]]],
+                              scale: Optional[float] = None, inv_freq=None) -> torch.Tensor:
+    """Decode attention over several key/value segments at once (Hogwild!-style views).
+
+    Each segment is (k, v, delta) with k, v [B, Hkv, T_s, D] stored rotated at
+    segment-local RoPE positions and delta a per-batch-row list of angle offsets
+    (own_offset - segment_offset), or None for 0. The kernel rotates the query by delta
+    per segment (angles delta * inv_freq, rotate-half convention) instead of re-rotating
+    keys. inv_freq is the model's RoPE inverse frequencies [D_rot / 2].
+    """
+    q = kernel_ready(as_tensor(q, "q"))
+    _check_q(q)
+    segs = []
+    for i, seg in enumerate(segments):
+        if not isinstance(seg, (tuple, list)) or len(seg) != 3:
+            raise ValueError(f"segment {i} must be (k, v, delta)")
+        k, v, delta = seg
+        k = kernel_ready(as_tensor(k, "k"))
+        v = kernel_ready(as_tensor(v, "v"))
+        if delta is not None:
+            delta = [int(d) for d in (delta.tolist() if hasattr(delta, "tolist") else delta)]
+        segs.append((k, v, delta))
+    if inv_freq is not None:
+        inv_freq = as_tensor(inv_freq, "inv_freq").float().contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _core.decode_attention(q, segs, out, 0.0 if scale is None else _check_scale(scale), inv_freq)
+    return out
+
+
+def _check_scale(scale) -> float:
+    scale = float(scale)
+    if not scale > 0 or scale != scale or scale == float("inf"):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return scale

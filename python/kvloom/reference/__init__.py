@@ -1,0 +1,162 @@
+"""Plain-PyTorch reference implementations: the oracle for every kernel and policy.
+
+Readable first, fast never. Attention is computed in float64 from the inputs' values.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "decode_attention", "rotate", "segment_attention", "window_keep", "CacheModel",
+]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """q [B, Hq, D], k/v [B, Hkv, T, D] -> [B, Hq, D] (float64). Query head i reads kv head
+    i // (Hq // Hkv)."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    assert Hq % Hkv == 0
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qg = q.double().reshape(B, Hkv, group, D)  # query head h*group + g reads kv head h
+    scores = torch.einsum("bhgd,bhtd->bhgt", qg, k.double()) * scale
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhgt,bhtd->bhgd", probs, v.double()).reshape(B, Hq, D)
+
+
+def rotate(x: torch.Tensor, delta, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotates the last dimension of x by RoPE angle offsets delta * inv_freq
+    (rotate-half convention, first 2 * len(inv_freq) features). ``delta`` broadcasts
+    against x's leading dimensions."""
+    x = x.double()
+    nf = inv_freq.numel()
+    delta = torch.as_tensor(delta, dtype=torch.float64)
+    ang = delta[..., None] * inv_freq.double()  # [..., nf]
+    while ang.dim() < x.dim():
+        ang = ang.unsqueeze(-2)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    x1, x2, rest = x[..., :nf], x[..., nf:2 * nf], x[..., 2 * nf:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def segment_attention(q: torch.Tensor, segments: Sequence[Tuple[torch.Tensor, torch.Tensor, Optional[Sequence[int]]]],
+                      inv_freq: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """Attention over explicitly concatenated segments whose keys are re-rotated to the
+    view's positions: a key of segment s moves by -delta_s (equivalent to rotating the
+    query by +delta_s)."""
+    B = q.shape[0]
+    ks, vs = [], []
+    for k, v, delta in segments:
+        k = k.double()
+        if delta is not None and inv_freq is not None:
+            d = torch.as_tensor(list(delta), dtype=torch.float64).view(B, 1, 1)
+            k = rotate(k, -d, inv_freq)
+        ks.append(k)
+        vs.append(v.double())
+    return decode_attention(q, torch.cat(ks, dim=2), torch.cat(vs, dim=2), scale)
+
+
+def window_keep(ords: Sequence[int], appended: int, sinks: int, recent: int) -> List[int]:
+    """StreamingLLM: the ords a Window(sinks, recent) head keeps after `appended` tokens."""
+    return [o for o in ords if o < sinks or o >= appended - recent]
+
+
+@dataclass
+class _Token:
+    ord: int
+    pos: int
+    k: torch.Tensor  # [D]
+    v: torch.Tensor  # [D]
+
+
+@dataclass
+class _Head:
+    tokens: Dict[int, _Token] = field(default_factory=dict)  # ord -> token
+    appended: int = 0
+
+
+class CacheModel:
+    """What a KVCache holds, as plain Python: per (layer, head, seq) the live tokens by ord.
+
+    Mirrors KVCache's sequence operations (add, fork, drop, rollback, append, evict,
+    window policy) without any blocks, so tests can compare contents and lengths.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, dtype=torch.float32):
+        self.n_layers, self.n_kv_heads, self.dtype = n_layers, n_kv_heads, dtype
+        self.seqs: Dict[int, List[_Head]] = {}
+        self.next_id = 0
+
+    def _heads(self, seq: int) -> List[_Head]:
+        if seq not in self.seqs:
+            raise IndexError(f"sequence {seq} does not exist")
+        return self.seqs[seq]
+
+    def head(self, layer: int, h: int, seq: int) -> _Head:
+        return self._heads(seq)[layer * self.n_kv_heads + h]
+
+    def add(self) -> int:
+        sid = self.next_id
+        self.next_id += 1
+        self.seqs[sid] = [_Head() for _ in range(self.n_layers * self.n_kv_heads)]
+        return sid
+
+    def fork(self, seq: int) -> int:
+        heads = copy.deepcopy(self._heads(seq))
+        sid = self.next_id
+        self.next_id += 1
+        self.seqs[sid] = heads
+        return sid
+
+    def drop(self, seq: int) -> None:
+        self._heads(seq)
+        del self.seqs[seq]
+
+    def rollback(self, seq: int, n: int) -> None:
+        heads = self._heads(seq)
+        if n < 0 or any(n > h.appended for h in heads):
+            raise ValueError("rollback past the start")
+        for h in heads:
+            keep = h.appended - n
+            h.tokens = {o: t for o, t in h.tokens.items() if o < keep}
+            h.appended = keep
+
+    def append(self, layer: int, seq: int, k: torch.Tensor, v: torch.Tensor, positions=None) -> None:
+        """k, v [n_kv_heads, n, D]; values are stored as the cache stores them (its dtype)."""
+        n = k.shape[1]
+        for h in range(self.n_kv_heads):
+            hd = self.head(layer, h, seq)
+            for j in range(n):
+                o = hd.appended + j
+                p = o if positions is None else int(positions[j])
+                hd.tokens[o] = _Token(o, p, k[h, j].to(self.dtype).clone(), v[h, j].to(self.dtype).clone())
+            hd.appended += n
+
+    def evict_ords(self, layer: int, h: int, seq: int, ords: Sequence[int]) -> None:
+        hd = self.head(layer, h, seq)
+        for o in ords:
+            del hd.tokens[o]
+
+    def apply_window(self, layer: int, seq: int, sinks: int, recent: int) -> None:
+        for h in range(self.n_kv_heads):
+            hd = self.head(layer, h, seq)
+            keep = set(window_keep(sorted(hd.tokens), hd.appended, sinks, recent))
+            hd.tokens = {o: t for o, t in hd.tokens.items() if o in keep}
+
+    def length(self, layer: int, h: int, seq: int) -> int:
+        return len(self.head(layer, h, seq).tokens)
+
+    def contents(self, layer: int, h: int, seq: int):
+        """(k [L, D], v [L, D], ords, positions) in ord order."""
+        hd = self.head(layer, h, seq)
+        toks = [hd.tokens[o] for o in sorted(hd.tokens)]
+        if not toks:
+            return None, None, [], []
+        return (torch.stack([t.k for t in toks]), torch.stack([t.v for t in toks]),
+                [t.ord for t in toks], [t.pos for t in toks])
