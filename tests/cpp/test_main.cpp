@@ -1,0 +1,41 @@
+#include <cstdio>
+#include <exception>
+
+#include "test.h"
+
+namespace kvtest {
+
+std::vector<test_case>& registry() {
+  static std::vector<test_case> r;
+  return r;
+}
+
+static int g_failures_in_case = 0;
+
+void record_failure(const char* file, int line, const std::string& what) {
+  ++g_failures_in_case;
+  std::printf("  %s:%d: %s\n", file, line, what.c_str());
+}
+
+}  // namespace kvtest
+
+int main() {
+  int passed = 0, failed = 0;
+  for (const auto& t : kvtest::registry()) {
+    kvtest::g_failures_in_case = 0;
+    try {
+      t.fn();
+    } catch (const std::exception& e) {
+      kvtest::record_failure(__FILE__, __LINE__, std::string("uncaught exception: ") + e.what());
+    }
+    if (kvtest::g_failures_in_case == 0) {
+      ++passed;
+      std::printf("PASS %s\n", t.name);
+    } else {
+      ++failed;
+      std::printf("FAIL %s\n", t.name);
+    }
+  }
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,192 @@
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <numeric>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "helpers.h"
+#include "kvloom/block_pool.h"
+#include "kvloom/cache.h"
+#include "test.h"
+
+using namespace kvloom;
+using kvtest::view;
+
+namespace {
+
+std::shared_ptr<block_pool> small_pool(int64_t cap, int bs = 4, int D = 8) {
+  return std::make_shared<block_pool>(dtype::f32, D, bs, cap, 3);
+}
+
+// Appends n tokens whose every feature equals `value + token index` to all heads of a layer.
+void append_const(cache& c, int layer, int64_t seq, int64_t n, float value) {
+  const int H = c.n_kv_heads(), D = c.head_dim();
+  std::vector<float> k(static_cast<size_t>(H * n * D)), v(k.size());
+  for (int h = 0; h < H; ++h)
+    for (int64_t j = 0; j < n; ++j)
+      for (int d = 0; d < D; ++d) {
+        k[(h * n + j) * D + d] = value + static_cast<float>(j);
+        v[(h * n + j) * D + d] = -(value + static_cast<float>(j));
+      }
+  c.append(layer, seq, view(k.data(), dtype::f32, {H, n, D}), view(v.data(), dtype::f32, {H, n, D}), nullptr);
+}
+
+std::vector<float> gather_keys(const cache& c, int layer, int head, int64_t seq) {
+  const int64_t L = c.length(layer, head, seq);
+  std::vector<float> k(static_cast<size_t>(L * c.head_dim())), v(k.size());
+  c.gather(layer, head, seq, view(k.data(), dtype::f32, {L, c.head_dim()}), view(v.data(), dtype::f32, {L, c.head_dim()}),
+           nullptr, nullptr);
+  return k;
+}
+
+}  // namespace
+
+TEST(pool_alloc_free_refcount) {
+  block_pool p(dtype::f16, 64, 16, 10, 4);
+  CHECK_EQ(p.block_bytes(), size_t(2 * 16 * 64 * 2));
+  std::vector<block_id> ids(7);
+  p.alloc(7, ids.data());
+  CHECK_EQ(p.used_blocks(), 7);
+  CHECK(p.reserved_bytes() >= 7 * p.block_bytes());
+  std::set<block_id> uniq(ids.begin(), ids.end());
+  CHECK_EQ(uniq.size(), size_t(7));
+  // block memory is distinct and writable
+  std::set<void*> ptrs;
+  for (block_id b : ids) {
+    ptrs.insert(p.block_keys(b));
+    std::fill_n(static_cast<char*>(p.block_keys(b)), p.block_bytes(), char(1));
+  }
+  CHECK_EQ(ptrs.size(), size_t(7));
+  p.incref(ids[0]);
+  CHECK_EQ(p.refcount(ids[0]), 2);
+  p.decref(ids[0]);
+  CHECK_EQ(p.refcount(ids[0]), 1);
+  std::vector<block_id> more(4);
+  CHECK_THROWS(p.alloc(4, more.data()), capacity_error);  // 3 left: all or nothing
+  CHECK_EQ(p.used_blocks(), 7);
+  p.decref_many(ids.data(), ids.size());
+  CHECK_EQ(p.used_blocks(), 0);
+  p.alloc(10, std::vector<block_id>(10).data());
+  CHECK_EQ(p.free_blocks(), 0);
+  CHECK_THROWS(p.decref(99), std::out_of_range);
+}
+
+TEST(pool_rejects_bad_construction) {
+  CHECK_THROWS(block_pool(dtype::i32, 8, 4, 4), type_error);
+  CHECK_THROWS(block_pool(dtype::f32, 0, 4, 4), std::invalid_argument);
+  CHECK_THROWS(block_pool(dtype::f32, 8, 0, 4), std::invalid_argument);
+  CHECK_THROWS(block_pool(dtype::f32, 8, 4, 0), std::invalid_argument);
+}
+
+TEST(cache_append_fork_cow_rollback_drop) {
+  auto pool = small_pool(64);
+  cache c(pool, 1, 2, nullptr);
+  const int64_t a = c.seq_add();
+  append_const(c, 0, a, 6, 0.f);  // 2 blocks per head
+  CHECK_EQ(c.blocks_held(), 4);
+  const int64_t b = c.seq_fork(a);
+  CHECK_EQ(c.blocks_held(), 4);
+  for (block_id id : c.store(0, 0, a).table()) CHECK_EQ(pool->refcount(id), 2);
+  append_const(c, 0, b, 1, 100.f);  // copy-on-write of the tail block in each head
+  CHECK_EQ(c.blocks_held(), 6);
+  auto ka = gather_keys(c, 0, 0, a), kb = gather_keys(c, 0, 0, b);
+  CHECK_EQ(ka.size(), size_t(6 * 8));
+  CHECK_EQ(kb.size(), size_t(7 * 8));
+  CHECK(std::equal(ka.begin(), ka.end(), kb.begin()));
+  CHECK_EQ(kb[6 * 8], 100.f);
+  c.seq_rollback(b, 3);  // b: tokens 0..3 left
+  CHECK_EQ(c.length(0, 1, b), 4);
+  CHECK_EQ(c.seq_length(b), 4);
+  CHECK_EQ(c.length(0, 1, a), 6);
+  CHECK_THROWS(c.seq_rollback(b, 5), std::invalid_argument);
+  c.seq_drop(a);
+  CHECK_THROWS(c.seq_length(a), std::out_of_range);
+  c.seq_drop(b);
+  CHECK_EQ(pool->used_blocks(), 0);
+  CHECK_EQ(c.memory_bytes(), size_t(0));
+}
+
+TEST(cache_evict_frees_blocks_and_reuses_slots) {
+  auto pool = small_pool(64);
+  cache c(pool, 1, 1, nullptr);
+  const int64_t s = c.seq_add();
+  append_const(c, 0, s, 12, 0.f);  // 3 blocks
+  std::vector<int32_t> middle = {4, 5, 6, 7};
+  c.evict(0, 0, s, middle.data(), 4);
+  CHECK_EQ(c.blocks_held(), 2);  // the middle block returned to the pool
+  CHECK_EQ(c.store(0, 0, s).table()[1], -1);
+  append_const(c, 0, s, 2, 50.f);  // fills the hole first
+  CHECK_EQ(c.blocks_held(), 3);
+  CHECK_EQ(c.store(0, 0, s).ord(4), 12);
+  std::vector<int32_t> bad = {0, 0};
+  CHECK_THROWS(c.evict(0, 0, s, bad.data(), 2), std::invalid_argument);
+  std::vector<int32_t> dead = {6};
+  CHECK_THROWS(c.evict(0, 0, s, dead.data(), 1), std::out_of_range);
+  CHECK_EQ(c.length(0, 0, s), 10);
+}
+
+TEST(cache_capacity_error_changes_nothing) {
+  auto pool = small_pool(5);
+  cache c(pool, 1, 2, nullptr);
+  const int64_t s = c.seq_add();
+  append_const(c, 0, s, 7, 0.f);  // 4 blocks
+  const auto before = gather_keys(c, 0, 1, s);
+  CHECK_THROWS(append_const(c, 0, s, 5, 9.f), capacity_error);  // needs 2 more blocks per... 1 free
+  CHECK_EQ(pool->used_blocks(), 4);
+  CHECK_EQ(c.seq_length(s), 7);
+  CHECK(gather_keys(c, 0, 1, s) == before);
+  append_const(c, 0, s, 1, 9.f);  // fills the free slot of each tail: no block needed
+  CHECK_EQ(pool->used_blocks(), 4);
+}
+
+TEST(window_policy_keeps_sinks_and_recent) {
+  auto pool = small_pool(256);
+  cache c(pool, 1, 1, std::make_shared<window_policy>(2, 5));
+  const int64_t s = c.seq_add();
+  for (int i = 0; i < 40; ++i) {
+    append_const(c, 0, s, 1, static_cast<float>(i));
+    c.apply_policy(0, s);
+  }
+  const head_store& hs = c.store(0, 0, s);
+  std::vector<int32_t> ords;
+  for (int64_t sl = 0; sl < hs.n_slots(); ++sl)
+    if (hs.live(sl)) ords.push_back(hs.ord(sl));
+  std::sort(ords.begin(), ords.end());
+  CHECK((ords == std::vector<int32_t>{0, 1, 35, 36, 37, 38, 39}));
+  CHECK(c.blocks_held() <= 3);
+}
+
+// Several threads append into forks of one parent at once: copy-on-write of shared tail
+// blocks and the pool's free list are exercised concurrently (run under ASan/TSan-ish).
+TEST(concurrent_appends_into_forks) {
+  auto pool = std::make_shared<block_pool>(dtype::f32, 16, 4, 4096, 7);
+  cache c(pool, 2, 2, nullptr);
+  const int64_t parent = c.seq_add();
+  for (int l = 0; l < 2; ++l) append_const(c, l, parent, 6, 0.f);
+  const int T = 4, M = 50;
+  std::vector<int64_t> kids;
+  for (int t = 0; t < T; ++t) kids.push_back(c.seq_fork(parent));
+  std::atomic<int> go{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < T; ++t)
+    threads.emplace_back([&, t] {
+      while (go.load() == 0) {
+      }
+      for (int m = 0; m < M; ++m)
+        for (int l = 0; l < 2; ++l) append_const(c, l, kids[t], 1, 1000.f * (t + 1) + m);
+    });
+  go.store(1);
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < T; ++t)
+    for (int l = 0; l < 2; ++l)
+      for (int h = 0; h < 2; ++h) {
+        auto k = gather_keys(c, l, h, kids[t]);
+        CHECK_EQ(k.size(), size_t((6 + M) * 16));
+        for (int j = 0; j < 6; ++j) CHECK_EQ(k[j * 16], static_cast<float>(j));
+        for (int m = 0; m < M; ++m) CHECK_EQ(k[(6 + m) * 16 + 15], 1000.f * (t + 1) + m);
+      }
+  for (int64_t s : c.seq_ids()) c.seq_drop(s);
+  CHECK_EQ(pool->used_blocks(), 0);
+}
