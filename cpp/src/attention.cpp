@@ -36,6 +36,21 @@ const kernel_ops& pick_ops(int D) {
 constexpr int kDenseChunk = 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Asks the memory system for the next chunk's rows while the current one is computed:
+// decode attention streams each key/value once, so hiding memory latency is most of the game.
+inline void prefetch_chunk(const kv_chunk& c, int64_t esz, int64_t row_bytes) {
+  const char* k = static_cast<const char*>(c.k);
+  const char* v = static_cast<const char*>(c.v);
+  for (int t = 0; t < c.n; ++t) {
+    const char* kr = k + t * c.k_stride * esz;
+    const char* vr = v + t * c.v_stride * esz;
+    for (int64_t off = 0; off < row_bytes; off += 64) {
+      __builtin_prefetch(kr + off);
+      __builtin_prefetch(vr + off);
+    }
+  }
+}
+
 // One (batch row, kv head) with its chunks [c0, c1) in the flat chunk list.
 struct head_task {
   int64_t b, h;
@@ -78,6 +93,8 @@ void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype
   const int64_t state = static_cast<int64_t>(G) * (D + 2);  // m[G], l[G], acc[G*D]
   std::vector<float> partial(items.size() * static_cast<size_t>(state));
   const int64_t qsz = static_cast<int64_t>(dtype_size(q.type));
+  const int64_t kv_esz = static_cast<int64_t>(dtype_size(kv_type));
+  const int64_t row_bytes = static_cast<int64_t>(D) * kv_esz;
 
   detail::parallel_for(static_cast<int64_t>(items.size()), [&](int64_t ii, int) {
     thread_local std::vector<float> buf;
@@ -127,6 +144,7 @@ void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype
           qcur = qrot;
         }
       }
+      if (c + 1 < it.c1) prefetch_chunk(chunks[c + 1], kv_esz, row_bytes);
       ops.attend_chunk(qcur, G, D, ch, kv_type, m, l, acc, scratch);
     }
   });

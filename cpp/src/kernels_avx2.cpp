@@ -74,6 +74,91 @@ inline void row_to_f32(const void* src, dtype t, int D, float* dst) {
   }
 }
 
+// Memory access order matters more than FLOPs here: decode attention streams every key
+// and value row once, and the hardware prefetchers of the machines we measured only keep
+// up when rows are read one after another, front to back. Interleaving two rows, or
+// walking a column strip down many rows, cut the achieved bandwidth by 2-4x. So both
+// products below consume one whole row at a time.
+
+// s[(g0+i)*n + t] = q[g0+i] . K[t] for i < QT, spreading each dot product over 8/QT
+// accumulators so 8 independent FMA chains are in flight.
+template <int QT>
+inline void qk_row(const float* q, int g0, int D, const float* kt, float* s, int n, int t) {
+  constexpr int A = 8 / QT;
+  __m256 a[QT][A];
+  for (int i = 0; i < QT; ++i)
+    for (int u = 0; u < A; ++u) a[i][u] = _mm256_setzero_ps();
+  const int nd = D / 8;
+  int j = 0;
+  for (; j + A <= nd; j += A)
+    for (int u = 0; u < A; ++u) {
+      const __m256 kv = _mm256_loadu_ps(kt + 8 * (j + u));
+      for (int i = 0; i < QT; ++i)
+        a[i][u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + static_cast<int64_t>(g0 + i) * D + 8 * (j + u)), kv, a[i][u]);
+    }
+  for (; j < nd; ++j) {
+    const __m256 kv = _mm256_loadu_ps(kt + 8 * j);
+    for (int i = 0; i < QT; ++i)
+      a[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + static_cast<int64_t>(g0 + i) * D + 8 * j), kv, a[i][0]);
+  }
+  for (int i = 0; i < QT; ++i) {
+    __m256 r = a[i][0];
+    for (int u = 1; u < A; ++u) r = _mm256_add_ps(r, a[i][u]);
+    s[(g0 + i) * n + t] = hsum(r);
+  }
+}
+
+// acc[g][c0*8 .. (c0+NB)*8) += p[g][t] * V[t][same] for every g < G: the NB*8 values stay
+// in registers while all G accumulator rows (in L1) are updated.
+template <int NB>
+inline void pv_row(float* acc, int G, int D, const float* p, int n, int t, const float* vt, int c0) {
+  __m256 v[NB];
+  for (int j = 0; j < NB; ++j) v[j] = _mm256_loadu_ps(vt + 8 * (c0 + j));
+  for (int g = 0; g < G; ++g) {
+    const __m256 pb = _mm256_broadcast_ss(p + g * n + t);
+    float* a = acc + static_cast<int64_t>(g) * D + 8 * c0;
+    for (int j = 0; j < NB; ++j) _mm256_storeu_ps(a + 8 * j, _mm256_fmadd_ps(pb, v[j], _mm256_loadu_ps(a + 8 * j)));
+  }
+}
+
+// Wide query groups (G >= 8, e.g. MQA) are compute-bound: there a register tile that
+// reuses each loaded query/value vector several times beats streaming order.
+// s[(g0+i)*n + t0+j] = q[g0+i] . K[t0+j] for i < QT, j < KT.
+template <int QT, int KT>
+inline void qk_tile(const float* q, int g0, int D, const float* K, int64_t ks, int t0, float* s, int n) {
+  __m256 a[QT][KT];
+  for (int i = 0; i < QT; ++i)
+    for (int j = 0; j < KT; ++j) a[i][j] = _mm256_setzero_ps();
+  for (int d = 0; d < D; d += 8) {
+    __m256 kv[KT];
+    for (int j = 0; j < KT; ++j) kv[j] = _mm256_loadu_ps(K + (t0 + j) * ks + d);
+    for (int i = 0; i < QT; ++i) {
+      const __m256 qv = _mm256_loadu_ps(q + static_cast<int64_t>(g0 + i) * D + d);
+      for (int j = 0; j < KT; ++j) a[i][j] = _mm256_fmadd_ps(qv, kv[j], a[i][j]);
+    }
+  }
+  for (int i = 0; i < QT; ++i)
+    for (int j = 0; j < KT; ++j) s[(g0 + i) * n + t0 + j] = hsum(a[i][j]);
+}
+
+// acc[g0+i][8*(j0+j) ..] += sum_t p[g0+i][t] * V[t][8*(j0+j) ..] for i < QT, j < DT.
+template <int QT, int DT>
+inline void pv_tile(float* acc, int g0, int D, const float* p, int n, const float* V, int64_t vs, int j0) {
+  __m256 a[QT][DT];
+  for (int i = 0; i < QT; ++i)
+    for (int j = 0; j < DT; ++j) a[i][j] = _mm256_loadu_ps(acc + static_cast<int64_t>(g0 + i) * D + 8 * (j0 + j));
+  for (int t = 0; t < n; ++t) {
+    __m256 vv[DT];
+    for (int j = 0; j < DT; ++j) vv[j] = _mm256_loadu_ps(V + t * vs + 8 * (j0 + j));
+    for (int i = 0; i < QT; ++i) {
+      const __m256 pb = _mm256_broadcast_ss(p + (g0 + i) * n + t);
+      for (int j = 0; j < DT; ++j) a[i][j] = _mm256_fmadd_ps(pb, vv[j], a[i][j]);
+    }
+  }
+  for (int i = 0; i < QT; ++i)
+    for (int j = 0; j < DT; ++j) _mm256_storeu_ps(acc + static_cast<int64_t>(g0 + i) * D + 8 * (j0 + j), a[i][j]);
+}
+
 void attend_chunk_avx2(const float* q, int G, int D, const kv_chunk& c, dtype kv_type, float* m, float* l,
                        float* acc, float* scratch) {
   const int n = c.n;
@@ -88,22 +173,18 @@ void attend_chunk_avx2(const float* q, int G, int D, const kv_chunk& c, dtype kv
   const float* V;
   int64_t ks, vs;
   const size_t esz = kv_type == dtype::f32 ? 4 : 2;  // not dtype_size(): keep shared inline code out of this TU
-  if (kv_type == dtype::f32 && all_live) {
+  if (kv_type == dtype::f32) {
     K = static_cast<const float*>(c.k);
     V = static_cast<const float*>(c.v);
     ks = c.k_stride;
     vs = c.v_stride;
   } else {
-    // Convert (and, for dead slots, zero) the rows: dead slots may hold stale or never
-    // written bytes, which must not reach p * v even with p == 0 (0 * NaN).
+    // Convert the live rows (dead slots hold stale or never written bytes; they are
+    // skipped by both products, so they are never read).
     for (int t = 0; t < n; ++t) {
       float* kd = kf + static_cast<int64_t>(t) * D;
       float* vd = vf + static_cast<int64_t>(t) * D;
-      if (c.live && !c.live[t]) {
-        std::memset(kd, 0, sizeof(float) * D);
-        std::memset(vd, 0, sizeof(float) * D);
-        continue;
-      }
+      if (c.live && !c.live[t]) continue;
       row_to_f32(static_cast<const char*>(c.k) + t * c.k_stride * esz, kv_type, D, kd);
       row_to_f32(static_cast<const char*>(c.v) + t * c.v_stride * esz, kv_type, D, vd);
     }
@@ -112,31 +193,48 @@ void attend_chunk_avx2(const float* q, int G, int D, const kv_chunk& c, dtype kv
     ks = vs = D;
   }
 
-  // Scores: each key row is read once per group of 4 query rows.
-  for (int t = 0; t < n; ++t) {
+  const bool wide = G >= 8;
+  if (wide) {
+    // Dead rows need finite inputs here: the tile reads them (results are overwritten).
+    if (!all_live && kv_type == dtype::f32) {
+      for (int t = 0; t < n; ++t) {
+        float* kd = kf + static_cast<int64_t>(t) * D;
+        float* vd = vf + static_cast<int64_t>(t) * D;
+        if (!c.live[t]) {
+          std::memset(kd, 0, sizeof(float) * D);
+          std::memset(vd, 0, sizeof(float) * D);
+        } else {
+          std::memcpy(kd, K + t * ks, sizeof(float) * D);
+          std::memcpy(vd, V + t * vs, sizeof(float) * D);
+        }
+      }
+      K = kf;
+      V = vf;
+      ks = vs = D;
+    } else if (!all_live) {
+      for (int t = 0; t < n; ++t)
+        if (!c.live[t]) {
+          std::memset(kf + static_cast<int64_t>(t) * D, 0, sizeof(float) * D);
+          std::memset(vf + static_cast<int64_t>(t) * D, 0, sizeof(float) * D);
+        }
+    }
+    int t = 0;
+    for (; t + 4 <= n; t += 4) {
+      int g = 0;
+      for (; g + 2 <= G; g += 2) qk_tile<2, 4>(q, g, D, K, ks, t, s, n);
+      for (; g < G; ++g) qk_tile<1, 4>(q, g, D, K, ks, t, s, n);
+    }
+    for (; t < n; ++t)
+      for (int g = 0; g < G; ++g) qk_tile<1, 1>(q, g, D, K, ks, t, s, n);
+  }
+  // Scores, one key row at a time.
+  for (int t = 0; t < n && !wide; ++t) {
+    if (c.live && !c.live[t]) continue;  // set to -inf below
     const float* kt = K + t * ks;
     int g = 0;
-    for (; g + 4 <= G; g += 4) {
-      const float* q0 = q + static_cast<int64_t>(g) * D;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int d = 0; d < D; d += 8) {
-        const __m256 kv = _mm256_loadu_ps(kt + d);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + d), kv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + d), kv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + d), kv, a3);
-      }
-      s[(g + 0) * n + t] = hsum(a0);
-      s[(g + 1) * n + t] = hsum(a1);
-      s[(g + 2) * n + t] = hsum(a2);
-      s[(g + 3) * n + t] = hsum(a3);
-    }
-    for (; g < G; ++g) {
-      const float* qg = q + static_cast<int64_t>(g) * D;
-      __m256 a = _mm256_setzero_ps();
-      for (int d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kt + d), a);
-      s[g * n + t] = hsum(a);
-    }
+    for (; g + 4 <= G; g += 4) qk_row<4>(q, g, D, kt, s, n, t);
+    for (; g + 2 <= G; g += 2) qk_row<2>(q, g, D, kt, s, n, t);
+    for (; g < G; ++g) qk_row<1>(q, g, D, kt, s, n, t);
   }
   const float ninf = -std::numeric_limits<float>::infinity();
   if (!all_live)
@@ -179,33 +277,29 @@ void attend_chunk_avx2(const float* q, int G, int D, const kv_chunk& c, dtype kv
     m[g] = m_new;
   }
 
-  // acc += p @ V: each value row is read once per group of 4 query rows.
-  for (int d = 0; d < D; d += 8) {
-    int g = 0;
-    for (; g + 4 <= G; g += 4) {
-      float* a = acc + static_cast<int64_t>(g) * D + d;
-      const float* p0 = s + g * n;
-      __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + D), a2 = _mm256_loadu_ps(a + 2 * D),
-             a3 = _mm256_loadu_ps(a + 3 * D);
-      for (int t = 0; t < n; ++t) {
-        const __m256 vv = _mm256_loadu_ps(V + t * vs + d);
-        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + t), vv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + n + t), vv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + 2 * n + t), vv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + 3 * n + t), vv, a3);
-      }
-      _mm256_storeu_ps(a, a0);
-      _mm256_storeu_ps(a + D, a1);
-      _mm256_storeu_ps(a + 2 * D, a2);
-      _mm256_storeu_ps(a + 3 * D, a3);
+  const int nd = D / 8;
+  if (wide) {
+    for (int g = 0; g + 4 <= G; g += 4) {  // G >= 8 here; remainder rows below
+      int j = 0;
+      for (; j + 2 <= nd; j += 2) pv_tile<4, 2>(acc, g, D, s, n, V, vs, j);
+      for (; j < nd; ++j) pv_tile<4, 1>(acc, g, D, s, n, V, vs, j);
     }
-    for (; g < G; ++g) {
-      float* a = acc + static_cast<int64_t>(g) * D + d;
-      const float* pg = s + g * n;
-      __m256 a0 = _mm256_loadu_ps(a);
-      for (int t = 0; t < n; ++t) a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(pg + t), _mm256_loadu_ps(V + t * vs + d), a0);
-      _mm256_storeu_ps(a, a0);
+    for (int g = G - G % 4; g < G; ++g) {
+      int j = 0;
+      for (; j + 2 <= nd; j += 2) pv_tile<1, 2>(acc, g, D, s, n, V, vs, j);
+      for (; j < nd; ++j) pv_tile<1, 1>(acc, g, D, s, n, V, vs, j);
     }
+    return;
+  }
+  // acc += p @ V, one value row at a time (dead rows skipped: p is 0 there).
+  for (int t = 0; t < n; ++t) {
+    if (c.live && !c.live[t]) continue;
+    const float* vt = V + t * vs;
+    int j = 0;
+    for (; j + 8 <= nd; j += 8) pv_row<8>(acc, G, D, s, n, t, vt, j);
+    for (; j + 4 <= nd; j += 4) pv_row<4>(acc, G, D, s, n, t, vt, j);
+    for (; j + 2 <= nd; j += 2) pv_row<2>(acc, G, D, s, n, t, vt, j);
+    for (; j < nd; ++j) pv_row<1>(acc, G, D, s, n, t, vt, j);
   }
 }
 
