@@ -45,13 +45,6 @@ borrowed from_dlpack(const py::handle& obj, const char* what) {
   if (!py::hasattr(obj, "__dlpack__"))
     throw type_error(std::string(what) + " must be a tensor or array supporting DLPack (torch.Tensor, numpy.ndarray), got " +
                      type_name(obj));
-  if (py::hasattr(obj, "__dlpack_device__")) {
-    py::tuple dev = obj.attr("__dlpack_device__")();
-    const int dt = dev[0].cast<int>();
-    if (dt != kDLCPU && dt != kDLCPUPinned)
-      throw std::invalid_argument(std::string(what) + " is on a non-CPU device (DLPack device type " + std::to_string(dt) +
-                                  "); kvloom's CPU kernels need CPU tensors");
-  }
   py::object cap = obj.attr("__dlpack__")();
   if (!PyCapsule_IsValid(cap.ptr(), "dltensor"))
     throw type_error(std::string(what) + ": __dlpack__ did not return an unused 'dltensor' capsule");

@@ -74,7 +74,11 @@ void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype
   const float qscale = (scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(D))) * kLog2e;
 
   // Split long heads across threads; merge the partial softmax states afterwards.
-  const int threads = detail::pool_threads();
+  // Small problems (short contexts) run on the calling thread: waking workers costs more.
+  int64_t total_rows = 0;
+  for (const kv_chunk& c : chunks) total_rows += c.n;
+  const bool inline_run = total_rows * G * D < (int64_t(1) << 19);
+  const int threads = inline_run ? 1 : detail::pool_threads();
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   const int64_t want_items = std::max<int64_t>(n_tasks, 4 * threads);
   std::vector<work_item> items;
@@ -96,7 +100,7 @@ void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype
   const int64_t kv_esz = static_cast<int64_t>(dtype_size(kv_type));
   const int64_t row_bytes = static_cast<int64_t>(D) * kv_esz;
 
-  detail::parallel_for(static_cast<int64_t>(items.size()), [&](int64_t ii, int) {
+  auto process = [&](int64_t ii, int) {
     thread_local std::vector<float> buf;
     const work_item& it = items[ii];
     const head_task& t = tasks[it.task];
@@ -147,11 +151,17 @@ void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype
       if (c + 1 < it.c1) prefetch_chunk(chunks[c + 1], kv_esz, row_bytes);
       ops.attend_chunk(qcur, G, D, ch, kv_type, m, l, acc, scratch);
     }
-  });
+  };
+  if (inline_run) {
+    for (int64_t ii = 0; ii < static_cast<int64_t>(items.size()); ++ii) process(ii, 0);
+  } else {
+    detail::parallel_for(static_cast<int64_t>(items.size()), process);
+  }
 
-  // Merge the splits of each head and write out = acc / l.
+  // Merge the splits of each head and write out = acc / l (cheap: done by the caller).
   const int64_t osz = static_cast<int64_t>(dtype_size(out.type));
-  detail::parallel_for(n_tasks, [&](int64_t ti, int) {
+  std::vector<float> o(static_cast<size_t>(D));
+  for (int64_t ti = 0; ti < n_tasks; ++ti) {
     const head_task& t = tasks[ti];
     const int64_t i0 = task_first_item[ti], i1 = task_first_item[ti + 1];
     for (int g = 0; g < G; ++g) {
@@ -163,8 +173,7 @@ void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype
         for (int d = 0; d < D; ++d) store_from_f32(dst, out.type, static_cast<size_t>(d * out.strides[2]), 0.f);
         continue;
       }
-      thread_local std::vector<float> o;
-      o.assign(static_cast<size_t>(D), 0.f);
+      std::fill(o.begin(), o.end(), 0.f);
       for (int64_t i = i0; i < i1; ++i) {
         const float* st = partial.data() + i * state;
         const float w = std::exp2(st[g] - M);
@@ -176,7 +185,7 @@ void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype
       const float inv = 1.f / L;
       for (int d = 0; d < D; ++d) store_from_f32(dst, out.type, static_cast<size_t>(d * out.strides[2]), o[d] * inv);
     }
-  });
+  }
 }
 
 void check_q_out(const tensor_view& q, const tensor_view& out) {

@@ -9,6 +9,12 @@
 #include <vector>
 
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define KVLOOM_PAUSE() _mm_pause()
+#else
+#define KVLOOM_PAUSE() std::this_thread::yield()
+#endif
 
 namespace kvloom {
 namespace detail {
@@ -23,6 +29,10 @@ int default_threads() {
   const unsigned hc = std::thread::hardware_concurrency();
   return hc == 0 ? 1 : static_cast<int>(hc);
 }
+
+// Workers spin briefly for the next job before sleeping: decode calls come in quick
+// succession (one per layer), and waking a sleeping thread costs tens of microseconds.
+constexpr int kSpinIters = 4000;
 
 class pool {
  public:
@@ -44,42 +54,46 @@ class pool {
       for (int64_t i = 0; i < n; ++i) fn(i, busy.owns_lock() ? 0 : -1);
       return;
     }
+    fn_ = &fn;
+    n_items_ = n;
+    next_.store(0, std::memory_order_relaxed);
+    pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lk(mu_);
-      fn_ = &fn;
-      n_items_ = n;
-      next_.store(0);
-      active_ = static_cast<int>(workers_.size());
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     work(0);
-    std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [&] { return active_ == 0; });
+    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < kSpinIters) KVLOOM_PAUSE();
+      else std::this_thread::yield();
+    }
     fn_ = nullptr;
   }
 
  private:
   void work(int worker) {
     for (;;) {
-      const int64_t i = next_.fetch_add(1);
+      const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
       if (i >= n_items_) break;
       (*fn_)(i, worker);
     }
   }
 
-  void loop(int worker) {
-    uint64_t seen = 0;
+  // `seen` starts at the generation current when the thread was created, not when it
+  // first runs: a job posted in between must not be mistaken for an old one.
+  void loop(int worker, uint64_t seen) {
     for (;;) {
-      {
+      for (int s = 0; s < kSpinIters && generation_.load(std::memory_order_acquire) == seen && !quit_.load(); ++s)
+        KVLOOM_PAUSE();
+      if (generation_.load(std::memory_order_acquire) == seen) {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return quit_ || generation_ != seen; });
-        if (quit_) return;
-        seen = generation_;
+        cv_.wait(lk, [&] { return quit_.load() || generation_.load(std::memory_order_acquire) != seen; });
       }
+      if (quit_.load()) return;
+      seen = generation_.load(std::memory_order_acquire);
       work(worker);
-      std::lock_guard<std::mutex> lk(mu_);
-      if (--active_ == 0) done_cv_.notify_one();
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
 
@@ -94,14 +108,15 @@ class pool {
   void start(int n) {
     owner_pid_ = getpid();
     n_threads_ = n < 1 ? 1 : n;
-    quit_ = false;
-    for (int w = 1; w < n_threads_; ++w) workers_.emplace_back([this, w] { loop(w); });
+    quit_.store(false);
+    const uint64_t g0 = generation_.load(std::memory_order_acquire);
+    for (int w = 1; w < n_threads_; ++w) workers_.emplace_back([this, w, g0] { loop(w, g0); });
   }
 
   void stop() {
     {
       std::lock_guard<std::mutex> lk(mu_);
-      quit_ = true;
+      quit_.store(true);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
@@ -109,15 +124,15 @@ class pool {
   }
 
   std::mutex run_mu_;  // one parallel_for at a time
-  std::mutex mu_;
-  std::condition_variable cv_, done_cv_;
+  std::mutex mu_;      // guards sleeping on cv_
+  std::condition_variable cv_;
   std::vector<std::thread> workers_;
   const std::function<void(int64_t, int)>* fn_ = nullptr;
   int64_t n_items_ = 0;
   std::atomic<int64_t> next_{0};
-  int active_ = 0;
-  uint64_t generation_ = 0;
-  bool quit_ = false;
+  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> quit_{false};
   int n_threads_ = 1;
   pid_t owner_pid_ = 0;
 };
