@@ -106,17 +106,19 @@ void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype
     const head_task& t = tasks[it.task];
     int max_n = kDenseChunk;
     for (int64_t c = it.c0; c < it.c1; ++c) max_n = std::max(max_n, chunks[c].n);
-    const int64_t need = 2 * static_cast<int64_t>(G) * D + detail::scratch_floats(G, max_n, D);
+    const int64_t need = 2 * static_cast<int64_t>(G) * D + state + 16 + detail::scratch_floats(G, max_n, D);
     if (static_cast<int64_t>(buf.size()) < need) buf.resize(static_cast<size_t>(need));
     float* qbase = buf.data();      // [G][D] scaled queries
     float* qrot = qbase + G * D;    // [G][D] rotated for the current segment
-    float* scratch = qrot + G * D;
+    // The running state lives in this thread's own buffer while the item runs (the shared
+    // `partial` array would put neighbouring items' accumulators on shared cache lines).
+    float* st = qrot + G * D;       // m[G], l[G], acc[G][D]
+    float* scratch = st + state + 16;
     for (int g = 0; g < G; ++g) {
       const char* src = static_cast<const char*>(q.data) +
                         (t.b * q.strides[0] + (t.h * G + g) * q.strides[1]) * qsz;
       for (int d = 0; d < D; ++d) qbase[g * D + d] = load_as_f32(src, q.type, static_cast<size_t>(d * q.strides[2])) * qscale;
     }
-    float* st = partial.data() + ii * state;
     float* m = st;
     float* l = st + G;
     float* acc = st + 2 * G;
@@ -151,6 +153,7 @@ void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype
       if (c + 1 < it.c1) prefetch_chunk(chunks[c + 1], kv_esz, row_bytes);
       ops.attend_chunk(qcur, G, D, ch, kv_type, m, l, acc, scratch);
     }
+    std::copy(st, st + state, partial.data() + ii * state);
   };
   if (inline_run) {
     for (int64_t ii = 0; ii < static_cast<int64_t>(items.size()); ++ii) process(ii, 0);

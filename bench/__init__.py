@@ -1,0 +1,1 @@
+"""kvloom's benchmark harness (not part of the test run). See `python -m bench --help`."""

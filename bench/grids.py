@@ -1,0 +1,25 @@
+"""Shape grids for the benchmarks: data, not code. Each case is one decode step
+(one query token per batch row) over a KV cache of T tokens."""
+
+# name: B, Hq, Hkv, T, D, dtype
+ATTENTION = [
+    dict(name="gqa-32/8-T4096-D128", B=1, Hq=32, Hkv=8, T=4096, D=128, dtype="float32"),
+    dict(name="mha-32-T4096-D128", B=1, Hq=32, Hkv=32, T=4096, D=128, dtype="float32"),
+    dict(name="gqa-32/8-T512-D128", B=1, Hq=32, Hkv=8, T=512, D=128, dtype="float32"),
+    dict(name="gqa-32/8-T2048-D128", B=1, Hq=32, Hkv=8, T=2048, D=128, dtype="float32"),
+    dict(name="gqa-32/8-T8192-D128", B=1, Hq=32, Hkv=8, T=8192, D=128, dtype="float32"),
+    dict(name="mqa-32/1-T4096-D128", B=1, Hq=32, Hkv=1, T=4096, D=128, dtype="float32"),
+    dict(name="smollm2-9/3-T128-D64", B=1, Hq=9, Hkv=3, T=128, D=64, dtype="float32"),
+    dict(name="smollm2-9/3-T4096-D64", B=1, Hq=9, Hkv=3, T=4096, D=64, dtype="float32"),
+    dict(name="smollm2-9/3-T4096-D64-B4", B=4, Hq=9, Hkv=3, T=4096, D=64, dtype="float32"),
+    dict(name="gqa-32/8-T4096-D128-bf16", B=1, Hq=32, Hkv=8, T=4096, D=128, dtype="bfloat16"),
+    dict(name="gqa-32/8-T4096-D128-fp16", B=1, Hq=32, Hkv=8, T=4096, D=128, dtype="float16"),
+]
+
+# the cases the README's targets are about, and the quick grid
+TARGETS = {"gqa-32/8-T4096-D128": dict(min_speedup=5.0, min_bw_fraction=0.6),
+           "mha-32-T4096-D128": dict(min_bw_fraction=0.6)}
+QUICK = ["gqa-32/8-T4096-D128", "mha-32-T4096-D128", "smollm2-9/3-T4096-D64"]
+
+# bytes read by the bandwidth probe (well beyond any last-level cache)
+PROBE_BYTES = 512 << 20
