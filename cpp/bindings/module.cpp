@@ -140,6 +140,9 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("dtype", [](const cache& c) { return std::string(dtype_name(c.type())); })
       .def_property_readonly("policy", [](const cache& c) { return c.current_policy().name(); })
       .def("set_policy", [](cache& c, std::shared_ptr<policy> p) { c.set_policy(std::move(p)); })
+      .def(
+          "set_layer_policy", [](cache& c, int layer, std::shared_ptr<policy> p) { c.set_layer_policy(layer, std::move(p)); },
+          py::arg("layer"), py::arg("policy").none(true))
       .def("seq_add", &cache::seq_add)
       .def("seq_fork", &cache::seq_fork, py::arg("seq"))
       .def("seq_drop", &cache::seq_drop, py::arg("seq"))

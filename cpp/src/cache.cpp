@@ -42,6 +42,7 @@ cache::cache(std::shared_ptr<block_pool> pool, int n_layers, int n_kv_heads, std
   if (n_layers <= 0) fail_value("cache: n_layers must be >= 1, got " + std::to_string(n_layers));
   if (n_kv_heads <= 0) fail_value("cache: n_kv_heads must be >= 1, got " + std::to_string(n_kv_heads));
   if (!policy_) policy_ = std::make_shared<full_policy>();
+  layer_policy_.resize(static_cast<size_t>(n_layers));
 }
 
 cache::~cache() {
@@ -53,6 +54,11 @@ cache::~cache() {
 void cache::set_policy(std::shared_ptr<const policy> pol) {
   if (!pol) fail_value("cache: policy must not be null");
   policy_ = std::move(pol);
+}
+
+void cache::set_layer_policy(int layer, std::shared_ptr<const policy> pol) {
+  check_layer(layer);
+  layer_policy_[layer] = std::move(pol);
 }
 
 void cache::check_layer(int layer) const {
@@ -93,7 +99,7 @@ int64_t cache::seq_add() {
   for (int l = 0; l < n_layers_; ++l)
     for (int h = 0; h < n_kv_heads_; ++h) {
       head_store& hs = s->heads[static_cast<size_t>(l) * n_kv_heads_ + h];
-      hs.plan_ = policy_->plan_head(head_key{l, h, id}, hs, nullptr);
+      hs.plan_ = policy_for(l).plan_head(head_key{l, h, id}, hs, nullptr);
     }
   seqs_.push_back(std::move(s));
   return id;
@@ -345,7 +351,7 @@ void cache::replan(int64_t seq, const prompt_stats* stats) {
   for (int l = 0; l < n_layers_; ++l)
     for (int h = 0; h < n_kv_heads_; ++h) {
       const size_t i = static_cast<size_t>(l) * n_kv_heads_ + h;
-      plans[i] = policy_->plan_head(head_key{l, h, seq}, s.heads[i], stats);
+      plans[i] = policy_for(l).plan_head(head_key{l, h, seq}, s.heads[i], stats);
     }
   for (size_t i = 0; i < plans.size(); ++i) s.heads[i].plan_ = std::move(plans[i]);
 }

@@ -9,9 +9,19 @@ from ._core import CapacityError
 from .cache import BlockPool, Full, KVCache, Window, default_capacity_bytes
 from . import ops
 
+
+def __getattr__(name):
+    # transformers is imported only when the HF integration is used
+    if name in ("Cache", "enable", "hf"):
+        import importlib
+
+        hf = importlib.import_module(".hf", __name__)
+        return {"Cache": hf.LoomCache, "enable": hf.enable, "hf": hf}[name]
+    raise AttributeError(f"module 'kvloom' has no attribute {name!r}")
+
 __all__ = [
     "__version__", "CapacityError", "BlockPool", "KVCache", "Full", "Window", "ops",
-    "set_num_threads", "get_num_threads", "kernel_isa", "default_capacity_bytes",
+    "set_num_threads", "get_num_threads", "kernel_isa", "default_capacity_bytes", "Cache", "enable",
 ]
 
 

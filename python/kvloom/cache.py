@@ -121,6 +121,10 @@ class KVCache:
     def policy(self) -> str:
         return self._c.policy
 
+    def set_layer_policy(self, layer: int, policy) -> None:
+        """Policy of one layer for sequences added from now on (None: the cache-wide one)."""
+        self._c.set_layer_policy(layer, None if policy is None else make_policy(policy))
+
     def set_policy(self, policy) -> None:
         """Policy for sequences added from now on (existing heads keep their plans)."""
         self._c.set_policy(make_policy(policy))

@@ -77,6 +77,9 @@ class cache {
 
   // Sets the policy for sequences added from now on (existing heads keep their plans).
   void set_policy(std::shared_ptr<const policy> pol);
+  // Overrides the policy of one layer for sequences added from now on (null: back to the
+  // cache-wide policy). Used e.g. for a model's sliding-window layers.
+  void set_layer_policy(int layer, std::shared_ptr<const policy> pol);
 
   int64_t seq_add();
   int64_t seq_fork(int64_t seq);
@@ -120,10 +123,12 @@ class cache {
   void check_head(int head) const;
   void release(head_store& hs);
   void free_slot(head_store& hs, int64_t slot);
+  const policy& policy_for(int layer) const { return layer_policy_[layer] ? *layer_policy_[layer] : *policy_; }
 
   std::shared_ptr<block_pool> pool_;
   int n_layers_, n_kv_heads_;
   std::shared_ptr<const policy> policy_;
+  std::vector<std::shared_ptr<const policy>> layer_policy_;  // [n_layers], null = policy_
   std::vector<std::unique_ptr<sequence>> seqs_;  // index = sequence id; null once dropped
 };
 

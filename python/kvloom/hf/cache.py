@@ -1,0 +1,233 @@
+"""`kvloom.Cache`: a `transformers.Cache` backed by kvloom's C++ paged cache."""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import List, Optional
+
+import torch
+from transformers.cache_utils import Cache as _HFCache
+from transformers.cache_utils import CacheLayerMixin
+
+from ..cache import KVCache, Window, make_policy
+from . import arch
+
+# The attention function learns which cache (and layer) it serves from the update() that
+# runs right before it in the same attention module and thread.
+_active = threading.local()
+
+
+def _take_active(layer_idx: int):
+    entry = getattr(_active, "entry", None)
+    _active.entry = None
+    if entry is None or entry[1] != layer_idx:
+        return None
+    return entry[0]
+
+
+class LoomLayer(CacheLayerMixin):
+    """One model layer's view of a :class:`LoomCache` (what transformers' Cache API expects)."""
+
+    is_compileable = False
+    is_croppable = True
+    supports_early_init = False
+
+    def __init__(self, parent: "LoomCache", layer_idx: int, window: Optional[int]):
+        super().__init__()
+        self._parent = weakref.proxy(parent)
+        self.layer_idx = layer_idx
+        self.window = window
+        self.is_sliding = window is not None
+        self.cumulative_length = 0  # logical tokens appended to this layer (evicted ones included)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._parent._update(self.layer_idx, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int):
+        return self.cumulative_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("crop a kvloom.Cache as a whole: cache.crop(n)")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("beam search is not supported by kvloom.Cache (reorder_cache); use greedy or sampling")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("call batch_repeat_interleave on the kvloom.Cache itself")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("call batch_select_indices on the kvloom.Cache itself")
+
+
+class LoomCache(_HFCache):
+    """A drop-in `transformers.Cache` whose KV lives in kvloom's C++ paged cache.
+
+    Use it with kvloom's attention (``kvloom.enable(model)``, or load the model with
+    ``attn_implementation="kvloom"`` after ``import kvloom``)::
+
+        cache = kvloom.Cache(model, policy=kvloom.Window(sinks=4, recent=1024))
+        model.generate(**inputs, past_key_values=cache)
+
+    One C++ sequence per batch row. Left padding is evicted right after the prompt, so it
+    costs no memory. ``get_seq_length()`` is the *logical* length (every token ever seen,
+    evicted ones included), which is what ``generate()`` needs to continue a conversation
+    with the same cache; the physical per-head lengths are in :meth:`stats`. Sliding-window
+    layers (Gemma 3, Mistral, ...) keep their window whatever the policy.
+
+    Args:
+        model: the (supported) transformers model the cache is for.
+        policy: eviction policy for full-attention layers (``kvloom.Full()`` by default).
+        dtype: KV storage dtype (default: the model's dtype).
+        block_size, capacity_bytes: see :class:`kvloom.KVCache`.
+    """
+
+    def __init__(self, model, policy=None, *, dtype=None, block_size: int = 16, capacity_bytes: Optional[int] = None):
+        geo = arch.geometry(model)
+        self.geometry = geo
+        dtype = dtype or getattr(model, "dtype", torch.float32)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"KV dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=make_policy(policy),
+                          block_size=block_size, capacity_bytes=capacity_bytes)
+        for i, w in enumerate(geo.windows):
+            if w is not None:
+                # after attention, keep the W-1 newest tokens: with the next token that is W
+                self.kv.set_layer_policy(i, Window(0, w - 1))
+        super().__init__(layers=[LoomLayer(self, i, w) for i, w in enumerate(geo.windows)])
+        self._config = arch.text_config(model)
+        self._attn_ids = {id(m) for m in model.modules() if hasattr(m, "layer_idx") and "attention" in type(m).__name__.lower()}
+        self.seqs: Optional[List[int]] = None  # one C++ sequence per batch row
+
+    # --- what the model calls -----------------------------------------------------------
+    def _update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        if getattr(self._config, "_attn_implementation", None) != "kvloom":
+            raise RuntimeError(
+                "kvloom.Cache needs kvloom's attention function: call kvloom.enable(model) (or load the model with "
+                f"attn_implementation='kvloom'); the model uses {self._config._attn_implementation!r}")
+        if not 0 <= layer_idx < self.geometry.n_layers:
+            raise IndexError(f"layer {layer_idx} out of range: this cache was built for {self.geometry.n_layers} layers")
+        if key_states.dim() != 4 or key_states.shape != value_states.shape:
+            raise ValueError(f"expected key/value states [batch, kv_heads, tokens, head_dim], got "
+                             f"{tuple(key_states.shape)} and {tuple(value_states.shape)}")
+        B, H, n, D = key_states.shape
+        if H != self.geometry.n_kv_heads or D != self.geometry.head_dim:
+            raise ValueError(
+                f"this kvloom.Cache was built for {self.geometry.n_kv_heads} kv heads of dim {self.geometry.head_dim} "
+                f"({self.geometry.model_type}), got {H} x {D}: was it built for another model?")
+        if self.seqs is not None and B != len(self.seqs):
+            raise ValueError(f"batch size {B} does not match the cache's {len(self.seqs)} sequences "
+                             "(a cache holds one conversation batch; make a new one or use batch_select_indices)")
+        if key_states.device.type != "cpu":
+            raise ValueError(f"kvloom runs on the CPU; key states are on {key_states.device}")
+        if not (torch.isfinite(key_states).all() and torch.isfinite(value_states).all()):
+            raise ValueError(f"non-finite values (NaN/inf) in the key/value states of layer {layer_idx}; nothing was cached")
+        if self.seqs is None:
+            self._check_capacity(B, n)
+            self.seqs = [self.kv.add_sequence() for _ in range(B)]
+        elif layer_idx == 0:
+            self._check_capacity(B, n)
+        for b, s in enumerate(self.seqs):
+            self.kv.append(layer_idx, s, key_states[b], value_states[b])
+        self.layers[layer_idx].cumulative_length += n
+        self.layers[layer_idx].is_initialized = True
+        _active.entry = (self, layer_idx)
+        return key_states, value_states
+
+    def _check_capacity(self, batch: int, n_tokens: int) -> None:
+        """Refuses a forward pass the pool cannot hold before any layer is touched, so a
+        too-long prompt leaves the cache intact (upper bound: one extra block per head)."""
+        pool = self.kv.pool
+        need = batch * self.geometry.n_layers * self.geometry.n_kv_heads * (-(-n_tokens // pool.block_size) + 1)
+        if need > pool.free_blocks:
+            from .. import CapacityError
+
+            raise CapacityError(
+                f"a forward pass of {n_tokens} tokens x batch {batch} may need {need} blocks; the pool has "
+                f"{pool.free_blocks} of {pool.capacity_blocks} free (raise capacity_bytes); nothing was cached")
+
+    # --- transformers Cache API -----------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].cumulative_length
+
+    def crop(self, max_length: int) -> None:
+        """Rolls every sequence back. ``max_length < 0`` removes that many tokens; otherwise
+        keeps the first ``max_length``. Evicted tokens stay evicted."""
+        length = self.get_seq_length()
+        n = -max_length if max_length < 0 else length - max_length
+        if n < 0 or n > length:
+            raise ValueError(f"cannot crop {max_length}: the cache holds {length} tokens")
+        if n == 0 or self.seqs is None:
+            return
+        for s in self.seqs:
+            self.kv.rollback(s, n)
+        for layer in self.layers:
+            layer.cumulative_length -= n
+
+    def reset(self) -> None:
+        if self.seqs is not None:
+            for s in self.seqs:
+                self.kv.drop(s)
+        self.seqs = None
+        for layer in self.layers:
+            layer.reset()
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("beam search is not supported by kvloom.Cache; use greedy or sampling")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row repeated `repeats` times (forks: the rows share their blocks)."""
+        if self.seqs is None:
+            return
+        new = []
+        for s in self.seqs:
+            new.append(s)
+            new.extend(self.kv.fork(s) for _ in range(repeats - 1))
+        self.seqs = new
+
+    def batch_select_indices(self, indices) -> None:
+        if self.seqs is None:
+            return
+        idx = [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
+        keep = [self.seqs[i] for i in idx]
+        for s in set(self.seqs) - set(keep):
+            self.kv.drop(s)
+        if len(set(keep)) != len(keep):
+            raise NotImplementedError("selecting a batch row twice is not supported")
+        self.seqs = keep
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    # --- kvloom extras ----------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Exact bytes of KV held (live blocks x block bytes)."""
+        return self.kv.memory_bytes()
+
+    def stats(self) -> dict:
+        """Logical length, bytes, and per sequence the live tokens and plan per [layer][kv head]."""
+        st = self.kv.stats()
+        st["logical_length"] = self.get_seq_length()
+        st["batch_sequences"] = list(self.seqs or [])
+        st["windows"] = list(self.geometry.windows)
+        return st
+
+    def __repr__(self) -> str:
+        return (f"kvloom.Cache({self.geometry.model_type}, layers={self.geometry.n_layers}, "
+                f"kv_heads={self.geometry.n_kv_heads}, policy={self.kv.policy}, length={self.get_seq_length()}, "
+                f"memory_bytes={self.memory_bytes()})")
