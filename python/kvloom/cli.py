@@ -1,11 +1,67 @@
 """The `kvloom` command line.
 
-    kvloom info        version, kernel path, threads, CUDA build
+    kvloom generate "prompt" [--model M] [--policy full|window] [--sinks N --recent N] [--max-new-tokens N]
+    kvloom bench e2e [--lengths 512,2048,4096] [--new-tokens 32] [--out DIR]
+    kvloom info
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
+
+
+def _policy(args):
+    import kvloom
+
+    if args.policy == "full":
+        return kvloom.Full()
+    if args.policy == "window":
+        return kvloom.Window(args.sinks, args.recent)
+    raise SystemExit(f"unknown policy {args.policy!r}")
+
+
+def _generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    import kvloom
+    from kvloom import models
+
+    if args.max_new_tokens < 1:
+        raise SystemExit("--max-new-tokens must be >= 1")
+    model, tok = models.load(args.model)
+    kvloom.enable(model)
+    cache = kvloom.Cache(model, policy=_policy(args))
+    if tok.chat_template and not args.raw:
+        enc = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+    else:
+        enc = tok(args.prompt, return_tensors="pt")
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    n_prompt = enc["input_ids"].shape[1]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                             streamer=streamer, pad_token_id=tok.pad_token_id)
+    dt = time.perf_counter() - t0
+    n_new = out.shape[1] - n_prompt
+    print(f"\n[kvloom] {n_new} tokens in {dt:.2f} s ({n_new / dt:.1f} tokens/s, prompt {n_prompt} tokens); "
+          f"KV {cache.memory_bytes() / 2**20:.2f} MiB held, policy {cache.kv.policy}", file=sys.stderr)
+    return 0
+
+
+def _bench(args) -> int:
+    from kvloom import e2e
+
+    if args.what != "e2e":
+        raise SystemExit("kvloom bench: only 'e2e' lives in the package; kernel benchmarks: python -m bench attention")
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    summary = e2e.run(args.model, lengths, args.new_tokens, args.repeats, Path(args.out))
+    print(e2e.markdown(summary))
+    print(f"wrote {Path(args.out) / 'e2e.json'}, e2e.md, e2e.png")
+    return 0
 
 
 def _info(_args) -> int:
@@ -26,6 +82,27 @@ def _info(_args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="kvloom", description="kvloom: a KV-cache runtime for transformer decoding")
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text with a kvloom cache, streaming; prints tokens/s and KV bytes")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="HF model path or id (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--policy", default="full", choices=["full", "window"])
+    g.add_argument("--sinks", type=int, default=4, help="window policy: first tokens kept")
+    g.add_argument("--recent", type=int, default=1024, help="window policy: most recent tokens kept")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    g.set_defaults(fn=_generate)
+
+    b = sub.add_parser("bench", help="end-to-end benchmark against DynamicCache + sdpa")
+    b.add_argument("what", choices=["e2e"])
+    b.add_argument("--model", default=None)
+    b.add_argument("--lengths", default="512,2048,4096")
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=2)
+    b.add_argument("--out", default="kvloom-bench")
+    b.set_defaults(fn=_bench)
+
     sub.add_parser("info", help="show the build: version, kernel path, threads, CUDA").set_defaults(fn=_info)
     args = p.parse_args(argv)
     return args.fn(args)
