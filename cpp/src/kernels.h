@@ -32,7 +32,9 @@ struct kernel_ops {
   double (*sum_floats)(const float* p, int64_t n);
 };
 
-inline int64_t scratch_floats(int G, int n, int D) { return static_cast<int64_t>(G) * n + 2 * static_cast<int64_t>(n) * D + 64; }
+inline int64_t scratch_floats(int G, int n, int D) {
+  return static_cast<int64_t>(G) * n + 2 * static_cast<int64_t>(n) * D + 64 * static_cast<int64_t>(G) + 64;
+}
 
 const kernel_ops& generic_ops();
 const kernel_ops* avx2_ops();  // null when not compiled in

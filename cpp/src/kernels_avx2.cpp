@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -80,32 +81,43 @@ inline void row_to_f32(const void* src, dtype t, int D, float* dst) {
 // walking a column strip down many rows, cut the achieved bandwidth by 2-4x. So both
 // products below consume one whole row at a time.
 
-// s[(g0+i)*n + t] = q[g0+i] . K[t] for i < QT, spreading each dot product over 8/QT
-// accumulators so 8 independent FMA chains are in flight.
+// park[(g0+i)*64 + 8*j ..] = the (unreduced) lanes of q[g0+i] . K row, for i < QT: the
+// horizontal sums are done 8 rows at a time by reduce8 (10 instructions for 8 scores).
 template <int QT>
-inline void qk_row(const float* q, int g0, int D, const float* kt, float* s, int n, int t) {
+inline void qk_row_park(const float* q, int g0, int D, const float* kt, float* park, int j) {
   constexpr int A = 8 / QT;
   __m256 a[QT][A];
   for (int i = 0; i < QT; ++i)
     for (int u = 0; u < A; ++u) a[i][u] = _mm256_setzero_ps();
   const int nd = D / 8;
-  int j = 0;
-  for (; j + A <= nd; j += A)
+  int c = 0;
+  for (; c + A <= nd; c += A)
     for (int u = 0; u < A; ++u) {
-      const __m256 kv = _mm256_loadu_ps(kt + 8 * (j + u));
+      const __m256 kv = _mm256_loadu_ps(kt + 8 * (c + u));
       for (int i = 0; i < QT; ++i)
-        a[i][u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + static_cast<int64_t>(g0 + i) * D + 8 * (j + u)), kv, a[i][u]);
+        a[i][u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + static_cast<int64_t>(g0 + i) * D + 8 * (c + u)), kv, a[i][u]);
     }
-  for (; j < nd; ++j) {
-    const __m256 kv = _mm256_loadu_ps(kt + 8 * j);
+  for (; c < nd; ++c) {
+    const __m256 kv = _mm256_loadu_ps(kt + 8 * c);
     for (int i = 0; i < QT; ++i)
-      a[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + static_cast<int64_t>(g0 + i) * D + 8 * j), kv, a[i][0]);
+      a[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + static_cast<int64_t>(g0 + i) * D + 8 * c), kv, a[i][0]);
   }
   for (int i = 0; i < QT; ++i) {
     __m256 r = a[i][0];
     for (int u = 1; u < A; ++u) r = _mm256_add_ps(r, a[i][u]);
-    s[(g0 + i) * n + t] = hsum(r);
+    _mm256_storeu_ps(park + (g0 + i) * 64 + 8 * j, r);
   }
+}
+
+// Lane j of the result = sum of the 8 lanes of v[j].
+inline __m256 reduce8(const float* v) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_loadu_ps(v + 16), _mm256_loadu_ps(v + 24));
+  const __m256 t2 = _mm256_hadd_ps(_mm256_loadu_ps(v + 32), _mm256_loadu_ps(v + 40));
+  const __m256 t3 = _mm256_hadd_ps(_mm256_loadu_ps(v + 48), _mm256_loadu_ps(v + 56));
+  const __m256 u0 = _mm256_hadd_ps(t0, t1);
+  const __m256 u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 // acc[g][c0*8 .. (c0+NB)*8) += p[g][t] * V[t][same] for every g < G: the NB*8 values stay
@@ -159,8 +171,12 @@ inline void pv_tile(float* acc, int g0, int D, const float* p, int n, const floa
     for (int j = 0; j < DT; ++j) _mm256_storeu_ps(acc + static_cast<int64_t>(g0 + i) * D + 8 * (j0 + j), a[i][j]);
 }
 
-void attend_chunk_avx2(const float* q, int G, int D, const kv_chunk& c, dtype kv_type, float* m, float* l,
-                       float* acc, float* scratch) {
+// DFIX > 0 fixes the head dim at compile time, so the per-row loops unroll completely
+// (the common 64 and 128); DFIX == 0 takes it from the argument.
+template <int DFIX>
+void attend_chunk_t(const float* q, int G, int D_arg, const kv_chunk& c, dtype kv_type, float* m, float* l,
+                    float* acc, float* scratch) {
+  const int D = DFIX > 0 ? DFIX : D_arg;
   const int n = c.n;
   float* s = scratch;                                   // [G][n]
   float* kf = scratch + static_cast<int64_t>(G) * n;    // [n][D]
@@ -227,14 +243,33 @@ void attend_chunk_avx2(const float* q, int G, int D, const kv_chunk& c, dtype kv
     for (; t < n; ++t)
       for (int g = 0; g < G; ++g) qk_tile<1, 1>(q, g, D, K, ks, t, s, n);
   }
-  // Scores, one key row at a time.
-  for (int t = 0; t < n && !wide; ++t) {
-    if (c.live && !c.live[t]) continue;  // set to -inf below
-    const float* kt = K + t * ks;
-    int g = 0;
-    for (; g + 4 <= G; g += 4) qk_row<4>(q, g, D, kt, s, n, t);
-    for (; g + 2 <= G; g += 2) qk_row<2>(q, g, D, kt, s, n, t);
-    for (; g < G; ++g) qk_row<1>(q, g, D, kt, s, n, t);
+  // Scores, one key row at a time (streaming order), reduced 8 rows at a time.
+  float* park = vf + static_cast<int64_t>(n) * D;  // [G][8][8]
+  for (int t0 = 0; t0 < n && !wide; t0 += 8) {
+    const int rows = std::min(8, n - t0);
+    for (int j = 0; j < rows; ++j) {
+      const int t = t0 + j;
+      if (c.live && !c.live[t]) {  // score set to -inf below; park zeros meanwhile
+        for (int g = 0; g < G; ++g) _mm256_storeu_ps(park + g * 64 + 8 * j, _mm256_setzero_ps());
+        continue;
+      }
+      const float* kt = K + t * ks;
+      int g = 0;
+      for (; g + 4 <= G; g += 4) qk_row_park<4>(q, g, D, kt, park, j);
+      for (; g + 2 <= G; g += 2) qk_row_park<2>(q, g, D, kt, park, j);
+      for (; g < G; ++g) qk_row_park<1>(q, g, D, kt, park, j);
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int j = rows; j < 8; ++j) _mm256_storeu_ps(park + g * 64 + 8 * j, _mm256_setzero_ps());
+      const __m256 r = reduce8(park + g * 64);
+      if (rows == 8) {
+        _mm256_storeu_ps(s + g * n + t0, r);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, r);
+        for (int j = 0; j < rows; ++j) s[g * n + t0 + j] = tmp[j];
+      }
+    }
   }
   const float ninf = -std::numeric_limits<float>::infinity();
   if (!all_live)
@@ -301,6 +336,13 @@ void attend_chunk_avx2(const float* q, int G, int D, const kv_chunk& c, dtype kv
     for (; j + 2 <= nd; j += 2) pv_row<2>(acc, G, D, s, n, t, vt, j);
     for (; j < nd; ++j) pv_row<1>(acc, G, D, s, n, t, vt, j);
   }
+}
+
+void attend_chunk_avx2(const float* q, int G, int D, const kv_chunk& c, dtype kv_type, float* m, float* l,
+                       float* acc, float* scratch) {
+  if (D == 64) attend_chunk_t<64>(q, G, D, c, kv_type, m, l, acc, scratch);
+  else if (D == 128) attend_chunk_t<128>(q, G, D, c, kv_type, m, l, acc, scratch);
+  else attend_chunk_t<0>(q, G, D, c, kv_type, m, l, acc, scratch);
 }
 
 double sum_floats_avx2(const float* p, int64_t n) {
