@@ -21,6 +21,8 @@ def test_ci_runs_the_readme_test_command():
 
 def test_quick_start_runs():
     text = _readme()
-    block = re.search(r"## Quick start.*?```python\n(.*?)```", text, re.S)
-    assert block, "README has a python quick start block"
-    exec(compile(block.group(1), "README quick start", "exec"), {})
+    section = re.search(r"## Quick start(.*?)\n## ", text, re.S).group(1)
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 2, "README quick start has the C++-cache and the transformers examples"
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README quick start block {i}", "exec"), {})

@@ -1,0 +1,36 @@
+"""The kvloom command line: generate on the default model, bench e2e on a tiny saved model."""
+import json
+
+import pytest
+
+from kvloom import cli
+
+
+def test_generate_default_model_streams_and_reports(capsys):
+    assert cli.main(["generate", "Say hello.", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip(), "the generated text is streamed to stdout"
+    assert "tokens/s" in err and "MiB held" in err and "policy full" in err
+
+
+def test_generate_window_policy(capsys):
+    assert cli.main(["generate", "Count to five.", "--max-new-tokens", "4", "--policy", "window",
+                     "--sinks", "2", "--recent", "8"]) == 0
+    assert "window(sinks=2, recent=8)" in capsys.readouterr().err
+
+
+def test_bench_e2e_on_default_model_small(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["bench", "e2e", "--lengths", "32", "--new-tokens", "2", "--repeats", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "e2e.json").read_text())
+    names = {r["cache"] for r in data["rows"]}
+    assert names == {"dynamic+sdpa", "kvloom full", "kvloom window 50%"}
+    full = next(r for r in data["rows"] if r["cache"] == "kvloom full")
+    win = next(r for r in data["rows"] if r["cache"] == "kvloom window 50%")
+    assert win["kv_bytes"] < full["kv_bytes"]
+    assert "| prompt tokens |" in capsys.readouterr().out
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    assert "CPU kernels" in capsys.readouterr().out
