@@ -67,12 +67,10 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> bool:
-    try:
-        import matplotlib
+    from kvloom._plot import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     rows = summary["rows"]
     names = [r["case"] for r in rows]

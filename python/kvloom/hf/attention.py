@@ -19,7 +19,7 @@ NAME = "kvloom"
 
 def kvloom_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              sliding_window=None, softcap=None, **kwargs):
-    cache = _take_active(getattr(module, "layer_idx", -1))
+    cache = _take_active(getattr(module, "layer_idx", -1), key)
     if cache is None:
         # no kvloom.Cache in this forward (use_cache=False, training, another Cache class):
         # plain SDPA is the right answer and costs nothing extra

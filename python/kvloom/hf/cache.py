@@ -17,10 +17,12 @@ from . import arch
 _active = threading.local()
 
 
-def _take_active(layer_idx: int):
+def _take_active(layer_idx: int, key_states):
+    """The cache whose update() produced exactly these key states for this layer, if any
+    (the identity check ignores a stale entry left by a forward that raised)."""
     entry = getattr(_active, "entry", None)
     _active.entry = None
-    if entry is None or entry[1] != layer_idx:
+    if entry is None or entry[1] != layer_idx or entry[2] is not key_states:
         return None
     return entry[0]
 
@@ -143,7 +145,7 @@ class LoomCache(_HFCache):
             self.kv.append(layer_idx, s, key_states[b], value_states[b])
         self.layers[layer_idx].cumulative_length += n
         self.layers[layer_idx].is_initialized = True
-        _active.entry = (self, layer_idx)
+        _active.entry = (self, layer_idx, key_states)
         return key_states, value_states
 
     def _check_capacity(self, batch: int, n_tokens: int) -> None:
