@@ -8,7 +8,7 @@ from transformers import DynamicCache
 import kvloom
 from hf_helpers import generate, prompt, smollm2, with_attn
 
-LOGIT_ATOL = 2e-3  # fp32, 30 layers: kvloom's decode kernel vs SDPA rounding, accumulated
+LOGIT_ATOL = 5e-4  # fp32, 30 layers; measured max 3.8e-5 (kvloom decode kernel vs SDPA rounding)
 PROMPT_TOKENS = [40, 200, 700, 1300, 2000]
 
 
