@@ -128,6 +128,11 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("sinks", &window_policy::sinks)
       .def_property_readonly("recent", &window_policy::recent);
 
+  py::class_<heavy_hitter_policy, policy, std::shared_ptr<heavy_hitter_policy>>(m, "HeavyHitterPolicy")
+      .def(py::init<double, int64_t>(), py::arg("ratio") = 0.1, py::arg("recent") = 64)
+      .def_property_readonly("ratio", &heavy_hitter_policy::ratio)
+      .def_property_readonly("recent", &heavy_hitter_policy::recent);
+
   py::class_<cache, std::shared_ptr<cache>>(m, "Cache")
       .def(py::init([](std::shared_ptr<block_pool> pool, int n_layers, int n_kv_heads, std::shared_ptr<policy> pol) {
              return std::make_shared<cache>(std::move(pool), n_layers, n_kv_heads, std::move(pol));
@@ -215,6 +220,24 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("layer"), py::arg("head"), py::arg("seq"), py::arg("k_out"), py::arg("v_out"),
           py::arg("ord_out") = py::none(), py::arg("pos_out") = py::none())
+      .def(
+          "accumulate_attention",
+          [](cache& c, int layer, std::vector<int64_t> seqs, py::handle q, float scale) {
+            borrowed bq = from_dlpack(q, "q");
+            py::gil_scoped_release nogil;
+            c.accumulate_attention(layer, seqs, bq.view, scale);
+          },
+          py::arg("layer"), py::arg("seqs"), py::arg("q"), py::arg("scale") = 0.f)
+      .def(
+          "scores",
+          [](const cache& c, int layer, int head, int64_t seq) {
+            const head_store& hs = c.store(layer, head, seq);
+            std::vector<float> sc;
+            for (int64_t s = 0; s < hs.n_slots(); ++s)
+              if (hs.live(s)) sc.push_back(hs.score(s));
+            return py::array_t<float>(sc.size(), sc.data());
+          },
+          py::arg("layer"), py::arg("head"), py::arg("seq"), "accumulated attention of the live slots, in slot order")
       .def("memory_bytes", &cache::memory_bytes)
       .def("blocks_held", &cache::blocks_held)
       .def(

@@ -128,6 +128,7 @@ void cache::release(head_store& hs) {
   hs.live_.clear();
   hs.ord_.clear();
   hs.pos_.clear();
+  hs.score_.clear();
   hs.n_live_ = 0;
   hs.hint_ = 0;
 }
@@ -153,6 +154,7 @@ void cache::free_slot(head_store& hs, int64_t slot) {
   hs.live_[slot] = 0;
   hs.ord_[slot] = -1;
   hs.pos_[slot] = 0;
+  hs.score_[slot] = 0.f;
   --hs.n_live_;
   hs.hint_ = std::min(hs.hint_, bi);
   if (--hs.block_live_[bi] == 0) {
@@ -167,6 +169,7 @@ void cache::free_slot(head_store& hs, int64_t slot) {
       hs.live_.resize(n * bs);
       hs.ord_.resize(n * bs);
       hs.pos_.resize(n * bs);
+      hs.score_.resize(n * bs);
     }
   }
 }
@@ -291,6 +294,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
       hs.live_.resize(total * bs, 0);
       hs.ord_.resize(total * bs, -1);
       hs.pos_.resize(total * bs, 0);
+      hs.score_.resize(total * bs, 0.f);
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t slot = p.slots[j];
@@ -302,6 +306,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
       hs.live_[slot] = 1;
       hs.ord_[slot] = ord;
       hs.pos_[slot] = pos ? pos[j] : ord;
+      hs.score_[slot] = 0.f;
       ++hs.block_live_[bi];
     }
     hs.n_live_ += n;

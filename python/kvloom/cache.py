@@ -10,12 +10,13 @@ import torch
 from . import _core
 from ._tensors import as_tensor, kv_dtype_name, torch_dtype
 
-__all__ = ["BlockPool", "KVCache", "Full", "Window", "default_capacity_bytes", "make_policy"]
+__all__ = ["BlockPool", "KVCache", "Full", "Window", "HeavyHitter", "default_capacity_bytes", "make_policy"]
 
 BlockPool = _core.BlockPool
 CapacityError = _core.CapacityError
 Full = _core.FullPolicy
 Window = _core.WindowPolicy
+HeavyHitter = _core.HeavyHitterPolicy
 
 
 def default_capacity_bytes() -> int:
@@ -49,7 +50,9 @@ def make_policy(policy) -> "_core.Policy":
             return Full()
         if name == "window":
             return Window()
-        raise ValueError(f"unknown policy {policy!r}; known: 'full', 'window'")
+        if name in ("h2o", "heavy_hitter", "heavyhitter"):
+            return HeavyHitter()
+        raise ValueError(f"unknown policy {policy!r}; known: 'full', 'window', 'h2o'")
     raise TypeError(f"policy must be a kvloom policy or a name, got {type(policy).__name__}")
 
 
@@ -217,6 +220,21 @@ class KVCache:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         self._c.attend(layer, q, out, list(seqs), 0.0 if scale is None else _check_scale(scale), inv_freq)
         return out
+
+    def accumulate_attention(self, layer: int, q, seqs: Sequence[int], *, scale: Optional[float] = None) -> None:
+        """Adds to each live slot of (layer, seqs[b]) the attention it receives from q[b]
+        [B, Hq, Tq, head_dim] (causal: query i is the (len - Tq + i)-th token), summed over
+        each kv head's query group: H2O's accumulated-attention statistic."""
+        from .ops import _check_scale
+
+        q = as_tensor(q, "q")
+        if q.dim() != 4:
+            raise ValueError(f"q must be [batch, q_heads, tokens, head_dim], got shape {tuple(q.shape)}")
+        self._c.accumulate_attention(layer, [int(s) for s in seqs], q, 0.0 if scale is None else _check_scale(scale))
+
+    def scores(self, layer: int, head: int, seq: int) -> np.ndarray:
+        """Accumulated attention of the live slots of one head, in slot order (see :meth:`slots`)."""
+        return self._c.scores(layer, head, seq)
 
     # --- memory -------------------------------------------------------------------------
     def memory_bytes(self) -> int:

@@ -1,6 +1,6 @@
 """The `kvloom` command line.
 
-    kvloom generate "prompt" [--model M] [--policy full|window] [--sinks N --recent N] [--max-new-tokens N]
+    kvloom generate "prompt" [--model M] [--policy full|window|h2o] [--sinks N --recent N --ratio R] [--max-new-tokens N]
     kvloom bench e2e [--lengths 512,2048,4096] [--new-tokens 32] [--out DIR]
     kvloom info
 """
@@ -19,6 +19,8 @@ def _policy(args):
         return kvloom.Full()
     if args.policy == "window":
         return kvloom.Window(args.sinks, args.recent)
+    if args.policy == "h2o":
+        return kvloom.HeavyHitter(args.ratio, args.recent)
     raise SystemExit(f"unknown policy {args.policy!r}")
 
 
@@ -86,9 +88,10 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="generate text with a kvloom cache, streaming; prints tokens/s and KV bytes")
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="HF model path or id (default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--policy", default="full", choices=["full", "window"])
+    g.add_argument("--policy", default="full", choices=["full", "window", "h2o"])
     g.add_argument("--sinks", type=int, default=4, help="window policy: first tokens kept")
-    g.add_argument("--recent", type=int, default=1024, help="window policy: most recent tokens kept")
+    g.add_argument("--recent", type=int, default=1024, help="window / h2o: most recent tokens kept")
+    g.add_argument("--ratio", type=float, default=0.1, help="h2o: heavy hitters kept, as a fraction of tokens seen")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <memory>
 #include <numeric>
@@ -188,5 +189,34 @@ TEST(concurrent_appends_into_forks) {
         for (int m = 0; m < M; ++m) CHECK_EQ(k[(6 + m) * 16 + 15], 1000.f * (t + 1) + m);
       }
   for (int64_t s : c.seq_ids()) c.seq_drop(s);
+  CHECK_EQ(pool->used_blocks(), 0);
+}
+
+// H2O statistic and policy: under the sanitizers, with evictions, forks and a bf16 pool.
+TEST(accumulate_attention_and_heavy_hitter) {
+  auto pool = std::make_shared<block_pool>(dtype::bf16, 8, 4, 256);
+  cache c(pool, 1, 2, std::make_shared<heavy_hitter_policy>(0.25, 3));
+  const int64_t s = c.seq_add();
+  kvtest::lcg rng(11);
+  for (int step = 0; step < 30; ++step) {
+    auto k = rng.vec(2 * 8), v = rng.vec(2 * 8), q = rng.vec(4 * 8);
+    c.append(0, s, view(k.data(), dtype::f32, {2, 1, 8}), view(v.data(), dtype::f32, {2, 1, 8}), nullptr);
+    c.accumulate_attention(0, {s}, view(q.data(), dtype::f32, {1, 4, 1, 8}), 0.f);
+    // each query's probabilities sum to 1: the live scores of a head sum to the queries seen
+    // minus what eviction took away, so they stay positive and bounded
+    const head_store& hs = c.store(0, 0, s);
+    float total = 0;
+    for (int64_t sl = 0; sl < hs.n_slots(); ++sl)
+      if (hs.live(sl)) total += hs.score(sl);
+    CHECK(total > 0.f && total <= 2.f * (step + 1) + 1e-3f);
+    c.apply_policy(0, s);
+    CHECK(c.length(0, 0, s) <= 3 + static_cast<int64_t>(std::ceil(0.25 * (step + 1))));
+  }
+  const int64_t f = c.seq_fork(s);
+  std::vector<float> q(2 * 4 * 8, 0.5f);  // [2, 4, 1, 8]
+  c.accumulate_attention(0, {s, f}, view(q.data(), dtype::f32, {2, 4, 1, 8}), 0.f);
+  CHECK_THROWS(c.accumulate_attention(0, {s, s}, view(q.data(), dtype::f32, {2, 4, 1, 8}), 0.f), std::invalid_argument);
+  c.seq_drop(f);
+  c.seq_drop(s);
   CHECK_EQ(pool->used_blocks(), 0);
 }

@@ -42,6 +42,7 @@ class head_store {
   bool live(int64_t slot) const { return live_[slot] != 0; }
   int32_t ord(int64_t slot) const { return ord_[slot]; }
   int32_t pos(int64_t slot) const { return pos_[slot]; }
+  float score(int64_t slot) const { return score_[slot]; }  // accumulated attention (H2O)
   const uint8_t* live_data() const { return live_.data(); }  // [n_slots]
   const std::vector<uint16_t>& block_live() const { return block_live_; }  // [n_blocks]
   int64_t hint() const { return hint_; }  // no table entry before this one has a free slot
@@ -54,6 +55,7 @@ class head_store {
   std::vector<uint8_t> live_;            // [n_blocks * block_size]
   std::vector<int32_t> ord_;             // [n_blocks * block_size]
   std::vector<int32_t> pos_;             // [n_blocks * block_size]
+  std::vector<float> score_;             // [n_blocks * block_size] attention received so far
   int64_t n_live_ = 0;
   int64_t n_appended_ = 0;
   int64_t hint_ = 0;  // no block before this table index has a free slot
@@ -98,6 +100,11 @@ class cache {
   void evict(int layer, int head, int64_t seq, const int32_t* slots, int64_t n);
   // Runs each head's plan for (layer, seq) and frees what it names; returns slots freed.
   int64_t apply_policy(int layer, int64_t seq);
+  // Adds, to every live slot of (layer, seqs[b]), the attention probability it receives
+  // from the queries q[b] [B, Hq, Tq, D] (summed over each kv head's query group and the Tq
+  // queries). Query i of a row sits at logical index seq_length - Tq + i and sees only
+  // slots with a smaller or equal ord (causal). This is H2O's accumulated attention.
+  void accumulate_attention(int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale);
   // Re-plans every head of seq with the current policy and the given statistics.
   void replan(int64_t seq, const prompt_stats* stats);
 

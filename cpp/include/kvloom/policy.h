@@ -64,4 +64,22 @@ class window_policy final : public policy {
   std::shared_ptr<const head_plan> plan_;  // one immutable plan serves every head
 };
 
+// H2O (Zhang et al., NeurIPS 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative
+// Inference of Large Language Models"): keep the `recent` newest tokens plus the heavy
+// hitters, the ceil(ratio x tokens seen) older tokens with the largest accumulated
+// attention (slot score; see cache::accumulate_attention). Ties keep the older token.
+class heavy_hitter_policy final : public policy {
+ public:
+  heavy_hitter_policy(double ratio, int64_t recent);
+  std::string name() const override;
+  std::shared_ptr<const head_plan> plan_head(const head_key&, const head_store&, const prompt_stats*) const override;
+  double ratio() const { return ratio_; }
+  int64_t recent() const { return recent_; }
+
+ private:
+  double ratio_;
+  int64_t recent_;
+  std::shared_ptr<const head_plan> plan_;
+};
+
 }  // namespace kvloom

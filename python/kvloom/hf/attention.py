@@ -44,6 +44,8 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
         out = _chunk_over_cache(cache, layer, query, attention_mask, past, scaling)
     if q_len > 1 and attention_mask is not None:
         _evict_invisible_new_tokens(cache, layer, attention_mask, past, q_len)
+    if cache.needs_scores:
+        cache.kv.accumulate_attention(layer, query, cache.seqs, scale=scaling)
     for s in cache.seqs:
         cache.kv.apply_policy(layer, s)
     return out, None

@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import Cache as _HFCache
 from transformers.cache_utils import CacheLayerMixin
 
-from ..cache import KVCache, Window, make_policy
+from ..cache import HeavyHitter, KVCache, Window, make_policy
 from . import arch
 
 # The attention function learns which cache (and layer) it serves from the update() that
@@ -102,8 +102,11 @@ class LoomCache(_HFCache):
         dtype = dtype or getattr(model, "dtype", torch.float32)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"KV dtype {dtype} is not supported; use float32, float16 or bfloat16")
-        self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=make_policy(policy),
+        policy = make_policy(policy)
+        self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=policy,
                           block_size=block_size, capacity_bytes=capacity_bytes)
+        # policies that rank tokens by the attention they receive need it accumulated
+        self.needs_scores = isinstance(policy, HeavyHitter)
         for i, w in enumerate(geo.windows):
             if w is not None:
                 # after attention, keep the W-1 newest tokens: with the next token that is W

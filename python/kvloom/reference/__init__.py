@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "decode_attention", "rotate", "segment_attention", "window_keep", "CacheModel",
+    "accumulated_attention", "heavy_hitter_keep",
 ]
 
 
@@ -65,6 +66,32 @@ def segment_attention(q: torch.Tensor, segments: Sequence[Tuple[torch.Tensor, to
 def window_keep(ords: Sequence[int], appended: int, sinks: int, recent: int) -> List[int]:
     """StreamingLLM: the ords a Window(sinks, recent) head keeps after `appended` tokens."""
     return [o for o in ords if o < sinks or o >= appended - recent]
+
+
+def accumulated_attention(q: torch.Tensor, k: torch.Tensor, key_ords: Sequence[int], n_seen: int,
+                          scale: Optional[float] = None) -> torch.Tensor:
+    """H2O's statistic for one kv head: q [G, Tq, D] (the head's query group; query i is
+    token n_seen - Tq + i), k [L, D] live keys with their ords. Returns [L]: the attention
+    each key receives, summed over the group and the queries, causal."""
+    G, Tq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    ords = torch.as_tensor(list(key_ords))
+    q_ords = torch.arange(n_seen - Tq, n_seen)
+    scores = torch.einsum("gtd,ld->gtl", q.double(), k.double()) * scale
+    scores = scores.masked_fill(ords[None, None, :] > q_ords[None, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs.sum(dim=(0, 1))
+
+
+def heavy_hitter_keep(ords: Sequence[int], scores: Sequence[float], appended: int, ratio: float,
+                      recent: int) -> List[int]:
+    """H2O: the ords kept after `appended` tokens: the `recent` newest plus the
+    ceil(ratio * appended) older ones with the largest score (ties: older first)."""
+    first_recent = appended - recent
+    old = [(o, s) for o, s in zip(ords, scores) if o < first_recent]
+    keep = math.ceil(ratio * appended)
+    old.sort(key=lambda x: (-x[1], x[0]))
+    return sorted([o for o, _ in old[:keep]] + [o for o in ords if o >= first_recent])
 
 
 @dataclass

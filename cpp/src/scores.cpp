@@ -1,0 +1,89 @@
+// Accumulated attention per slot (H2O's heavy-hitter statistic), computed over the cache's
+// head stores: scores of the given queries against each head's live keys, softmax, and the
+// probabilities added to the slots. Plain loops: the decode-time cost is one query per row.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "kvloom/cache.h"
+#include "thread_pool.h"
+
+namespace kvloom {
+
+namespace {
+
+// Dot product with 8 independent partial sums (vectorises without -ffast-math).
+float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
+}  // namespace
+
+void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale) {
+  check_layer(layer);
+  check_rank(q, 4, "q");
+  check_float(q, "q");
+  check_cpu(q, "q");
+  const int64_t B = q.shape[0], Hq = q.shape[1], Tq = q.shape[2], D = q.shape[3];
+  if (static_cast<int64_t>(seqs.size()) != B)
+    fail_value("need one sequence per batch row: " + std::to_string(seqs.size()) + " for batch " + std::to_string(B));
+  if (D != head_dim()) fail_value("q head_dim " + std::to_string(D) + " != cache head_dim " + std::to_string(head_dim()));
+  if (Hq % n_kv_heads_ != 0)
+    fail_value("query heads (" + std::to_string(Hq) + ") must be a multiple of kv heads (" + std::to_string(n_kv_heads_) + ")");
+  std::set<int64_t> distinct;
+  for (int64_t s : seqs) {
+    seq_ref(s);  // validates
+    if (!distinct.insert(s).second) fail_value("sequence " + std::to_string(s) + " named twice");
+    if (seq_ref(s).heads[static_cast<size_t>(layer) * n_kv_heads_].n_appended_ < Tq)
+      fail_value("more queries than tokens appended to sequence " + std::to_string(s));
+  }
+  const int64_t G = Hq / n_kv_heads_;
+  const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(D));
+  const int bs = pool_->block_size();
+  const dtype kt = pool_->type();
+  const int64_t qsz = static_cast<int64_t>(dtype_size(q.type));
+  detail::parallel_for(B * n_kv_heads_, [&](int64_t task, int) {
+    const int64_t b = task / n_kv_heads_, h = task % n_kv_heads_;
+    head_store& hs = seq_ref(seqs[b]).heads[static_cast<size_t>(layer) * n_kv_heads_ + h];
+    std::vector<int64_t> slots;
+    for (int64_t sl = 0; sl < hs.n_slots(); ++sl)
+      if (hs.live_[sl]) slots.push_back(sl);
+    const int64_t L = static_cast<int64_t>(slots.size());
+    if (L == 0) return;
+    std::vector<float> keys(static_cast<size_t>(L * D)), qrow(static_cast<size_t>(D)), p(static_cast<size_t>(L));
+    std::vector<double> add(static_cast<size_t>(L), 0.0);
+    for (int64_t i = 0; i < L; ++i) {
+      const char* kb = static_cast<const char*>(pool_->block_keys(hs.table_[slots[i] / bs]));
+      const void* row = kb + static_cast<size_t>(slots[i] % bs) * D * dtype_size(kt);
+      for (int64_t d = 0; d < D; ++d) keys[i * D + d] = load_as_f32(row, kt, static_cast<size_t>(d));
+    }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t t = 0; t < Tq; ++t) {
+        const char* src = static_cast<const char*>(q.data) + (b * q.strides[0] + (h * G + g) * q.strides[1] + t * q.strides[2]) * qsz;
+        for (int64_t d = 0; d < D; ++d) qrow[d] = load_as_f32(src, q.type, static_cast<size_t>(d * q.strides[3])) * sc;
+        const int64_t q_ord = hs.n_appended_ - Tq + t;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < L; ++i) {
+          p[i] = hs.ord_[slots[i]] <= q_ord ? dot(qrow.data(), &keys[i * D], D) : -std::numeric_limits<float>::infinity();
+          mx = std::max(mx, p[i]);
+        }
+        if (mx == -std::numeric_limits<float>::infinity()) continue;
+        double z = 0;
+        for (int64_t i = 0; i < L; ++i) z += (p[i] = std::exp(p[i] - mx));
+        for (int64_t i = 0; i < L; ++i) add[i] += p[i] / z;
+      }
+    for (int64_t i = 0; i < L; ++i) hs.score_[slots[i]] += static_cast<float>(add[i]);
+  });
+}
+
+}  // namespace kvloom
