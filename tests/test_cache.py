@@ -234,3 +234,42 @@ def test_numpy_inputs_and_stats():
     assert st_["sequences"][s]["plans"][0] == ["window"]
     assert cache.slots(1, 0, s)[2].tolist() == [10, 11, 12]
     assert "KVCache(" in repr(cache)
+
+
+@pytest.mark.parametrize("fork_first", [False, True])
+def test_policy_eviction_compacts_scattered_heads(fork_first):
+    """Keeping every third token frees two thirds of the blocks (live tokens are moved into
+    free slots of exclusively owned blocks); a forked parent is never written."""
+    cache = kvloom.KVCache(1, 2, 8, block_size=4)
+    s = cache.add_sequence()
+    n = 60
+    k = torch.arange(2 * n * 8, dtype=torch.float32).view(2, n, 8)
+    classes = torch.tensor([1 if i % 3 == 0 else 0 for i in range(n)], dtype=torch.uint8)
+    cache.append(0, s, k, -k, classes=classes)
+    parent = None
+    if fork_first:
+        parent, s = s, cache.fork(s)
+        before = [cache.gather(0, h, parent) for h in range(2)]
+    for h in range(2):
+        cache.set_head_plan(0, h, s, kvloom._core.FastGenPlan(0, 0, 0.0))  # keep special tokens only
+    cache.apply_policy(0, s)
+
+    def check_child(blocks):
+        for h in range(2):
+            kk, vv, ords, _ = cache.gather(0, h, s)
+            assert ords.tolist() == list(range(0, n, 3))
+            assert torch.equal(kk, k[h, ::3]) and torch.equal(vv, -k[h, ::3])
+            assert len([b for b in cache.block_table(0, h, s) if b >= 0]) == blocks
+
+    if fork_first:
+        # blocks shared with the parent are never written: the child keeps referencing them
+        check_child(15)
+        for h in range(2):
+            assert all(torch.equal(x, y) for x, y in zip(before[h], cache.gather(0, h, parent)))
+        assert cache.memory_bytes() == 2 * 15 * cache.pool.block_bytes
+        cache.drop(parent)
+        cache.apply_policy(0, s)  # now exclusive: compacted on the next policy pass
+    check_child(5)
+    assert cache.memory_bytes() == 2 * 5 * cache.pool.block_bytes
+    cache.drop(s)
+    assert cache.pool.used_blocks == 0

@@ -133,6 +133,13 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("ratio", &heavy_hitter_policy::ratio)
       .def_property_readonly("recent", &heavy_hitter_policy::recent);
 
+  py::class_<head_plan, std::shared_ptr<head_plan>>(m, "HeadPlan").def_property_readonly("name", &head_plan::name);
+  py::class_<fastgen_plan, head_plan, std::shared_ptr<fastgen_plan>>(m, "FastGenPlan")
+      .def(py::init<int, int64_t, double>(), py::arg("level"), py::arg("local_window"), py::arg("r_frequent"))
+      .def_property_readonly("level", &fastgen_plan::level);
+  m.attr("CLASS_SPECIAL") = kClassSpecial;
+  m.attr("CLASS_PUNCT") = kClassPunct;
+
   py::class_<cache, std::shared_ptr<cache>>(m, "Cache")
       .def(py::init([](std::shared_ptr<block_pool> pool, int n_layers, int n_kv_heads, std::shared_ptr<policy> pol) {
              return std::make_shared<cache>(std::move(pool), n_layers, n_kv_heads, std::move(pol));
@@ -157,14 +164,16 @@ PYBIND11_MODULE(_core, m) {
       .def("seq_length", &cache::seq_length, py::arg("seq"))
       .def(
           "append",
-          [](cache& c, int layer, int64_t seq, py::handle k, py::handle v, py::object positions) {
+          [](cache& c, int layer, int64_t seq, py::handle k, py::handle v, py::object positions, py::object classes) {
             borrowed bk = from_dlpack(k, "k"), bv = from_dlpack(v, "v");
-            std::optional<borrowed> bp;
+            std::optional<borrowed> bp, bc;
             if (!positions.is_none()) bp = from_dlpack(positions, "positions");
+            if (!classes.is_none()) bc = from_dlpack(classes, "classes");
             py::gil_scoped_release nogil;
-            c.append(layer, seq, bk.view, bv.view, bp ? &bp->view : nullptr);
+            c.append(layer, seq, bk.view, bv.view, bp ? &bp->view : nullptr, bc ? &bc->view : nullptr);
           },
-          py::arg("layer"), py::arg("seq"), py::arg("k"), py::arg("v"), py::arg("positions") = py::none())
+          py::arg("layer"), py::arg("seq"), py::arg("k"), py::arg("v"), py::arg("positions") = py::none(),
+          py::arg("classes") = py::none())
       .def(
           "evict",
           [](cache& c, int layer, int head, int64_t seq, py::handle slots) {
@@ -238,6 +247,34 @@ PYBIND11_MODULE(_core, m) {
             return py::array_t<float>(sc.size(), sc.data());
           },
           py::arg("layer"), py::arg("head"), py::arg("seq"), "accumulated attention of the live slots, in slot order")
+      .def(
+          "hybrid_recovery",
+          [](const cache& c, int layer, std::vector<int64_t> seqs, py::handle q, float scale, double r_frequent,
+             int64_t local_window) {
+            borrowed bq = from_dlpack(q, "q");
+            std::vector<double> out(seqs.size() * static_cast<size_t>(c.n_kv_heads()) * 4);
+            {
+              py::gil_scoped_release nogil;
+              c.hybrid_recovery(layer, seqs, bq.view, scale, r_frequent, local_window, out.data());
+            }
+            return py::array_t<double>({static_cast<py::ssize_t>(seqs.size()), static_cast<py::ssize_t>(c.n_kv_heads()),
+                                        static_cast<py::ssize_t>(4)}, out.data());
+          },
+          py::arg("layer"), py::arg("seqs"), py::arg("q"), py::arg("scale"), py::arg("r_frequent"), py::arg("local_window"))
+      .def(
+          "set_head_plan",
+          [](cache& c, int layer, int head, int64_t seq, std::shared_ptr<head_plan> plan) { c.set_head_plan(layer, head, seq, plan); },
+          py::arg("layer"), py::arg("head"), py::arg("seq"), py::arg("plan"))
+      .def(
+          "classes",
+          [](const cache& c, int layer, int head, int64_t seq) {
+            const head_store& hs = c.store(layer, head, seq);
+            std::vector<uint8_t> cl;
+            for (int64_t s = 0; s < hs.n_slots(); ++s)
+              if (hs.live(s)) cl.push_back(hs.token_class(s));
+            return py::array_t<uint8_t>(cl.size(), cl.data());
+          },
+          py::arg("layer"), py::arg("head"), py::arg("seq"))
       .def("memory_bytes", &cache::memory_bytes)
       .def("blocks_held", &cache::blocks_held)
       .def(

@@ -129,6 +129,7 @@ void cache::release(head_store& hs) {
   hs.ord_.clear();
   hs.pos_.clear();
   hs.score_.clear();
+  hs.cls_.clear();
   hs.n_live_ = 0;
   hs.hint_ = 0;
 }
@@ -155,6 +156,7 @@ void cache::free_slot(head_store& hs, int64_t slot) {
   hs.ord_[slot] = -1;
   hs.pos_[slot] = 0;
   hs.score_[slot] = 0.f;
+  hs.cls_[slot] = 0;
   --hs.n_live_;
   hs.hint_ = std::min(hs.hint_, bi);
   if (--hs.block_live_[bi] == 0) {
@@ -170,7 +172,52 @@ void cache::free_slot(head_store& hs, int64_t slot) {
       hs.ord_.resize(n * bs);
       hs.pos_.resize(n * bs);
       hs.score_.resize(n * bs);
+      hs.cls_.resize(n * bs);
     }
+  }
+}
+
+void cache::compact(head_store& hs) {
+  const int bs = pool_->block_size();
+  int64_t held = 0;
+  for (block_id b : hs.table_) held += b >= 0;
+  const int64_t need = (hs.n_live_ + bs - 1) / bs;
+  if (held <= need) return;  // nothing to gain
+  const size_t row = static_cast<size_t>(pool_->head_dim()) * dtype_size(pool_->type());
+  int64_t dst_block = -1;
+  bool dst_ok = false;  // dst_block is held exclusively, so it may be written
+  int64_t dst = 0, src = hs.n_slots() - 1;
+  for (;;) {
+    // the lowest free slot in a block we own alone
+    for (; dst < hs.n_slots(); ++dst) {
+      const int64_t bi = dst / bs;
+      if (bi != dst_block) {
+        dst_block = bi;
+        dst_ok = hs.table_[bi] >= 0 && hs.block_live_[bi] < bs && pool_->refcount(hs.table_[bi]) == 1;
+      }
+      if (!dst_ok) {
+        dst = (bi + 1) * bs - 1;  // skip the block
+        continue;
+      }
+      if (!hs.live_[dst]) break;
+    }
+    // the highest live slot
+    while (src >= 0 && (src >= hs.n_slots() || !hs.live_[src])) --src;
+    if (dst >= src) break;
+    char* db = static_cast<char*>(pool_->block_keys(hs.table_[dst / bs]));
+    const char* sb = static_cast<const char*>(pool_->block_keys(hs.table_[src / bs]));
+    std::memcpy(db + (dst % bs) * row, sb + (src % bs) * row, row);
+    std::memcpy(db + pool_->value_offset() + (dst % bs) * row, sb + pool_->value_offset() + (src % bs) * row, row);
+    hs.live_[dst] = 1;
+    hs.ord_[dst] = hs.ord_[src];
+    hs.pos_[dst] = hs.pos_[src];
+    hs.score_[dst] = hs.score_[src];
+    hs.cls_[dst] = hs.cls_[src];
+    ++hs.block_live_[dst / bs];
+    ++hs.n_live_;
+    free_slot(hs, src);  // may return src's block to the pool and shrink the table
+    --src;
+    ++dst;
   }
 }
 
@@ -232,7 +279,8 @@ append_plan plan_append(const head_store& hs, const block_pool& pool, int64_t n)
 
 }  // namespace
 
-void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_view& v, const tensor_view* positions) {
+void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_view& v, const tensor_view* positions,
+                   const tensor_view* classes) {
   check_layer(layer);
   sequence& s = seq_ref(seq);
   check_rank(k, 3, "k");
@@ -256,6 +304,14 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
       fail_value("positions must be int32 [" + std::to_string(n) + "], got " + positions->describe());
     if (n > 1 && positions->strides[0] != 1) fail_value("positions must be contiguous");
     pos = static_cast<const int32_t*>(positions->data);
+  }
+  const uint8_t* cls = nullptr;
+  if (classes) {
+    check_dtype(*classes, dtype::u8, "classes");
+    check_cpu(*classes, "classes");
+    if (classes->ndim != 1 || classes->shape[0] != n || (n > 1 && classes->strides[0] != 1))
+      fail_value("classes must be contiguous uint8 [" + std::to_string(n) + "], got " + classes->describe());
+    cls = static_cast<const uint8_t*>(classes->data);
   }
   if (n == 0) return;
   const size_t base = static_cast<size_t>(layer) * n_kv_heads_;
@@ -295,6 +351,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
       hs.ord_.resize(total * bs, -1);
       hs.pos_.resize(total * bs, 0);
       hs.score_.resize(total * bs, 0.f);
+      hs.cls_.resize(total * bs, 0);
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t slot = p.slots[j];
@@ -307,6 +364,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
       hs.ord_[slot] = ord;
       hs.pos_[slot] = pos ? pos[j] : ord;
       hs.score_[slot] = 0.f;
+      hs.cls_[slot] = cls ? cls[j] : 0;
       ++hs.block_live_[bi];
     }
     hs.n_live_ += n;
@@ -345,9 +403,19 @@ int64_t cache::apply_policy(int layer, int64_t seq) {
     victims.clear();
     if (hs.plan_) hs.plan_->select_evictions(hs, victims);
     if (!victims.empty()) evict(layer, h, seq, victims.data(), static_cast<int64_t>(victims.size()));
+    // also when nothing was evicted now: blocks shared with a since-dropped fork may have
+    // become exclusive, hence compactable
+    compact(s.heads[static_cast<size_t>(layer) * n_kv_heads_ + h]);
     total += static_cast<int64_t>(victims.size());
   }
   return total;
+}
+
+void cache::set_head_plan(int layer, int head, int64_t seq, std::shared_ptr<const head_plan> plan) {
+  check_layer(layer);
+  check_head(head);
+  if (!plan) fail_value("set_head_plan: plan must not be null");
+  seq_ref(seq).heads[static_cast<size_t>(layer) * n_kv_heads_ + head].plan_ = std::move(plan);
 }
 
 void cache::replan(int64_t seq, const prompt_stats* stats) {

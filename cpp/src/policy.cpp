@@ -77,6 +77,38 @@ std::shared_ptr<const head_plan> heavy_hitter_policy::plan_head(const head_key&,
   return plan_;
 }
 
+// in scores.cpp: the frequent set FastGen profiles with
+std::vector<char> fastgen_frequent(const head_store& hs, const std::vector<int64_t>& slots, double ratio, int64_t n_base);
+
+fastgen_plan::fastgen_plan(int level, int64_t local_window, double r_frequent)
+    : level_(level), local_window_(local_window), r_frequent_(r_frequent) {
+  if (level < 0 || level > 4) fail_value("fastgen: hybrid level must be in [0, 4], got " + std::to_string(level));
+  if (local_window < 0) fail_value("fastgen: local window must be >= 0");
+  if (!(r_frequent >= 0.0 && r_frequent <= 1.0)) fail_value("fastgen: r_frequent must be in [0, 1]");
+}
+
+std::string fastgen_plan::name() const {
+  static const char* names[] = {"fastgen:special", "fastgen:special+punct", "fastgen:special+punct+frequent",
+                                "fastgen:special+punct+frequent+local", "fastgen:full"};
+  return names[level_];
+}
+
+void fastgen_plan::select_evictions(const head_store& hs, std::vector<int32_t>& out) const {
+  if (level_ == 4) return;
+  std::vector<int64_t> slots;
+  for (int64_t s = 0, n = hs.n_slots(); s < n; ++s)
+    if (hs.live(s)) slots.push_back(s);
+  std::vector<char> freq;
+  if (level_ >= 2) freq = fastgen_frequent(hs, slots, r_frequent_, hs.appended());
+  const int64_t newest = hs.appended() - 1;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const uint8_t c = hs.token_class(slots[i]);
+    const bool keep = (c & kClassSpecial) || (level_ >= 1 && (c & kClassPunct)) || (level_ >= 2 && freq[i]) ||
+                      (level_ >= 3 && newest - hs.ord(slots[i]) < local_window_);
+    if (!keep) out.push_back(static_cast<int32_t>(slots[i]));
+  }
+}
+
 std::shared_ptr<const head_plan> full_policy::plan_head(const head_key&, const head_store&, const prompt_stats*) const {
   static const auto plan = std::make_shared<const full_plan>();
   return plan;

@@ -1,6 +1,7 @@
 """Python face of the C++ paged KV cache."""
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -10,7 +11,7 @@ import torch
 from . import _core
 from ._tensors import as_tensor, kv_dtype_name, torch_dtype
 
-__all__ = ["BlockPool", "KVCache", "Full", "Window", "HeavyHitter", "default_capacity_bytes", "make_policy"]
+__all__ = ["BlockPool", "KVCache", "Full", "Window", "HeavyHitter", "FastGen", "default_capacity_bytes", "make_policy"]
 
 BlockPool = _core.BlockPool
 CapacityError = _core.CapacityError
@@ -38,9 +39,52 @@ def default_capacity_bytes() -> int:
     return max(phys // 2, 64 << 20)
 
 
+class FastGen:
+    """FastGen (Ge et al., ICLR 2024, "Model Tells You What to Discard: Adaptive KV Cache
+    Compression for LLMs").
+
+    Each kv head is profiled once on the prompt (its query group's attention, aggregated):
+    kvloom picks the first of the nested hybrids special → +punctuation → +frequent → +local
+    → full whose kept keys hold at least ``recovery`` of the attention mass (averaged over
+    the prompt's queries), then applies it while decoding, freeing the rest for real.
+    "frequent" keeps the ``r_frequent`` fraction of tokens with the most accumulated
+    attention; "local" the tokens within ``r_local`` × prompt length of the current one.
+    Used through :class:`kvloom.Cache`, which needs the tokenizer for the special and
+    punctuation ids. Until a head is profiled it keeps everything.
+    """
+
+    HYBRIDS = ("special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full")
+
+    def __init__(self, recovery: float = 0.95, r_local: float = 0.3, r_frequent: float = 0.3):
+        for name, val in (("recovery", recovery), ("r_local", r_local), ("r_frequent", r_frequent)):
+            if not (isinstance(val, (int, float)) and 0.0 < float(val) <= 1.0):
+                raise ValueError(f"FastGen: {name} must be in (0, 1], got {val!r}")
+        self.recovery, self.r_local, self.r_frequent = float(recovery), float(r_local), float(r_frequent)
+
+    @property
+    def name(self) -> str:
+        return f"fastgen(recovery={self.recovery:g}, r_local={self.r_local:g}, r_frequent={self.r_frequent:g})"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def local_window(self, prompt_len: int) -> int:
+        return max(1, math.ceil(self.r_local * prompt_len))
+
+    def choose(self, masses) -> int:
+        """Index of the first hybrid whose recovered mass reaches `recovery` (4: full)."""
+        for level, mass in enumerate(masses):
+            if mass >= self.recovery - 1e-9:
+                return level
+        return 4
+
+    def plan(self, level: int, prompt_len: int):
+        return _core.FastGenPlan(int(level), self.local_window(prompt_len), self.r_frequent)
+
+
 def make_policy(policy) -> "_core.Policy":
-    """A policy object from a policy, None (full) or a name ('full', 'window')."""
-    if policy is None:
+    """A policy object from a policy, None (full) or a name ('full', 'window', 'h2o')."""
+    if policy is None or isinstance(policy, FastGen):  # FastGen keeps everything until profiled
         return Full()
     if isinstance(policy, _core.Policy):
         return policy
@@ -157,10 +201,11 @@ class KVCache:
         return self._c.seq_length(seq)
 
     # --- tokens -------------------------------------------------------------------------
-    def append(self, layer: int, seq: int, k, v, positions=None) -> None:
+    def append(self, layer: int, seq: int, k, v, positions=None, classes=None) -> None:
         """Appends tokens to every kv head of ``layer``: k, v are [n_kv_heads, n, head_dim]
         (any float dtype; converted to the cache's); positions int [n] (default: the
-        logical token index)."""
+        logical token index); classes uint8 [n] token-class bits (1 special, 2
+        punctuation; FastGen uses them)."""
         k = as_tensor(k, "k")
         v = as_tensor(v, "v")
         if positions is not None:
@@ -168,7 +213,9 @@ class KVCache:
             if positions.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
             positions = positions.to(torch.int32).contiguous()
-        self._c.append(layer, seq, k, v, positions)
+        if classes is not None:
+            classes = as_tensor(classes, "classes").to(torch.uint8).contiguous()
+        self._c.append(layer, seq, k, v, positions, classes)
 
     def evict(self, layer: int, head: int, seq: int, slots) -> None:
         """Frees the given live slots of one head (see :meth:`slots`)."""
@@ -231,6 +278,26 @@ class KVCache:
         if q.dim() != 4:
             raise ValueError(f"q must be [batch, q_heads, tokens, head_dim], got shape {tuple(q.shape)}")
         self._c.accumulate_attention(layer, [int(s) for s in seqs], q, 0.0 if scale is None else _check_scale(scale))
+
+    def hybrid_recovery(self, layer: int, q, seqs: Sequence[int], *, r_frequent: float, local_window: int,
+                        scale: Optional[float] = None) -> np.ndarray:
+        """FastGen profiling: [B, n_kv_heads, 4] attention mass (mean over q's queries and each
+        head's group, causal) kept by the hybrids special, +punct, +frequent, +local."""
+        from .ops import _check_scale
+
+        q = as_tensor(q, "q")
+        if q.dim() != 4:
+            raise ValueError(f"q must be [batch, q_heads, tokens, head_dim], got shape {tuple(q.shape)}")
+        return self._c.hybrid_recovery(layer, [int(s) for s in seqs], q, 0.0 if scale is None else _check_scale(scale),
+                                       float(r_frequent), int(local_window))
+
+    def set_head_plan(self, layer: int, head: int, seq: int, plan) -> None:
+        """Replaces one head's eviction plan (e.g. ``FastGen.plan(...)``)."""
+        self._c.set_head_plan(layer, head, seq, plan)
+
+    def classes(self, layer: int, head: int, seq: int) -> np.ndarray:
+        """Token-class bits of the live slots of one head, in slot order."""
+        return self._c.classes(layer, head, seq)
 
     def scores(self, layer: int, head: int, seq: int) -> np.ndarray:
         """Accumulated attention of the live slots of one head, in slot order (see :meth:`slots`)."""

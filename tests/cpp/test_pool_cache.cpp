@@ -220,3 +220,43 @@ TEST(accumulate_attention_and_heavy_hitter) {
   c.seq_drop(s);
   CHECK_EQ(pool->used_blocks(), 0);
 }
+
+// Scattered evictions through a plan are compacted: live rows move into lower exclusive
+// blocks, whole blocks return to the pool, a forked parent's shared blocks are never written.
+TEST(policy_eviction_compacts) {
+  auto pool = small_pool(256);
+  cache c(pool, 1, 1, nullptr);
+  const int64_t parent = c.seq_add();
+  const int64_t n = 40;
+  std::vector<float> k(static_cast<size_t>(n * 8)), v(k.size());
+  std::vector<uint8_t> cls(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int d = 0; d < 8; ++d) {
+      k[i * 8 + d] = static_cast<float>(i);
+      v[i * 8 + d] = -static_cast<float>(i);
+    }
+    cls[i] = i % 4 == 0 ? kClassSpecial : 0;
+  }
+  auto cv = view(cls.data(), dtype::u8, {n});
+  c.append(0, parent, view(k.data(), dtype::f32, {1, n, 8}), view(v.data(), dtype::f32, {1, n, 8}), nullptr, &cv);
+  const auto parent_keys = gather_keys(c, 0, 0, parent);
+  const int64_t child = c.seq_fork(parent);
+  c.set_head_plan(0, 0, child, std::make_shared<fastgen_plan>(0, 0, 0.0));
+  c.apply_policy(0, child);
+  CHECK_EQ(c.length(0, 0, child), 10);
+  CHECK(gather_keys(c, 0, 0, parent) == parent_keys);
+  auto kc = gather_keys(c, 0, 0, child);
+  for (int i = 0; i < 10; ++i) CHECK_EQ(kc[i * 8], static_cast<float>(4 * i));
+  int64_t held = 0;
+  for (block_id b : c.store(0, 0, child).table()) held += b >= 0;
+  CHECK_EQ(held, 10);   // every block still shared with the parent: nothing written
+  c.seq_drop(parent);   // now the child's blocks are exclusive: the next pass compacts them
+  c.apply_policy(0, child);
+  held = 0;
+  for (block_id b : c.store(0, 0, child).table()) held += b >= 0;
+  CHECK_EQ(held, 3);    // ceil(10 / 4)
+  kc = gather_keys(c, 0, 0, child);
+  for (int i = 0; i < 10; ++i) CHECK_EQ(kc[i * 8], static_cast<float>(4 * i));
+  c.seq_drop(child);
+  CHECK_EQ(pool->used_blocks(), 0);
+}

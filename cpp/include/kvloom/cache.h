@@ -33,6 +33,9 @@
 
 namespace kvloom {
 
+constexpr uint8_t kClassSpecial = 1;  // the tokenizer's special tokens
+constexpr uint8_t kClassPunct = 2;    // tokens made only of punctuation and whitespace
+
 class head_store {
  public:
   int64_t length() const { return n_live_; }        // live tokens
@@ -43,6 +46,7 @@ class head_store {
   int32_t ord(int64_t slot) const { return ord_[slot]; }
   int32_t pos(int64_t slot) const { return pos_[slot]; }
   float score(int64_t slot) const { return score_[slot]; }  // accumulated attention (H2O)
+  uint8_t token_class(int64_t slot) const { return cls_[slot]; }  // kClassSpecial | kClassPunct bits
   const uint8_t* live_data() const { return live_.data(); }  // [n_slots]
   const std::vector<uint16_t>& block_live() const { return block_live_; }  // [n_blocks]
   int64_t hint() const { return hint_; }  // no table entry before this one has a free slot
@@ -56,6 +60,7 @@ class head_store {
   std::vector<int32_t> ord_;             // [n_blocks * block_size]
   std::vector<int32_t> pos_;             // [n_blocks * block_size]
   std::vector<float> score_;             // [n_blocks * block_size] attention received so far
+  std::vector<uint8_t> cls_;             // [n_blocks * block_size] token-class bits
   int64_t n_live_ = 0;
   int64_t n_appended_ = 0;
   int64_t hint_ = 0;  // no block before this table index has a free slot
@@ -94,17 +99,31 @@ class cache {
 
   // Appends n tokens to every kv head of (layer, seq). k, v: [n_kv_heads, n, head_dim]
   // of any float dtype (converted to the pool's). positions: int32 [n], or null for
-  // positions equal to the logical token index.
-  void append(int layer, int64_t seq, const tensor_view& k, const tensor_view& v, const tensor_view* positions);
+  // positions equal to the logical token index. classes: uint8 [n] token-class bits
+  // (kClassSpecial, kClassPunct; used by FastGen), or null for 0.
+  void append(int layer, int64_t seq, const tensor_view& k, const tensor_view& v, const tensor_view* positions,
+              const tensor_view* classes = nullptr);
   // Frees the given live slots of one head (all valid and distinct, else nothing changes).
   void evict(int layer, int head, int64_t seq, const int32_t* slots, int64_t n);
   // Runs each head's plan for (layer, seq) and frees what it names; returns slots freed.
+  // Heads left with scattered holes are compacted (live tokens moved into the free slots of
+  // lower, exclusively owned blocks) so whole blocks go back to the pool: a policy that
+  // keeps every third token really holds a third of the memory.
   int64_t apply_policy(int layer, int64_t seq);
   // Adds, to every live slot of (layer, seqs[b]), the attention probability it receives
   // from the queries q[b] [B, Hq, Tq, D] (summed over each kv head's query group and the Tq
   // queries). Query i of a row sits at logical index seq_length - Tq + i and sees only
   // slots with a smaller or equal ord (causal). This is H2O's accumulated attention.
   void accumulate_attention(int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale);
+  // FastGen profiling: for each row b and kv head, the attention mass (averaged over the
+  // queries q[b] [B, Hq, Tq, D] and each head's query group, causal) that the keys of each
+  // nested hybrid would keep: [0] special, [1] +punctuation, [2] +frequent (the
+  // ceil(r_frequent x live) slots with the highest score), [3] +local (keys within
+  // local_window tokens of the query). Writes out[(b * n_kv_heads + h) * 4 + i].
+  void hybrid_recovery(int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale,
+                       double r_frequent, int64_t local_window, double* out) const;
+  // Replaces the plan of one head (e.g. the one FastGen chose for it after profiling).
+  void set_head_plan(int layer, int head, int64_t seq, std::shared_ptr<const head_plan> plan);
   // Re-plans every head of seq with the current policy and the given statistics.
   void replan(int64_t seq, const prompt_stats* stats);
 
@@ -130,6 +149,7 @@ class cache {
   void check_head(int head) const;
   void release(head_store& hs);
   void free_slot(head_store& hs, int64_t slot);
+  void compact(head_store& hs);
   const policy& policy_for(int layer) const { return layer_policy_[layer] ? *layer_policy_[layer] : *policy_; }
 
   std::shared_ptr<block_pool> pool_;

@@ -82,4 +82,22 @@ class heavy_hitter_policy final : public policy {
   std::shared_ptr<const head_plan> plan_;
 };
 
+// FastGen (Ge et al., ICLR 2024, "Model Tells You What to Discard: Adaptive KV Cache
+// Compression for LLMs"): each head keeps one of the nested hybrids chosen by profiling its
+// prompt attention: level 0 special tokens; 1 + punctuation; 2 + frequent (the
+// ceil(r_frequent x tokens seen) with the most accumulated attention); 3 + local (the
+// `local_window` newest tokens); 4 everything.
+class fastgen_plan final : public head_plan {
+ public:
+  fastgen_plan(int level, int64_t local_window, double r_frequent);
+  std::string name() const override;
+  void select_evictions(const head_store& hs, std::vector<int32_t>& out) const override;
+  int level() const { return level_; }
+
+ private:
+  int level_;
+  int64_t local_window_;
+  double r_frequent_;
+};
+
 }  // namespace kvloom

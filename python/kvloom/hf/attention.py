@@ -46,9 +46,23 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
         _evict_invisible_new_tokens(cache, layer, attention_mask, past, q_len)
     if cache.needs_scores:
         cache.kv.accumulate_attention(layer, query, cache.seqs, scale=scaling)
+    if cache.fastgen is not None and past == 0 and cache.layers[layer].window is None:
+        _fastgen_profile(cache, layer, query, scaling)
     for s in cache.seqs:
         cache.kv.apply_policy(layer, s)
     return out, None
+
+
+def _fastgen_profile(cache, layer: int, query: torch.Tensor, scaling) -> None:
+    """FastGen: choose each head's hybrid from its prompt attention (scores already
+    accumulated), row by row (rows differ in prompt length when padded)."""
+    fg, kv = cache.fastgen, cache.kv
+    for b, s in enumerate(cache.seqs):
+        prompt_len = kv.length(layer, 0, s)  # the row's real prompt (padding already evicted)
+        masses = kv.hybrid_recovery(layer, query[b:b + 1], [s], r_frequent=fg.r_frequent,
+                                    local_window=fg.local_window(prompt_len), scale=scaling)[0]
+        for h in range(kv.n_kv_heads):
+            kv.set_head_plan(layer, h, s, fg.plan(fg.choose(masses[h]), prompt_len))
 
 
 def _visible_to_last_query(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:

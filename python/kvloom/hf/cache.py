@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import Cache as _HFCache
 from transformers.cache_utils import CacheLayerMixin
 
-from ..cache import HeavyHitter, KVCache, Window, make_policy
+from ..cache import FastGen, HeavyHitter, KVCache, Window, make_policy
 from . import arch
 
 # The attention function learns which cache (and layer) it serves from the update() that
@@ -25,6 +25,25 @@ def _take_active(layer_idx: int, key_states):
     if entry is None or entry[1] != layer_idx or entry[2] is not key_states:
         return None
     return entry[0]
+
+
+_PUNCT_CHARS = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~…–—“”‘’«»¿¡·")
+
+
+def token_classes(tokenizer, vocab_size: int) -> torch.Tensor:
+    """uint8 [vocab_size] token-class bits for FastGen: 1 = a special token of the tokenizer,
+    2 = a vocab entry made only of punctuation and whitespace (and at least one punctuation
+    mark)."""
+    table = torch.zeros(vocab_size, dtype=torch.uint8)
+    for i in getattr(tokenizer, "all_special_ids", []) or []:
+        if 0 <= i < vocab_size:
+            table[i] |= 1
+    n = min(vocab_size, len(tokenizer))
+    for i in range(n):
+        text = tokenizer.decode([i])
+        if text and any(ch in _PUNCT_CHARS for ch in text) and all(ch in _PUNCT_CHARS or ch.isspace() for ch in text):
+            table[i] |= 2
+    return table
 
 
 class LoomLayer(CacheLayerMixin):
@@ -96,17 +115,41 @@ class LoomCache(_HFCache):
         block_size, capacity_bytes: see :class:`kvloom.KVCache`.
     """
 
-    def __init__(self, model, policy=None, *, dtype=None, block_size: int = 16, capacity_bytes: Optional[int] = None):
+    def __init__(self, model, policy=None, *, tokenizer=None, dtype=None, block_size: int = 16,
+                 capacity_bytes: Optional[int] = None):
         geo = arch.geometry(model)
         self.geometry = geo
         dtype = dtype or getattr(model, "dtype", torch.float32)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"KV dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        self.fastgen = policy if isinstance(policy, FastGen) else None
         policy = make_policy(policy)
         self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=policy,
                           block_size=block_size, capacity_bytes=capacity_bytes)
         # policies that rank tokens by the attention they receive need it accumulated
-        self.needs_scores = isinstance(policy, HeavyHitter)
+        self.needs_scores = isinstance(policy, HeavyHitter) or self.fastgen is not None
+        self._class_table = None
+        self._ids = None
+        self._hook = None
+        if self.fastgen is not None:
+            if tokenizer is None:
+                raise ValueError("FastGen needs the tokenizer for its special and punctuation tokens: "
+                                 "kvloom.Cache(model, policy=kvloom.FastGen(...), tokenizer=tok)")
+            vocab = model.get_input_embeddings().weight.shape[0]
+            self._class_table = token_classes(tokenizer, vocab)
+            if not bool((self._class_table & 1).any()):
+                import warnings
+
+                warnings.warn("the tokenizer has no special tokens: FastGen's 'special' hybrid keeps nothing "
+                              "(heads fall through to the next hybrid)", stacklevel=2)
+            me = weakref.ref(self)
+
+            def remember_ids(_module, args):  # the token ids of this forward, for the classes
+                cache = me()
+                if cache is not None:
+                    cache._ids = args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+            self._hook = model.get_input_embeddings().register_forward_pre_hook(remember_ids)
         for i, w in enumerate(geo.windows):
             if w is not None:
                 # after attention, keep the W-1 newest tokens: with the next token that is W
@@ -144,12 +187,25 @@ class LoomCache(_HFCache):
             self.seqs = [self.kv.add_sequence() for _ in range(B)]
         elif layer_idx == 0:
             self._check_capacity(B, n)
+        classes = self._classes(B, n)
         for b, s in enumerate(self.seqs):
-            self.kv.append(layer_idx, s, key_states[b], value_states[b])
+            self.kv.append(layer_idx, s, key_states[b], value_states[b], classes=None if classes is None else classes[b])
         self.layers[layer_idx].cumulative_length += n
         self.layers[layer_idx].is_initialized = True
         _active.entry = (self, layer_idx, key_states)
         return key_states, value_states
+
+    def _classes(self, batch: int, n: int):
+        """uint8 [batch, n] token classes of the tokens being appended (FastGen), if known."""
+        ids = self._ids
+        if self._class_table is None or ids is None or tuple(ids.shape) != (batch, n):
+            return None
+        return self._class_table[ids.clamp(0, self._class_table.numel() - 1)].contiguous()
+
+    def __del__(self):
+        hook = getattr(self, "_hook", None)
+        if hook is not None:
+            hook.remove()
 
     def _check_capacity(self, batch: int, n_tokens: int) -> None:
         """Refuses a forward pass the pool cannot hold before any layer is touched, so a

@@ -13,8 +13,10 @@ import torch
 
 __all__ = [
     "decode_attention", "rotate", "segment_attention", "window_keep", "CacheModel",
-    "accumulated_attention", "heavy_hitter_keep",
+    "accumulated_attention", "heavy_hitter_keep", "fastgen_levels", "fastgen_recovery", "fastgen_keep",
 ]
+
+SPECIAL, PUNCT = 1, 2  # token-class bits
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
@@ -92,6 +94,55 @@ def heavy_hitter_keep(ords: Sequence[int], scores: Sequence[float], appended: in
     keep = math.ceil(ratio * appended)
     old.sort(key=lambda x: (-x[1], x[0]))
     return sorted([o for o, _ in old[:keep]] + [o for o in ords if o >= first_recent])
+
+
+def _top(ords, scores, ratio, n_base):
+    """The ceil(ratio * n_base) ords with the highest score (ties: older first)."""
+    k = min(len(ords), math.ceil(ratio * n_base))
+    ranked = sorted(zip(ords, scores), key=lambda x: (-x[1], x[0]))
+    return {o for o, _ in ranked[:k]}
+
+
+def fastgen_levels(ords, classes, scores, r_frequent, n_base):
+    """Smallest FastGen hybrid (0 special, 1 +punct, 2 +frequent, 4 none) holding each key,
+    before the query-dependent local window."""
+    freq = _top(ords, scores, r_frequent, n_base)
+    return [0 if c & SPECIAL else 1 if c & PUNCT else 2 if o in freq else 4 for o, c in zip(ords, classes)]
+
+
+def fastgen_recovery(q, k, ords, classes, scores, n_seen, r_frequent, local_window, scale=None):
+    """Mean over queries (q [G, Tq, D], causal) of the attention mass each nested hybrid
+    keeps: [special, +punct, +frequent, +local]."""
+    G, Tq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    ords_t = torch.as_tensor(list(ords))
+    levels = torch.as_tensor(fastgen_levels(list(ords), list(classes), list(scores), r_frequent, len(ords)))
+    q_ords = torch.arange(n_seen - Tq, n_seen)
+    s = torch.einsum("gtd,ld->gtl", q.double(), k.double()) * scale
+    visible = ords_t[None, :] <= q_ords[:, None]  # [Tq, L]
+    s = s.masked_fill(~visible[None], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    local = (q_ords[:, None] - ords_t[None, :]) < local_window
+    lv = torch.where(local & (levels[None, :] > 3), torch.full_like(levels[None, :], 3), levels[None, :])  # [Tq, L]
+    rows = visible.any(dim=1)
+    out = []
+    for j in range(4):
+        mass = (p * (lv <= j)[None]).sum(-1)  # [G, Tq]
+        out.append(mass[:, rows].mean().item())
+    return out
+
+
+def fastgen_keep(level, ords, classes, scores, appended, local_window, r_frequent):
+    """The ords a FastGen head at hybrid `level` keeps after `appended` tokens."""
+    if level == 4:
+        return sorted(ords)
+    freq = _top(ords, scores, r_frequent, appended) if level >= 2 else set()
+    keep = []
+    for o, c in zip(ords, classes):
+        if (c & SPECIAL) or (level >= 1 and c & PUNCT) or (level >= 2 and o in freq) or \
+                (level >= 3 and appended - 1 - o < local_window):
+            keep.append(o)
+    return sorted(keep)
 
 
 @dataclass
