@@ -19,6 +19,12 @@ def test_generate_window_policy(capsys):
     assert "window(sinks=2, recent=8)" in capsys.readouterr().err
 
 
+def test_generate_fastgen_policy(capsys):
+    assert cli.main(["generate", "Name a colour.", "--max-new-tokens", "4", "--policy", "fastgen",
+                     "--recovery", "0.9"]) == 0
+    assert "policy fastgen(recovery=0.9" in capsys.readouterr().err
+
+
 def test_bench_e2e_on_default_model_small(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["bench", "e2e", "--lengths", "32", "--new-tokens", "2", "--repeats", "1", "--out", str(out)]) == 0

@@ -1,6 +1,7 @@
 """The `kvloom` command line.
 
-    kvloom generate "prompt" [--model M] [--policy full|window|h2o] [--sinks N --recent N --ratio R] [--max-new-tokens N]
+    kvloom generate "prompt" [--model M] [--policy full|window|h2o|fastgen] [--sinks N --recent N --ratio R
+                    --recovery T --r-local R --r-frequent R] [--max-new-tokens N]
     kvloom bench e2e [--lengths 512,2048,4096] [--new-tokens 32] [--out DIR]
     kvloom info
 """
@@ -21,6 +22,8 @@ def _policy(args):
         return kvloom.Window(args.sinks, args.recent)
     if args.policy == "h2o":
         return kvloom.HeavyHitter(args.ratio, args.recent)
+    if args.policy == "fastgen":
+        return kvloom.FastGen(args.recovery, args.r_local, args.r_frequent)
     raise SystemExit(f"unknown policy {args.policy!r}")
 
 
@@ -35,7 +38,7 @@ def _generate(args) -> int:
         raise SystemExit("--max-new-tokens must be >= 1")
     model, tok = models.load(args.model)
     kvloom.enable(model)
-    cache = kvloom.Cache(model, policy=_policy(args))
+    cache = kvloom.Cache(model, policy=_policy(args), tokenizer=tok)
     if tok.chat_template and not args.raw:
         enc = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
@@ -50,7 +53,7 @@ def _generate(args) -> int:
     dt = time.perf_counter() - t0
     n_new = out.shape[1] - n_prompt
     print(f"\n[kvloom] {n_new} tokens in {dt:.2f} s ({n_new / dt:.1f} tokens/s, prompt {n_prompt} tokens); "
-          f"KV {cache.memory_bytes() / 2**20:.2f} MiB held, policy {cache.kv.policy}", file=sys.stderr)
+          f"KV {cache.memory_bytes() / 2**20:.2f} MiB held, policy {cache.policy_name}", file=sys.stderr)
     return 0
 
 
@@ -88,10 +91,13 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="generate text with a kvloom cache, streaming; prints tokens/s and KV bytes")
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="HF model path or id (default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--policy", default="full", choices=["full", "window", "h2o"])
+    g.add_argument("--policy", default="full", choices=["full", "window", "h2o", "fastgen"])
     g.add_argument("--sinks", type=int, default=4, help="window policy: first tokens kept")
     g.add_argument("--recent", type=int, default=1024, help="window / h2o: most recent tokens kept")
     g.add_argument("--ratio", type=float, default=0.1, help="h2o: heavy hitters kept, as a fraction of tokens seen")
+    g.add_argument("--recovery", type=float, default=0.95, help="fastgen: attention mass a head's hybrid must keep")
+    g.add_argument("--r-local", type=float, default=0.3, help="fastgen: local window, fraction of the prompt")
+    g.add_argument("--r-frequent", type=float, default=0.3, help="fastgen: frequent tokens kept, fraction")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")

@@ -276,6 +276,10 @@ class LoomCache(_HFCache):
         return False
 
     # --- kvloom extras ----------------------------------------------------------------------
+    @property
+    def policy_name(self) -> str:
+        return self.fastgen.name if self.fastgen is not None else self.kv.policy
+
     def memory_bytes(self) -> int:
         """Exact bytes of KV held (live blocks x block bytes)."""
         return self.kv.memory_bytes()
@@ -286,9 +290,10 @@ class LoomCache(_HFCache):
         st["logical_length"] = self.get_seq_length()
         st["batch_sequences"] = list(self.seqs or [])
         st["windows"] = list(self.geometry.windows)
+        st["policy"] = self.policy_name
         return st
 
     def __repr__(self) -> str:
         return (f"kvloom.Cache({self.geometry.model_type}, layers={self.geometry.n_layers}, "
-                f"kv_heads={self.geometry.n_kv_heads}, policy={self.kv.policy}, length={self.get_seq_length()}, "
+                f"kv_heads={self.geometry.n_kv_heads}, policy={self.policy_name}, length={self.get_seq_length()}, "
                 f"memory_bytes={self.memory_bytes()})")
