@@ -137,6 +137,9 @@ PYBIND11_MODULE(_core, m) {
   py::class_<fastgen_plan, head_plan, std::shared_ptr<fastgen_plan>>(m, "FastGenPlan")
       .def(py::init<int, int64_t, double>(), py::arg("level"), py::arg("local_window"), py::arg("r_frequent"))
       .def_property_readonly("level", &fastgen_plan::level);
+  py::class_<keep_set_plan, head_plan, std::shared_ptr<keep_set_plan>>(m, "KeepSetPlan")
+      .def(py::init<std::string, int64_t, int64_t, std::vector<int32_t>, bool>(), py::arg("label"), py::arg("sinks"),
+           py::arg("recent"), py::arg("ords"), py::arg("keep_all") = false);
   m.attr("CLASS_SPECIAL") = kClassSpecial;
   m.attr("CLASS_PUNCT") = kClassPunct;
 

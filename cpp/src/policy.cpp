@@ -109,6 +109,23 @@ void fastgen_plan::select_evictions(const head_store& hs, std::vector<int32_t>& 
   }
 }
 
+keep_set_plan::keep_set_plan(std::string label, int64_t sinks, int64_t recent, std::vector<int32_t> ords, bool keep_all)
+    : label_(std::move(label)), sinks_(sinks), recent_(recent), ords_(std::move(ords)), keep_all_(keep_all) {
+  if (sinks < 0 || recent < 0) fail_value("keep_set: sinks and recent must be >= 0");
+  std::sort(ords_.begin(), ords_.end());
+}
+
+void keep_set_plan::select_evictions(const head_store& hs, std::vector<int32_t>& out) const {
+  if (keep_all_) return;
+  const int64_t first_recent = hs.appended() - recent_;
+  for (int64_t s = 0, n = hs.n_slots(); s < n; ++s) {
+    if (!hs.live(s)) continue;
+    const int32_t o = hs.ord(s);
+    if (o < sinks_ || o >= first_recent || std::binary_search(ords_.begin(), ords_.end(), o)) continue;
+    out.push_back(static_cast<int32_t>(s));
+  }
+}
+
 std::shared_ptr<const head_plan> full_policy::plan_head(const head_key&, const head_store&, const prompt_stats*) const {
   static const auto plan = std::make_shared<const full_plan>();
   return plan;

@@ -11,7 +11,8 @@ import torch
 from . import _core
 from ._tensors import as_tensor, kv_dtype_name, torch_dtype
 
-__all__ = ["BlockPool", "KVCache", "Full", "Window", "HeavyHitter", "FastGen", "default_capacity_bytes", "make_policy"]
+__all__ = ["BlockPool", "KVCache", "Full", "Window", "HeavyHitter", "FastGen", "TaskKV", "default_capacity_bytes",
+           "make_policy"]
 
 BlockPool = _core.BlockPool
 CapacityError = _core.CapacityError
@@ -82,9 +83,78 @@ class FastGen:
         return _core.FastGenPlan(int(level), self.local_window(prompt_len), self.r_frequent)
 
 
+class TaskKV:
+    """Task-KV (He et al., 2025): semantic separation of heads.
+
+    Per layer, over an observation window of the last ``window`` prompt queries: each kv
+    head's column-mean attention C, its top-``top_t`` tokens I and its semantic vector
+    v = C[I]·V[I]; the layer centre is the mean vector. Heterogeneous heads (the f(r) farthest
+    from the centre, f falling linearly from n·beta at the first layer to ``m`` at the last,
+    plus the single nearest head) keep the full cache; the others keep ``sinks`` first tokens,
+    ``recent`` newest tokens and the middle activations (highest max-pooled C, kernel
+    ``pool``) up to ``budget`` × prompt length tokens. If the budget is smaller than
+    sinks + recent, those heads keep sinks + recent only (no middle tokens).
+    """
+
+    def __init__(self, beta: float = 0.25, m: int = 4, sinks: int = 16, recent: int = 256, budget: float = 0.4,
+                 window: int = 32, top_t: int = 256, pool: int = 7):
+        if not (0.0 < float(budget) <= 1.0):
+            raise ValueError(f"TaskKV: budget must be in (0, 1] (a fraction of the prompt), got {budget!r}")
+        if beta < 0 or m < 0:
+            raise ValueError(f"TaskKV: beta and m must be >= 0, got beta={beta}, m={m}")
+        for name, val in (("sinks", sinks), ("recent", recent)):
+            if int(val) < 0:
+                raise ValueError(f"TaskKV: {name} must be >= 0, got {val}")
+        for name, val in (("window", window), ("top_t", top_t), ("pool", pool)):
+            if int(val) < 1:
+                raise ValueError(f"TaskKV: {name} must be >= 1, got {val}")
+        self.beta, self.m, self.sinks, self.recent = float(beta), int(m), int(sinks), int(recent)
+        self.budget, self.window, self.top_t, self.pool = float(budget), int(window), int(top_t), int(pool)
+
+    @property
+    def name(self) -> str:
+        return f"taskkv(budget={self.budget:g}, beta={self.beta:g}, m={self.m}, sinks={self.sinks}, recent={self.recent})"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def decide(self, col_means, values, layer: int, n_layers: int):
+        """The layer's split from each kv head's observation-window column means C [T] and
+        values [T, D] (both in prompt order): (heterogeneous heads, {head: middle positions})."""
+        vecs = []
+        for C, v in zip(col_means, values):
+            top = torch.topk(C, min(self.top_t, C.numel())).indices
+            vecs.append((C[top, None].double() * v.double()[top]).sum(0))
+        vecs = torch.stack(vecs)
+        dist = (vecs - vecs.mean(0)).norm(dim=1)
+        order = torch.argsort(dist, descending=True).tolist()
+        hetero = set(order[: self.n_heterogeneous(layer, n_layers, len(col_means))]) | {order[-1]}
+        middles = {}
+        for h, C in enumerate(col_means):
+            if h in hetero:
+                continue
+            T = C.numel()
+            k_mid = max(0, math.ceil(self.budget * T) - self.sinks - self.recent)
+            lo, hi = self.sinks, T - self.recent
+            if k_mid == 0 or hi <= lo:
+                middles[h] = []
+                continue
+            pooled = torch.nn.functional.max_pool1d(C[None, None].float(), self.pool, stride=1,
+                                                    padding=self.pool // 2)[0, 0][:T]
+            cand = pooled[lo:hi]
+            middles[h] = sorted((torch.topk(cand, min(k_mid, cand.numel())).indices + lo).tolist())
+        return sorted(hetero), middles
+
+    def n_heterogeneous(self, layer: int, n_layers: int, n_heads: int) -> int:
+        """f(r): n·beta at the first layer, falling linearly to m at the last."""
+        start = n_heads * self.beta
+        f = start if n_layers == 1 else start + (self.m - start) * layer / (n_layers - 1)
+        return max(0, min(n_heads, int(round(f))))
+
+
 def make_policy(policy) -> "_core.Policy":
     """A policy object from a policy, None (full) or a name ('full', 'window', 'h2o')."""
-    if policy is None or isinstance(policy, FastGen):  # FastGen keeps everything until profiled
+    if policy is None or isinstance(policy, (FastGen, TaskKV)):  # profiled policies keep all until profiled
         return Full()
     if isinstance(policy, _core.Policy):
         return policy

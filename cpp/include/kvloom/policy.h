@@ -100,4 +100,20 @@ class fastgen_plan final : public head_plan {
   double r_frequent_;
 };
 
+// Keeps the first `sinks` tokens, the `recent` newest, and a fixed sorted set of ords chosen
+// when the prompt was profiled (Task-KV's middle activations); keep_all keeps everything
+// (Task-KV's heterogeneous heads). `label` names the plan in statistics.
+class keep_set_plan final : public head_plan {
+ public:
+  keep_set_plan(std::string label, int64_t sinks, int64_t recent, std::vector<int32_t> ords, bool keep_all);
+  std::string name() const override { return label_; }
+  void select_evictions(const head_store& hs, std::vector<int32_t>& out) const override;
+
+ private:
+  std::string label_;
+  int64_t sinks_, recent_;
+  std::vector<int32_t> ords_;  // sorted
+  bool keep_all_;
+};
+
 }  // namespace kvloom

@@ -48,6 +48,8 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
         cache.kv.accumulate_attention(layer, query, cache.seqs, scale=scaling)
     if cache.fastgen is not None and past == 0 and cache.layers[layer].window is None:
         _fastgen_profile(cache, layer, query, scaling)
+    if cache.taskkv is not None and past == 0 and q_len > 1 and cache.layers[layer].window is None:
+        _taskkv_profile(cache, layer, query, scaling)
     for s in cache.seqs:
         cache.kv.apply_policy(layer, s)
     return out, None
@@ -63,6 +65,37 @@ def _fastgen_profile(cache, layer: int, query: torch.Tensor, scaling) -> None:
                                     local_window=fg.local_window(prompt_len), scale=scaling)[0]
         for h in range(kv.n_kv_heads):
             kv.set_head_plan(layer, h, s, fg.plan(fg.choose(masses[h]), prompt_len))
+
+
+def _taskkv_profile(cache, layer: int, query: torch.Tensor, scaling) -> None:
+    """Task-KV: the observation window's column means come from the C++ cache (attention of
+    the prompt's last queries accumulated into the slots' scores); then the layer's heads
+    are split by their semantic vectors and each gets its plan."""
+    from .. import _core
+
+    cfg, kv = cache.taskkv, cache.kv
+    Hkv = kv.n_kv_heads
+    G = query.shape[1] // Hkv
+    for b, s in enumerate(cache.seqs):
+        T = kv.length(layer, 0, s)  # the row's real prompt (padding already evicted)
+        L = min(cfg.window, T)
+        kv.accumulate_attention(layer, query[b:b + 1, :, -L:], [s], scale=scaling)
+        col_means, values = [], []
+        for h in range(Hkv):
+            _, v, ords, _ = kv.gather(layer, h, s, dtype=torch.float32)
+            _, slot_ords, _ = kv.slots(layer, h, s)
+            by_ord = dict(zip(slot_ords.tolist(), (kv.scores(layer, h, s) / (G * L)).tolist()))
+            col_means.append(torch.tensor([by_ord[o] for o in ords.tolist()]))
+            values.append(v)
+        offset = kv.seq_length(s) - T  # prompt ords start after evicted left padding
+        hetero, middles = cfg.decide(col_means, values, layer, cache.geometry.n_layers)
+        for h in range(Hkv):
+            if h in hetero:
+                plan = _core.KeepSetPlan("taskkv:heterogeneous", 0, 0, [], True)
+            else:
+                plan = _core.KeepSetPlan("taskkv:sinks+recent+middle", cfg.sinks + offset, cfg.recent,
+                                         [o + offset for o in middles[h]])
+            kv.set_head_plan(layer, h, s, plan)
 
 
 def _visible_to_last_query(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import Cache as _HFCache
 from transformers.cache_utils import CacheLayerMixin
 
-from ..cache import FastGen, HeavyHitter, KVCache, Window, make_policy
+from ..cache import FastGen, HeavyHitter, KVCache, TaskKV, Window, make_policy
 from . import arch
 
 # The attention function learns which cache (and layer) it serves from the update() that
@@ -123,6 +123,7 @@ class LoomCache(_HFCache):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"KV dtype {dtype} is not supported; use float32, float16 or bfloat16")
         self.fastgen = policy if isinstance(policy, FastGen) else None
+        self.taskkv = policy if isinstance(policy, TaskKV) else None
         policy = make_policy(policy)
         self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=policy,
                           block_size=block_size, capacity_bytes=capacity_bytes)
@@ -278,7 +279,10 @@ class LoomCache(_HFCache):
     # --- kvloom extras ----------------------------------------------------------------------
     @property
     def policy_name(self) -> str:
-        return self.fastgen.name if self.fastgen is not None else self.kv.policy
+        for p in (self.fastgen, self.taskkv):
+            if p is not None:
+                return p.name
+        return self.kv.policy
 
     def memory_bytes(self) -> int:
         """Exact bytes of KV held (live blocks x block bytes)."""

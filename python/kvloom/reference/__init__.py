@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "decode_attention", "rotate", "segment_attention", "window_keep", "CacheModel",
     "accumulated_attention", "heavy_hitter_keep", "fastgen_levels", "fastgen_recovery", "fastgen_keep",
+    "taskkv_column_means", "taskkv_profile",
 ]
 
 SPECIAL, PUNCT = 1, 2  # token-class bits
@@ -143,6 +144,27 @@ def fastgen_keep(level, ords, classes, scores, appended, local_window, r_frequen
                 (level >= 3 and appended - 1 - o < local_window):
             keep.append(o)
     return sorted(keep)
+
+
+def taskkv_column_means(q_obs, keys, n_seen, scale=None):
+    """Task-KV's statistic: per kv head, the observation window's column-mean attention [T]
+    (q_obs[h]: the group's last queries [G, L, D], causal; keys[h]: the prompt's keys [T, D])."""
+    out = []
+    for q, k in zip(q_obs, keys):
+        G, L, D = q.shape
+        T = k.shape[0]
+        sc = (1.0 / math.sqrt(D)) if scale is None else scale
+        s = torch.einsum("gld,td->glt", q.double(), k.double()) * sc
+        q_ords = torch.arange(n_seen - L, n_seen)
+        s = s.masked_fill(torch.arange(T)[None, None, :] > q_ords[None, :, None], float("-inf"))
+        out.append(torch.softmax(s, dim=-1).mean(dim=(0, 1)))
+    return out
+
+
+def taskkv_profile(q_obs, keys, values, n_seen, cfg, layer, n_layers, scale=None):
+    """Task-KV decisions for one layer and sequence from raw queries/keys/values:
+    (heterogeneous heads, {head: sorted middle ords kept})."""
+    return cfg.decide(taskkv_column_means(q_obs, keys, n_seen, scale), values, layer, n_layers)
 
 
 @dataclass
