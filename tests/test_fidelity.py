@@ -1,0 +1,31 @@
+"""The fidelity benchmark's harness on a tiny configuration: needle cases are well formed,
+the run writes JSON/markdown with one row per policy, and Full scores itself perfectly."""
+import json
+
+from kvloom import cli, fidelity
+from hf_helpers import smollm2
+
+
+def test_needle_cases_hide_the_answer():
+    _, tok = smollm2()
+    cases = fidelity.needle_cases(tok, [120], [0.0, 0.5, 1.0], 2)
+    assert len(cases) == 6
+    for c in cases:
+        text = tok.decode(c["ids"][0])
+        assert c["answer"] in text and len(c["answer"]) == 7
+        assert text.count(c["answer"]) == 1
+
+
+def test_fidelity_run_small(tmp_path, capsys):
+    out = tmp_path / "fid"
+    assert cli.main(["bench", "fidelity", "--lengths", "120", "--depths", "0.5", "--seeds", "1", "--ppl-prefix", "32",
+                     "--ppl-tokens", "8", "--agree-tokens", "8", "--only", "window,fastgen T=0.95",
+                     "--out", str(out)]) == 0
+    data = json.loads((out / "fidelity.json").read_text())
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert set(rows) == {"full", "window", "fastgen T=0.95"}
+    full = rows["full"]
+    assert full["kv_bytes_vs_full"] == 1.0 and full["greedy_prefix_agreement"] == 1.0
+    assert full["perplexity_delta_pct"] == 0.0
+    assert rows["window"]["kv_bytes_vs_full"] < 0.7
+    assert "| policy |" in capsys.readouterr().out
