@@ -150,6 +150,8 @@ class cache {
   void release(head_store& hs);
   void free_slot(head_store& hs, int64_t slot);
   void compact(head_store& hs);
+  // Validates q [B, Hq, Tq, D] against seqs for the statistics functions; returns Hq / Hkv.
+  int64_t check_query_rows(int layer, const std::vector<int64_t>& seqs, const tensor_view& q) const;
   const policy& policy_for(int layer) const { return layer_policy_[layer] ? *layer_policy_[layer] : *policy_; }
 
   std::shared_ptr<block_pool> pool_;
