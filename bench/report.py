@@ -94,10 +94,8 @@ def plot(summary: dict, path: Path) -> bool:
 
 
 def write(raw_path: Path, out_dir: Path) -> dict:
-    raw = json.loads(Path(raw_path).read_text())
-    summary = summarize(raw)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "attention.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "attention.md").write_text(markdown(summary))
-    plot(summary, out_dir / "attention.png")
+    from kvloom._results import write
+
+    summary = summarize(json.loads(Path(raw_path).read_text()))
+    write(out_dir, "attention", summary, markdown, plot)
     return summary

