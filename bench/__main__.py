@@ -2,8 +2,12 @@
 
     python -m bench attention [--quick] [--out bench/results] [--threads N]
 
-runs the kernel micro-benchmarks under pytest-benchmark (calibrated rounds, its raw JSON
-kept for --benchmark-compare) and writes attention.json, attention.md and attention.png.
+    python -m bench stats [--out bench/results]
+
+The first runs the kernel micro-benchmarks under pytest-benchmark (calibrated rounds, its
+raw JSON kept for --benchmark-compare) and writes attention.json, attention.md and
+attention.png; the second times the prompt statistics (tiled C++ vs dense torch) and writes
+stats.json and stats.md.
 """
 from __future__ import annotations
 
@@ -56,9 +60,15 @@ def main(argv=None) -> int:
     a.add_argument("--out", default=str(HERE / "results"), help="output folder (default bench/results)")
     a.add_argument("--threads", type=int, default=0, help="threads for kvloom and torch (default: all cores)")
     a.add_argument("--rounds", type=int, default=0, help="timed rounds per case (default 30)")
+    st = sub.add_parser("stats", help="prompt statistics (H2O / FastGen profiling): tiled C++ vs dense torch")
+    st.add_argument("--out", default=str(HERE / "results"), help="output folder (default bench/results)")
     args = p.parse_args(argv)
     if args.what == "attention":
         return attention(args)
+    if args.what == "stats":
+        from . import stats
+
+        return stats.main(Path(args.out))
     return 2
 
 

@@ -340,6 +340,10 @@ int get_num_threads() { return detail::pool_threads(); }
 
 const char* kernel_isa() { return pick_ops(64).name; }
 
+namespace detail {
+const kernel_ops& select_ops(int D) { return pick_ops(D); }
+}  // namespace detail
+
 void force_generic_kernels(bool on) { g_force_generic.store(on); }
 
 double read_probe(const void* data, size_t bytes) {

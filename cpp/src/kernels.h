@@ -30,7 +30,16 @@ struct kernel_ops {
                        float* acc, float* scratch);
   // Sum of all floats in [p, p + n) (bandwidth probe).
   double (*sum_floats)(const float* p, int64_t n);
+  // Prompt statistics. Keys are in panels of kPanel: panel b holds keys b*kPanel.. as
+  // [D][kPanel] floats. s[j * lds + i] = q_j . key_i for j < nq (1..kStripRows) and
+  // i < n_panels * kPanel.
+  void (*score_strip)(const float* q, int nq, int D, const float* panels, int64_t n_panels, float* s, int64_t lds);
+  // s[i] = exp2(s[i] - max) over [0, n) (n >= 1, finite max); returns the sum.
+  float (*exp2_row)(float* s, int64_t n);
 };
+
+constexpr int kPanel = 16;
+constexpr int kStripRows = 4;
 
 inline int64_t scratch_floats(int G, int n, int D) {
   return static_cast<int64_t>(G) * n + 2 * static_cast<int64_t>(n) * D + 64 * static_cast<int64_t>(G) + 64;
@@ -38,6 +47,7 @@ inline int64_t scratch_floats(int G, int n, int D) {
 
 const kernel_ops& generic_ops();
 const kernel_ops* avx2_ops();  // null when not compiled in
+const kernel_ops& select_ops(int D);  // the fastest this CPU runs for head dim D
 
 }  // namespace detail
 }  // namespace kvloom

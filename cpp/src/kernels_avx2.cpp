@@ -359,7 +359,56 @@ double sum_floats_avx2(const float* p, int64_t n) {
   return s;
 }
 
-const kernel_ops kAvx2 = {"avx2", attend_chunk_avx2, sum_floats_avx2};
+// Query rows x one panel of 16 keys: per d, two key loads feed NQ x 2 FMAs.
+template <int NQ>
+void score_strip_t(const float* q, int D, const float* panels, int64_t n_panels, float* s, int64_t lds) {
+  for (int64_t b = 0; b < n_panels; ++b) {
+    const float* pb = panels + b * D * kPanel;
+    __m256 a[NQ][2];
+    for (int j = 0; j < NQ; ++j) a[j][0] = a[j][1] = _mm256_setzero_ps();
+    for (int d = 0; d < D; ++d) {
+      const __m256 k0 = _mm256_loadu_ps(pb + d * kPanel), k1 = _mm256_loadu_ps(pb + d * kPanel + 8);
+      for (int j = 0; j < NQ; ++j) {
+        const __m256 qb = _mm256_broadcast_ss(q + j * D + d);
+        a[j][0] = _mm256_fmadd_ps(qb, k0, a[j][0]);
+        a[j][1] = _mm256_fmadd_ps(qb, k1, a[j][1]);
+      }
+    }
+    for (int j = 0; j < NQ; ++j) {
+      _mm256_storeu_ps(s + j * lds + b * kPanel, a[j][0]);
+      _mm256_storeu_ps(s + j * lds + b * kPanel + 8, a[j][1]);
+    }
+  }
+}
+
+void score_strip_avx2(const float* q, int nq, int D, const float* panels, int64_t n_panels, float* s, int64_t lds) {
+  switch (nq) {
+    case 1: return score_strip_t<1>(q, D, panels, n_panels, s, lds);
+    case 2: return score_strip_t<2>(q, D, panels, n_panels, s, lds);
+    case 3: return score_strip_t<3>(q, D, panels, n_panels, s, lds);
+    default: return score_strip_t<4>(q, D, panels, n_panels, s, lds);
+  }
+}
+
+float exp2_row_avx2(float* s, int64_t n) {
+  int64_t i = 0;
+  __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + i));
+  float mx = hmax(vm);
+  for (; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
+  vm = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+    _mm256_storeu_ps(s + i, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += (s[i] = exp2_neg_scalar(s[i] - mx));
+  return sum;
+}
+
+const kernel_ops kAvx2 = {"avx2", attend_chunk_avx2, sum_floats_avx2, score_strip_avx2, exp2_row_avx2};
 
 }  // namespace
 

@@ -57,7 +57,26 @@ double sum_floats_generic(const float* p, int64_t n) {
   return s;
 }
 
-const kernel_ops kGeneric = {"generic", attend_chunk_generic, sum_floats_generic};
+void score_strip_generic(const float* q, int nq, int D, const float* panels, int64_t n_panels, float* s, int64_t lds) {
+  for (int j = 0; j < nq; ++j)
+    for (int64_t b = 0; b < n_panels; ++b) {
+      float acc[kPanel] = {};
+      const float* pb = panels + b * D * kPanel;
+      for (int d = 0; d < D; ++d)
+        for (int i = 0; i < kPanel; ++i) acc[i] += q[j * D + d] * pb[d * kPanel + i];
+      for (int i = 0; i < kPanel; ++i) s[j * lds + b * kPanel + i] = acc[i];
+    }
+}
+
+float exp2_row_generic(float* s, int64_t n) {
+  float mx = s[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::fmax(mx, s[i]);
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += (s[i] = std::exp2(s[i] - mx));
+  return sum;
+}
+
+const kernel_ops kGeneric = {"generic", attend_chunk_generic, sum_floats_generic, score_strip_generic, exp2_row_generic};
 
 }  // namespace
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kvloom/cache.h"
+#include "kernels.h"
 #include "thread_pool.h"
 
 namespace kvloom {
@@ -27,45 +28,90 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// Softmax of each query of q[b] in kv head h's group over the head's live `slots` (causal:
-// a query sees the slots whose ord is at most its own; query t of Tq is token
-// appended - Tq + t). Calls visit(q_ord, p, z) for every query that sees at least one slot,
-// with p the unnormalised exponentials (0 where invisible) and z their sum.
-template <class Visit>
-void query_probs(const head_store& hs, const block_pool& pool, const std::vector<int64_t>& slots, const tensor_view& q,
-                 int64_t b, int64_t h, int64_t G, float scale, Visit&& visit) {
-  const int64_t L = static_cast<int64_t>(slots.size()), D = pool.head_dim(), Tq = q.shape[2];
+// One head's live keys in append (ord) order, laid out in panels for the strip kernel
+// (zero keys pad the last panel; they are never part of a softmax).
+struct key_panels {
+  std::vector<int64_t> slots, ords;
+  std::vector<float> panels;
+  int64_t n_panels = 0;
+};
+
+key_panels load_panels(const head_store& hs, const block_pool& pool) {
+  key_panels kp;
+  for (int64_t sl = 0; sl < hs.n_slots(); ++sl)
+    if (hs.live(sl)) kp.slots.push_back(sl);
+  std::sort(kp.slots.begin(), kp.slots.end(), [&](int64_t a, int64_t b) { return hs.ord(a) < hs.ord(b); });
+  const int64_t L = static_cast<int64_t>(kp.slots.size()), D = pool.head_dim();
   const int bs = pool.block_size();
   const dtype kt = pool.type();
-  const int64_t qsz = static_cast<int64_t>(dtype_size(q.type));
-  std::vector<float> keys(static_cast<size_t>(L * D)), qrow(static_cast<size_t>(D)), p(static_cast<size_t>(L));
+  kp.ords.resize(kp.slots.size());
+  kp.n_panels = (L + detail::kPanel - 1) / detail::kPanel;
+  kp.panels.assign(static_cast<size_t>(kp.n_panels * D * detail::kPanel), 0.f);
   for (int64_t i = 0; i < L; ++i) {
-    const char* kb = static_cast<const char*>(pool.block_keys(hs.table()[slots[i] / bs]));
-    const void* row = kb + static_cast<size_t>(slots[i] % bs) * D * dtype_size(kt);
-    for (int64_t d = 0; d < D; ++d) keys[i * D + d] = load_as_f32(row, kt, static_cast<size_t>(d));
+    const int64_t sl = kp.slots[i];
+    kp.ords[i] = hs.ord(sl);
+    const char* kb = static_cast<const char*>(pool.block_keys(hs.table()[sl / bs]));
+    const void* row = kb + static_cast<size_t>(sl % bs) * D * dtype_size(kt);
+    float* dst = &kp.panels[static_cast<size_t>((i / detail::kPanel) * D * detail::kPanel + i % detail::kPanel)];
+    for (int64_t d = 0; d < D; ++d) dst[d * detail::kPanel] = load_as_f32(row, kt, static_cast<size_t>(d));
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t t = 0; t < Tq; ++t) {
-      const char* src = static_cast<const char*>(q.data) + (b * q.strides[0] + (h * G + g) * q.strides[1] + t * q.strides[2]) * qsz;
-      for (int64_t d = 0; d < D; ++d) qrow[d] = load_as_f32(src, q.type, static_cast<size_t>(d * q.strides[3])) * scale;
-      const int64_t q_ord = hs.appended() - Tq + t;
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t i = 0; i < L; ++i) {
-        p[i] = hs.ord(slots[i]) <= q_ord ? dot(qrow.data(), &keys[i * D], D) : -std::numeric_limits<float>::infinity();
-        mx = std::max(mx, p[i]);
-      }
-      if (mx == -std::numeric_limits<float>::infinity()) continue;
-      double z = 0;
-      for (int64_t i = 0; i < L; ++i) z += (p[i] = std::exp(p[i] - mx));
-      visit(q_ord, p, z);
-    }
+  return kp;
 }
 
-std::vector<int64_t> live_slots(const head_store& hs) {
-  std::vector<int64_t> slots;
-  for (int64_t sl = 0; sl < hs.n_slots(); ++sl)
-    if (hs.live(sl)) slots.push_back(sl);
-  return slots;
+constexpr int64_t kChunkTokens = 16;  // query tokens per parallel task
+
+// Softmax of every query row of q against its kv head's live keys, causal (query t of Tq is
+// token appended - Tq + t and sees the keys whose ord is at most its own), tiled: a strip of
+// query rows against all visible keys at a time, never the Tq x L map. Work is split into
+// (sequence, kv head, chunk of query tokens) tasks over the thread pool; for each query row
+// that sees at least one key, visit(worker, task_bh, q_ord, p, n, z) gets p, the
+// unnormalised probabilities of the first n keys of keys[task_bh] (ord order), and z their sum.
+template <class Visit>
+void for_each_query(const std::vector<key_panels>& keys, const std::vector<int64_t>& appended, const tensor_view& q,
+                    int64_t H, int64_t G, float scale, Visit&& visit) {
+  const int64_t BH = static_cast<int64_t>(keys.size()), Tq = q.shape[2], D = q.shape[3];
+  const int64_t n_chunks = (Tq + kChunkTokens - 1) / kChunkTokens;
+  const int64_t qsz = static_cast<int64_t>(dtype_size(q.type));
+  const detail::kernel_ops& ops = detail::select_ops(static_cast<int>(D));
+  const float qscale = scale * 1.4426950408889634f;  // scores in the log2 domain
+  detail::parallel_for(BH * n_chunks, [&](int64_t task, int worker) {
+    const int64_t bh = task / n_chunks, chunk = task % n_chunks, b = bh / H, h = bh % H;
+    const key_panels& kp = keys[static_cast<size_t>(bh)];
+    if (kp.slots.empty()) return;
+    const int64_t lds = kp.n_panels * detail::kPanel;
+    std::vector<float> qbuf(static_cast<size_t>(detail::kStripRows * D)), strip(static_cast<size_t>(detail::kStripRows * lds));
+    const int64_t t_end = std::min(Tq, (chunk + 1) * kChunkTokens);
+    const int64_t n_rows = (t_end - chunk * kChunkTokens) * G;
+    for (int64_t r0 = 0; r0 < n_rows; r0 += detail::kStripRows) {
+      const int nq = static_cast<int>(std::min<int64_t>(detail::kStripRows, n_rows - r0));
+      int64_t q_ord[detail::kStripRows], n_vis[detail::kStripRows], n_max = 0;
+      for (int j = 0; j < nq; ++j) {
+        const int64_t t = chunk * kChunkTokens + (r0 + j) / G, g = (r0 + j) % G;
+        const char* src = static_cast<const char*>(q.data) + (b * q.strides[0] + (h * G + g) * q.strides[1] + t * q.strides[2]) * qsz;
+        for (int64_t d = 0; d < D; ++d) qbuf[j * D + d] = load_as_f32(src, q.type, static_cast<size_t>(d * q.strides[3])) * qscale;
+        q_ord[j] = appended[static_cast<size_t>(bh)] - Tq + t;
+        n_vis[j] = std::upper_bound(kp.ords.begin(), kp.ords.end(), q_ord[j]) - kp.ords.begin();
+        n_max = std::max(n_max, n_vis[j]);
+      }
+      if (n_max == 0) continue;
+      ops.score_strip(qbuf.data(), nq, static_cast<int>(D), kp.panels.data(), (n_max + detail::kPanel - 1) / detail::kPanel,
+                      strip.data(), lds);
+      for (int j = 0; j < nq; ++j) {
+        if (n_vis[j] == 0) continue;
+        float* p = strip.data() + j * lds;
+        const float z = ops.exp2_row(p, n_vis[j]);
+        visit(worker, bh, q_ord[j], p, n_vis[j], z);
+      }
+    }
+  });
+}
+
+// Panels of every (batch row, kv head) of one layer, built in parallel.
+std::vector<key_panels> layer_panels(const std::vector<const head_store*>& heads, const block_pool& pool) {
+  std::vector<key_panels> keys(heads.size());
+  detail::parallel_for(static_cast<int64_t>(heads.size()),
+                       [&](int64_t i, int) { keys[static_cast<size_t>(i)] = load_panels(*heads[static_cast<size_t>(i)], pool); });
+  return keys;
 }
 
 }  // namespace
@@ -93,16 +139,30 @@ int64_t cache::check_query_rows(int layer, const std::vector<int64_t>& seqs, con
 void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale) {
   const int64_t G = check_query_rows(layer, seqs, q);
   const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(head_dim()));
-  detail::parallel_for(q.shape[0] * n_kv_heads_, [&](int64_t task, int) {
-    const int64_t b = task / n_kv_heads_, h = task % n_kv_heads_;
-    head_store& hs = seq_ref(seqs[b]).heads[static_cast<size_t>(layer) * n_kv_heads_ + h];
-    const std::vector<int64_t> slots = live_slots(hs);
-    std::vector<double> add(slots.size(), 0.0);
-    query_probs(hs, *pool_, slots, q, b, h, G, sc, [&](int64_t, const std::vector<float>& p, double z) {
-      for (size_t i = 0; i < slots.size(); ++i) add[i] += p[i] / z;
-    });
-    for (size_t i = 0; i < slots.size(); ++i) hs.score_[slots[i]] += static_cast<float>(add[i]);
+  const int64_t B = q.shape[0], H = n_kv_heads_;
+  std::vector<head_store*> heads;
+  std::vector<const head_store*> cheads;
+  std::vector<int64_t> appended;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      heads.push_back(&seq_ref(seqs[b]).heads[static_cast<size_t>(layer) * H + h]);
+      cheads.push_back(heads.back());
+      appended.push_back(heads.back()->appended());
+    }
+  const std::vector<key_panels> keys = layer_panels(cheads, *pool_);
+  const int W = detail::pool_threads();
+  std::vector<std::vector<float>> add(static_cast<size_t>(W) * heads.size());  // per worker, per head
+  for_each_query(keys, appended, q, H, G, sc, [&](int worker, int64_t bh, int64_t, const float* p, int64_t n, float z) {
+    std::vector<float>& a = add[static_cast<size_t>(worker) * heads.size() + bh];
+    if (a.empty()) a.assign(keys[static_cast<size_t>(bh)].slots.size(), 0.f);
+    const float inv = 1.f / z;
+    for (int64_t i = 0; i < n; ++i) a[i] += p[i] * inv;
   });
+  for (size_t bh = 0; bh < heads.size(); ++bh)
+    for (int w = 0; w < W; ++w) {
+      const std::vector<float>& a = add[static_cast<size_t>(w) * heads.size() + bh];
+      for (size_t i = 0; i < a.size(); ++i) heads[bh]->score_[keys[bh].slots[i]] += a[i];
+    }
 }
 
 }  // namespace kvloom
@@ -139,34 +199,47 @@ void cache::hybrid_recovery(int layer, const std::vector<int64_t>& seqs, const t
   const int64_t G = check_query_rows(layer, seqs, q);
   if (!(r_frequent >= 0.0 && r_frequent <= 1.0)) fail_value("r_frequent must be in [0, 1]");
   const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(head_dim()));
-  detail::parallel_for(q.shape[0] * n_kv_heads_, [&](int64_t task, int) {
-    const int64_t b = task / n_kv_heads_, h = task % n_kv_heads_;
-    const head_store& hs = seq_ref(seqs[b]).heads[static_cast<size_t>(layer) * n_kv_heads_ + h];
-    double* res = out + task * 4;
-    std::fill(res, res + 4, 0.0);
-    const std::vector<int64_t> slots = live_slots(hs);
-    if (slots.empty()) return;
-    const std::vector<char> freq = top_by_score(hs, slots, r_frequent, static_cast<int64_t>(slots.size()));
-    std::vector<int> level(slots.size());  // smallest hybrid holding the key (4: none yet)
-    for (size_t i = 0; i < slots.size(); ++i) {
-      const uint8_t c = hs.cls_[slots[i]];
-      level[i] = (c & kClassSpecial) ? 0 : (c & kClassPunct) ? 1 : freq[i] ? 2 : 4;
+  const int64_t B = q.shape[0], H = n_kv_heads_;
+  std::vector<const head_store*> heads;
+  std::vector<int64_t> appended;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      heads.push_back(&seq_ref(seqs[b]).heads[static_cast<size_t>(layer) * H + h]);
+      appended.push_back(heads.back()->appended());
     }
-    int64_t n_queries = 0;
-    query_probs(hs, *pool_, slots, q, b, h, G, sc, [&](int64_t q_ord, const std::vector<float>& p, double z) {
-      double mass[5] = {0, 0, 0, 0, 0};
-      for (size_t i = 0; i < slots.size(); ++i) {
-        int lv = level[i];
-        if (lv > 3 && q_ord - hs.ord_[slots[i]] < local_window) lv = 3;
-        mass[lv] += p[i] / z;
-      }
-      double cum = 0;
-      for (int j = 0; j < 4; ++j) res[j] += (cum += mass[j]);
-      ++n_queries;
-    });
-    if (n_queries > 0)
-      for (int j = 0; j < 4; ++j) res[j] /= static_cast<double>(n_queries);
+  const std::vector<key_panels> keys = layer_panels(heads, *pool_);
+  // Per head, 0/1 masks over its keys (ord order): in the special set, in +punct's
+  // additions, in +frequent's additions, in none of them (candidates for +local).
+  const size_t BH = heads.size();
+  std::vector<std::vector<float>> in_level(BH * 4);
+  for (size_t bh = 0; bh < BH; ++bh) {
+    const std::vector<int64_t>& slots = keys[bh].slots;
+    const std::vector<char> freq = top_by_score(*heads[bh], slots, r_frequent, static_cast<int64_t>(slots.size()));
+    for (int j = 0; j < 4; ++j) in_level[bh * 4 + j].assign(slots.size(), 0.f);
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const uint8_t c = heads[bh]->cls_[slots[i]];
+      in_level[bh * 4 + ((c & kClassSpecial) ? 0 : (c & kClassPunct) ? 1 : freq[i] ? 2 : 3)][i] = 1.f;
+    }
+  }
+  const int W = detail::pool_threads();
+  std::vector<double> acc(static_cast<size_t>(W) * BH * 5, 0.0);  // per worker, per head: 4 masses + query count
+  for_each_query(keys, appended, q, H, G, sc, [&](int worker, int64_t bh, int64_t q_ord, const float* p, int64_t n, float z) {
+    const std::vector<float>* lv = &in_level[static_cast<size_t>(bh) * 4];
+    const std::vector<int64_t>& ords = keys[static_cast<size_t>(bh)].ords;
+    const int64_t lo = std::lower_bound(ords.begin(), ords.begin() + n, q_ord - local_window + 1) - ords.begin();
+    const double m0 = dot(p, lv[0].data(), n), m1 = dot(p, lv[1].data(), n), m2 = dot(p, lv[2].data(), n);
+    const double m3 = lo < n ? dot(p + lo, lv[3].data() + lo, n - lo) : 0.0;
+    double* r = &acc[(static_cast<size_t>(worker) * BH + static_cast<size_t>(bh)) * 5];
+    const double cum[4] = {m0, m0 + m1, m0 + m1 + m2, m0 + m1 + m2 + m3};
+    for (int j = 0; j < 4; ++j) r[j] += cum[j] / z;
+    r[4] += 1;
   });
+  for (size_t bh = 0; bh < BH; ++bh) {
+    double tot[5] = {0, 0, 0, 0, 0};
+    for (int w = 0; w < W; ++w)
+      for (int j = 0; j < 5; ++j) tot[j] += acc[(static_cast<size_t>(w) * BH + bh) * 5 + j];
+    for (int j = 0; j < 4; ++j) out[bh * 4 + j] = tot[4] > 0 ? tot[j] / tot[4] : 0.0;
+  }
 }
 
 }  // namespace kvloom
