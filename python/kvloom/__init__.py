@@ -12,6 +12,11 @@ from . import ops
 
 def __getattr__(name):
     # transformers is imported only when the HF integration is used
+    if name in ("Conversation", "ciflex"):
+        import importlib
+
+        ciflex = importlib.import_module(".ciflex", __name__)
+        return ciflex if name == "ciflex" else ciflex.Conversation
     if name in ("Cache", "enable", "hf"):
         import importlib
 
@@ -22,6 +27,7 @@ def __getattr__(name):
 __all__ = [
     "__version__", "CapacityError", "BlockPool", "KVCache", "Full", "Window", "HeavyHitter", "FastGen", "TaskKV", "ops",
     "set_num_threads", "get_num_threads", "kernel_isa", "default_capacity_bytes", "Cache", "enable",
+    "Conversation", "ciflex",
 ]
 
 

@@ -132,6 +132,8 @@ class LoomCache(_HFCache):
         self._class_table = None
         self._ids = None
         self._hook = None
+        self._embed = None
+        self._closed = False
         if self.fastgen is not None:
             if tokenizer is None:
                 raise ValueError("FastGen needs the tokenizer for its special and punctuation tokens: "
@@ -143,14 +145,8 @@ class LoomCache(_HFCache):
 
                 warnings.warn("the tokenizer has no special tokens: FastGen's 'special' hybrid keeps nothing "
                               "(heads fall through to the next hybrid)", stacklevel=2)
-            me = weakref.ref(self)
-
-            def remember_ids(_module, args):  # the token ids of this forward, for the classes
-                cache = me()
-                if cache is not None:
-                    cache._ids = args[0] if args and isinstance(args[0], torch.Tensor) else None
-
-            self._hook = model.get_input_embeddings().register_forward_pre_hook(remember_ids)
+            self._embed = model.get_input_embeddings()
+            self._install_ids_hook()
         for i, w in enumerate(geo.windows):
             if w is not None:
                 # after attention, keep the W-1 newest tokens: with the next token that is W
@@ -160,8 +156,20 @@ class LoomCache(_HFCache):
         self._attn_ids = {id(m) for m in model.modules() if hasattr(m, "layer_idx") and "attention" in type(m).__name__.lower()}
         self.seqs: Optional[List[int]] = None  # one C++ sequence per batch row
 
+    def _install_ids_hook(self) -> None:
+        me = weakref.ref(self)
+
+        def remember_ids(_module, args):  # the token ids of this forward, for the classes
+            cache = me()
+            if cache is not None:
+                cache._ids = args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+        self._hook = self._embed.register_forward_pre_hook(remember_ids)
+
     # --- what the model calls -----------------------------------------------------------
     def _update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        if self._closed:
+            raise RuntimeError("this kvloom.Cache was closed (its sequences were dropped); fork or build a new one")
         if getattr(self._config, "_attn_implementation", None) != "kvloom":
             raise RuntimeError(
                 "kvloom.Cache needs kvloom's attention function: call kvloom.enable(model) (or load the model with "
@@ -207,6 +215,12 @@ class LoomCache(_HFCache):
         hook = getattr(self, "_hook", None)
         if hook is not None:
             hook.remove()
+        try:  # a cache that goes away gives its sequences back (forks share the C++ cache)
+            if not getattr(self, "_closed", True) and self.seqs is not None:
+                for s in self.seqs:
+                    self.kv.drop(s)
+        except Exception:  # interpreter shutdown
+            pass
 
     def _check_capacity(self, batch: int, n_tokens: int) -> None:
         """Refuses a forward pass the pool cannot hold before any layer is touched, so a
@@ -229,6 +243,7 @@ class LoomCache(_HFCache):
     def crop(self, max_length: int) -> None:
         """Rolls every sequence back. ``max_length < 0`` removes that many tokens; otherwise
         keeps the first ``max_length``. Evicted tokens stay evicted."""
+        self._check_open()
         length = self.get_seq_length()
         n = -max_length if max_length < 0 else length - max_length
         if n < 0 or n > length:
@@ -277,6 +292,58 @@ class LoomCache(_HFCache):
         return False
 
     # --- kvloom extras ----------------------------------------------------------------------
+    def fork(self) -> "LoomCache":
+        """A cache that continues from this one's current state: every sequence is forked in
+        the C++ cache (blocks shared, copy-on-write), so the fork costs no KV memory until
+        either side appends. Both then evolve independently, with the same policy (per-head
+        plans included, so a compressed cache forks too). :meth:`close` the fork to give its
+        memory back; this cache is untouched by anything done to the fork."""
+        self._check_open()
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)  # shares the C++ cache, geometry, config and policy
+        new.seqs = None if self.seqs is None else [self.kv.fork(s) for s in self.seqs]
+        new.layers = []
+        for old in self.layers:
+            layer = LoomLayer(new, old.layer_idx, old.window)
+            layer.cumulative_length = old.cumulative_length
+            layer.is_initialized = old.is_initialized
+            new.layers.append(layer)
+        new._ids = None
+        new._hook = None
+        if new._embed is not None:
+            new._install_ids_hook()
+        return new
+
+    def rollback(self, n_tokens: int) -> None:
+        """Forgets the last ``n_tokens`` tokens of every sequence (``crop(-n_tokens)``)."""
+        self._check_open()
+        if n_tokens < 0:
+            raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+        if n_tokens:
+            self.crop(-int(n_tokens))
+
+    def close(self) -> None:
+        """Drops this cache's sequences (their blocks return to the pool unless another
+        fork still shares them). The cache cannot be used afterwards."""
+        if self._closed:
+            return
+        if self.seqs is not None:
+            for s in self.seqs:
+                self.kv.drop(s)
+        self.seqs = None
+        self._closed = True
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this kvloom.Cache was closed (its sequences were dropped)")
+
     @property
     def policy_name(self) -> str:
         for p in (self.fastgen, self.taskkv):
