@@ -40,3 +40,18 @@ def test_bench_e2e_on_default_model_small(tmp_path, capsys):
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     assert "CPU kernels" in capsys.readouterr().out
+
+
+def test_bench_sidepath_small(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["bench", "sidepath", "--lengths", "300", "--subtasks", "1,2", "--new-tokens", "2",
+                     "--out", str(out)]) == 0
+    data = json.loads((out / "sidepath.json").read_text())
+    rows = {(r["subtasks"], r["method"]): r for r in data["rows"]}
+    assert {m for _, m in rows} == {"kvloom side path", "re-prefill", "deepcopy", "crop"}
+    side, again, dcopy = rows[(2, "kvloom side path")], rows[(2, "re-prefill")], rows[(2, "deepcopy")]
+    # the side path prefills the instruction only; re-prefill runs the whole conversation again
+    assert side["prefill_tokens_per_subtask"] < 60 < side["conversation_tokens"] < again["prefill_tokens_per_subtask"]
+    # extra memory: side-path tokens only (a few blocks per head), not a copy of the conversation
+    assert side["peak_extra_kv_bytes"] < side["conversation_kv_bytes"] / 2 < dcopy["peak_extra_kv_bytes"]
+    assert "| conversation tokens |" in capsys.readouterr().out

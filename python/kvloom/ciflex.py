@@ -193,9 +193,15 @@ class Conversation(_Path):
 
     def user(self, text: str) -> "Conversation":
         """Adds a user turn (prefilled lazily: at the next reply or side path)."""
+        return self.add_turn("user", text)
+
+    def add_turn(self, role: str, text: str) -> "Conversation":
+        """Adds a turn of any role without generating (e.g. a recorded assistant reply)."""
         if not isinstance(text, str):
             raise TypeError(f"a turn is text, got {type(text).__name__}")
-        self.messages.append({"role": "user", "content": text})
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"role must be 'system', 'user' or 'assistant', got {role!r}")
+        self.messages.append({"role": role, "content": text})
         return self
 
     def assistant(self, max_new_tokens: int = 256, *, temperature: float = 0.0, seed: Optional[int] = None) -> str:

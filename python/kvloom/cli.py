@@ -64,7 +64,15 @@ def _bench(args) -> int:
     from kvloom import e2e
 
     if args.lengths is None:
-        args.lengths = "1024,2048" if args.what == "fidelity" else "512,2048,4096"
+        args.lengths = {"fidelity": "1024,2048", "sidepath": "512,1024,2048,4096"}.get(args.what, "512,2048,4096")
+    if args.what == "sidepath":
+        from kvloom import sidepath
+
+        summary = sidepath.run(args.model, [int(x) for x in args.lengths.split(",") if x],
+                               [int(x) for x in args.subtasks.split(",") if x], args.new_tokens or 16, Path(args.out))
+        print(sidepath.markdown(summary))
+        print(f"wrote {Path(args.out) / 'sidepath.json'}, sidepath.md, sidepath.png")
+        return 0
     if args.what == "fidelity":
         from kvloom import fidelity
 
@@ -76,7 +84,7 @@ def _bench(args) -> int:
         print(f"wrote {Path(args.out) / 'fidelity.json'}, fidelity.md, fidelity.png")
         return 0
     lengths = [int(x) for x in args.lengths.split(",") if x]
-    summary = e2e.run(args.model, lengths, args.new_tokens, args.repeats, Path(args.out))
+    summary = e2e.run(args.model, lengths, args.new_tokens or 32, args.repeats, Path(args.out))
     print(e2e.markdown(summary))
     print(f"wrote {Path(args.out) / 'e2e.json'}, e2e.md, e2e.png")
     return 0
@@ -120,16 +128,18 @@ def main(argv=None) -> int:
     g.set_defaults(fn=_generate)
 
     b = sub.add_parser("bench", help="end-to-end benchmark against DynamicCache + sdpa")
-    b.add_argument("what", choices=["e2e", "fidelity"])
+    b.add_argument("what", choices=["e2e", "fidelity", "sidepath"])
     b.add_argument("--model", default=None)
-    b.add_argument("--lengths", default=None, help="prompt tokens (e2e: 512,2048,4096; fidelity: 1024,2048)")
+    b.add_argument("--lengths", default=None,
+                   help="prompt tokens (e2e: 512,2048,4096; fidelity: 1024,2048; sidepath: 512,1024,2048,4096)")
     b.add_argument("--depths", default="0.1,0.5,0.9", help="fidelity: needle depths")
     b.add_argument("--seeds", type=int, default=2, help="fidelity: needle cases per length and depth")
     b.add_argument("--ppl-prefix", type=int, default=512, help="fidelity: prefilled tokens before perplexity")
     b.add_argument("--ppl-tokens", type=int, default=256, help="fidelity: tokens decoded for perplexity")
     b.add_argument("--agree-tokens", type=int, default=128, help="fidelity: greedy tokens compared with Full")
     b.add_argument("--only", default=None, help="fidelity: comma-separated policy names (full always runs)")
-    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--subtasks", default="1,2,4,8", help="sidepath: sub-tasks per turn (k)")
+    b.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (e2e: 32; sidepath: 16)")
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--out", default="kvloom-bench")
     b.set_defaults(fn=_bench)
