@@ -35,7 +35,8 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
     B, Hq, q_len, D = query.shape
     past = cache.layers[layer].cumulative_length - q_len
     if q_len == 1 and past > 0:
-        out = cache.kv.attend(layer, query[:, :, 0, :], cache.seqs, scale=scaling)  # [B, Hq, D]
+        targets, inv_freq = cache._decode_targets(layer)  # sequences, or segment views (Hogwild!)
+        out = cache.kv.attend(layer, query[:, :, 0, :], targets, scale=scaling, inv_freq=inv_freq)  # [B, Hq, D]
         out = out.unsqueeze(1)  # [B, 1, Hq, D]
     elif past == 0:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,

@@ -291,6 +291,11 @@ class LoomCache(_HFCache):
     def is_compileable(self) -> bool:
         return False
 
+    def _decode_targets(self, layer: int):
+        """What each batch row attends to in a decode step (and the RoPE inv_freq when rows
+        are segment views): one sequence per row here."""
+        return self.seqs, None
+
     # --- kvloom extras ----------------------------------------------------------------------
     def fork(self) -> "LoomCache":
         """A cache that continues from this one's current state: every sequence is forked in
