@@ -1,4 +1,5 @@
 """The paged cache against kvloom.reference.CacheModel: contents, lengths, refcounts, memory."""
+import threading
 from collections import Counter
 
 import numpy as np
@@ -90,6 +91,34 @@ class CacheMachine(RuleBasedStateMachine):
             check_consistent(self.cache, self.model)
             return
         self.model.append(layer, s, k, v, pos)
+
+    @precondition(lambda self: len(self.model.seqs) >= 2)
+    @rule(data=st.data(), n=st.integers(1, 6), layer=st.integers(0, L - 1))
+    def concurrent_appends(self, data, n, layer):
+        """Hogwild!-style: threads append into different sequences at once (the GIL is
+        released in append); each append either lands whole or raises CapacityError."""
+        seqs = data.draw(st.lists(st.sampled_from(sorted(self.model.seqs)), min_size=2, max_size=4, unique=True))
+        toks = [self._tokens(n) for _ in seqs]
+        ok = [None] * len(seqs)
+        barrier = threading.Barrier(len(seqs))
+
+        def run(i):
+            barrier.wait()
+            try:
+                self.cache.append(layer, seqs[i], *toks[i])
+                ok[i] = True
+            except kvloom.CapacityError:
+                ok[i] = False
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(seqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(o is not None for o in ok)
+        for i, s in enumerate(seqs):
+            if ok[i]:
+                self.model.append(layer, s, *toks[i], None)
 
     @precondition(lambda self: self.model.seqs)
     @rule(data=st.data(), layer=st.integers(0, L - 1), h=st.integers(0, H - 1))

@@ -55,3 +55,20 @@ def test_bench_sidepath_small(tmp_path, capsys):
     # extra memory: side-path tokens only (a few blocks per head), not a copy of the conversation
     assert side["peak_extra_kv_bytes"] < side["conversation_kv_bytes"] / 2 < dcopy["peak_extra_kv_bytes"]
     assert "| conversation tokens |" in capsys.readouterr().out
+
+
+def test_hogwild_cli_streams_steps_and_transcript(capsys):
+    assert cli.main(["hogwild", "Name two colours.", "--workers", "2", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert "--- transcript ---" in out and "2 workers" in err and "batched forwards" in err
+
+
+def test_bench_hogwild_small(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["bench", "hogwild", "--lengths", "0", "--workers", "1,2", "--new-tokens", "3", "--repeats", "1",
+                     "--out", str(out)]) == 0
+    data = json.loads((out / "hogwild.json").read_text())
+    assert [r["workers"] for r in data["rows"]] == [1, 2]
+    assert data["rows"][0]["hogwild_vs_one_worker"] == 1.0
+    assert all(r["hogwild_tok_s"] > 0 and r["independent_tok_s"] > 0 for r in data["rows"])
+    assert "| context |" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Builds the C++ core's own unit tests with AddressSanitizer + UndefinedBehaviorSanitizer
-(CMake option KVLOOM_SANITIZE) and runs them through ctest.
+(CMake option KVLOOM_SANITIZE), and again with ThreadSanitizer (KVLOOM_TSAN) for the
+concurrent appends, forks and the thread pool, and runs them through ctest.
 
 Needs cmake and a C++ compiler (the `test` extra installs cmake and ninja). Set
 KVLOOM_SKIP_CPP_TESTS=1 to skip, e.g. when testing an installed wheel without sources.
@@ -21,17 +22,19 @@ def _tool(name):
 
 
 @pytest.mark.skipif(os.environ.get("KVLOOM_SKIP_CPP_TESTS") == "1", reason="KVLOOM_SKIP_CPP_TESTS=1")
-def test_cpp_unit_tests_under_sanitizers(tmp_path_factory):
+@pytest.mark.parametrize("sanitizer", ["asan+ubsan", "tsan"])
+def test_cpp_unit_tests_under_sanitizers(tmp_path_factory, sanitizer):
     cmake = _tool("cmake")
     assert cmake, "cmake not found: install the test extra (pip install '.[test]')"
     assert (ROOT / "CMakeLists.txt").exists(), "run the tests from a source checkout"
-    build = tmp_path_factory.mktemp("cpp-asan")
-    cfg = [cmake, "-S", str(ROOT), "-B", str(build), "-DKVLOOM_BUILD_TESTS=ON", "-DKVLOOM_SANITIZE=ON",
+    build = tmp_path_factory.mktemp("cpp-" + sanitizer.replace("+", "-"))
+    flag = "-DKVLOOM_TSAN=ON" if sanitizer == "tsan" else "-DKVLOOM_SANITIZE=ON"
+    cfg = [cmake, "-S", str(ROOT), "-B", str(build), "-DKVLOOM_BUILD_TESTS=ON", flag,
            "-DKVLOOM_CUDA=0", "-DCMAKE_BUILD_TYPE=Debug"]
     if _tool("ninja"):
         cfg += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}"]
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:halt_on_error=1",
-               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1", TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1")
 
     def run(cmd):
         r = subprocess.run(cmd, cwd=build, env=env, capture_output=True, text=True)
@@ -43,3 +46,4 @@ def test_cpp_unit_tests_under_sanitizers(tmp_path_factory):
     ctest = _tool("ctest") or "ctest"
     r = run([ctest, "--output-on-failure", "-V"])
     assert "0 failed" in r.stdout and "runtime error" not in r.stdout + r.stderr
+    assert "ThreadSanitizer" not in r.stdout + r.stderr

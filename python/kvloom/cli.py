@@ -2,8 +2,11 @@
 
     kvloom generate "prompt" [--model M] [--policy full|window|h2o|fastgen|taskkv] [--sinks N --recent N
                     --ratio R --recovery T --r-local R --r-frequent R --budget B --beta B --m M] [--max-new-tokens N]
+    kvloom hogwild "problem" [--workers 2] [--max-new-tokens N] [--temperature T] [--check-every K]
     kvloom bench fidelity [--lengths 1024,2048] [--depths 0.1,0.5,0.9] [--seeds 2] [--out DIR]
     kvloom bench e2e [--lengths 512,2048,4096] [--new-tokens 32] [--out DIR]
+    kvloom bench sidepath [--lengths 512,1024,2048,4096] [--subtasks 1,2,4,8] [--new-tokens 16] [--out DIR]
+    kvloom bench hogwild [--lengths 0,2048] [--workers 1,2,4] [--new-tokens 64] [--repeats 1] [--out DIR]
     kvloom info
 """
 from __future__ import annotations
@@ -63,8 +66,18 @@ def _generate(args) -> int:
 def _bench(args) -> int:
     from kvloom import e2e
 
-    if args.lengths is None:
+    if args.lengths is None and args.what != "hogwild":
         args.lengths = {"fidelity": "1024,2048", "sidepath": "512,1024,2048,4096"}.get(args.what, "512,2048,4096")
+    if args.what == "hogwild":
+        from kvloom import hogwild
+
+        ctx = "0,2048" if args.lengths is None else args.lengths
+        summary = hogwild.bench(args.model, [int(x) for x in ctx.split(",") if x],
+                                [int(x) for x in args.workers.split(",") if x], args.new_tokens or 64, Path(args.out),
+                                repeats=args.repeats)
+        print(hogwild.bench_markdown(summary))
+        print(f"wrote {Path(args.out) / 'hogwild.json'}, hogwild.md, hogwild.png")
+        return 0
     if args.what == "sidepath":
         from kvloom import sidepath
 
@@ -87,6 +100,25 @@ def _bench(args) -> int:
     summary = e2e.run(args.model, lengths, args.new_tokens or 32, args.repeats, Path(args.out))
     print(e2e.markdown(summary))
     print(f"wrote {Path(args.out) / 'e2e.json'}, e2e.md, e2e.png")
+    return 0
+
+
+def _hogwild(args) -> int:
+    import time
+
+    from kvloom import hogwild, models
+
+    model, tok = models.load(args.model)
+    t0 = time.perf_counter()
+    res = hogwild.generate(model, tok, args.problem, workers=args.workers, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, seed=args.seed, check_every=args.check_every,
+                           on_step=lambda name, text: print(f"[{name}] {text.strip()}", flush=True), progress=True)
+    dt = time.perf_counter() - t0
+    print("\n--- transcript ---")
+    print(res.transcript.strip())
+    total = sum(res.tokens.values())
+    print(f"\n[kvloom] {args.workers} workers, {total} tokens in {dt:.2f} s ({total / dt:.1f} tokens/s, "
+          f"{res.steps} batched forwards, prompt {res.prompt_tokens} tokens)", file=sys.stderr)
     return 0
 
 
@@ -128,7 +160,7 @@ def main(argv=None) -> int:
     g.set_defaults(fn=_generate)
 
     b = sub.add_parser("bench", help="end-to-end benchmark against DynamicCache + sdpa")
-    b.add_argument("what", choices=["e2e", "fidelity", "sidepath"])
+    b.add_argument("what", choices=["e2e", "fidelity", "sidepath", "hogwild"])
     b.add_argument("--model", default=None)
     b.add_argument("--lengths", default=None,
                    help="prompt tokens (e2e: 512,2048,4096; fidelity: 1024,2048; sidepath: 512,1024,2048,4096)")
@@ -139,10 +171,21 @@ def main(argv=None) -> int:
     b.add_argument("--agree-tokens", type=int, default=128, help="fidelity: greedy tokens compared with Full")
     b.add_argument("--only", default=None, help="fidelity: comma-separated policy names (full always runs)")
     b.add_argument("--subtasks", default="1,2,4,8", help="sidepath: sub-tasks per turn (k)")
-    b.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (e2e: 32; sidepath: 16)")
+    b.add_argument("--workers", default="1,2,4", help="hogwild: worker counts")
+    b.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (e2e: 32; sidepath: 16; hogwild: 64)")
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--out", default="kvloom-bench")
     b.set_defaults(fn=_bench)
+
+    h = sub.add_parser("hogwild", help="several workers solve a problem together over one shared cache (Hogwild!)")
+    h.add_argument("problem")
+    h.add_argument("--model", default=None, help="HF model path or id (default: the embedded SmolLM2-135M-Instruct)")
+    h.add_argument("--workers", type=int, default=2)
+    h.add_argument("--max-new-tokens", type=int, default=256, help="tokens per worker")
+    h.add_argument("--temperature", type=float, default=0.0)
+    h.add_argument("--seed", type=int, default=None)
+    h.add_argument("--check-every", type=int, default=3, help="steps between 'am I redundant?' checks (0: never)")
+    h.set_defaults(fn=_hogwild)
 
     sub.add_parser("info", help="show the build: version, kernel path, threads, CUDA").set_defaults(fn=_info)
     args = p.parse_args(argv)

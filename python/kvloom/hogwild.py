@@ -299,3 +299,118 @@ def generate(model, tokenizer, problem: str, workers: int = 2, max_new_tokens: i
         if bar is not None:
             bar.close()
         s.close()
+
+
+# --- benchmark (`kvloom bench hogwild`) ------------------------------------------------------
+BENCH_PROBLEM = ("Plan a one-day trip for four people: a museum in the morning, lunch, a walk and dinner. "
+                 "Give times and rough costs.")
+
+
+def _problem_with_context(tok, context_tokens: int) -> str:
+    """The benchmark problem, after about `context_tokens` tokens of essay text."""
+    if context_tokens <= 0:
+        return BENCH_PROBLEM
+    from ._results import essays
+
+    text = "\n\n".join(essays()[:12]) or ("Notes on planning trips with friends. " * 2000)
+    ids = tok(text, add_special_tokens=False)["input_ids"][:context_tokens]
+    return "Background notes:\n" + tok.decode(ids) + "\n\nTask: " + BENCH_PROBLEM
+
+
+@torch.no_grad()
+def _independent(model, prompt: torch.Tensor, n: int, new_tokens: int) -> float:
+    """Seconds to decode new_tokens for n independent sequences (one batched forward per
+    token, each row its own C++ sequence), prompt prefilled beforehand."""
+    import time
+
+    import kvloom
+
+    cache = kvloom.Cache(model)
+    out = model(prompt.repeat(n, 1), past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    dt = time.perf_counter() - t0
+    cache.close()
+    return dt
+
+
+def bench(model_name: Optional[str], contexts: List[int], workers: List[int], new_tokens: int, out_dir,
+          repeats: int = 1) -> dict:
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    import kvloom
+    from kvloom import models
+
+    model, tok = models.load(model_name)
+    kvloom.enable(model)
+    rows = []
+    with tqdm(total=len(contexts) * len(workers) * 2 * repeats, desc="kvloom bench hogwild", unit="run") as bar:
+        for ctx in contexts:
+            problem = _problem_with_context(tok, ctx)
+            for n in workers:
+                best_h, best_i, prompt_len = float("inf"), float("inf"), 0
+                for _ in range(repeats):
+                    s = Session(model, tok, problem, n, ignore_eos=True)
+                    prompt_len = int(s.prompt.shape[1])
+                    t0 = time.perf_counter()
+                    while s.active:
+                        s.step(new_tokens)
+                    best_h = min(best_h, time.perf_counter() - t0)
+                    prompt = s.prompt
+                    s.close()
+                    bar.update(1)
+                    best_i = min(best_i, _independent(model, prompt, n, new_tokens))
+                    bar.set_postfix_str(f"ctx {ctx}, {n} workers: {n * new_tokens / best_h:.1f} tok/s")
+                    bar.update(1)
+                rows.append({"context_tokens": ctx, "prompt_tokens": prompt_len, "workers": n,
+                             "hogwild_tok_s": n * new_tokens / best_h, "independent_tok_s": n * new_tokens / best_i})
+    for r in rows:
+        one = next(x for x in rows if x["context_tokens"] == r["context_tokens"] and x["workers"] == 1)
+        r["hogwild_vs_one_worker"] = r["hogwild_tok_s"] / one["hogwild_tok_s"]
+        r["hogwild_vs_independent"] = r["hogwild_tok_s"] / r["independent_tok_s"]
+    summary = {"model": model_name or models.DEFAULT_MODEL, "new_tokens_per_worker": new_tokens, "repeats": repeats,
+               "threads": kvloom.get_num_threads(), "rows": rows}
+    from ._results import write
+
+    write(Path(out_dir), "hogwild", summary, bench_markdown, bench_plot)
+    return summary
+
+
+def bench_markdown(summary: dict) -> str:
+    lines = [f"{summary['new_tokens_per_worker']} new tokens per worker, greedy; aggregate decode tokens/s "
+             "(prefill excluded)", "",
+             "| context | prompt tokens | workers | Hogwild! tok/s | × 1 worker | independent sequences tok/s | "
+             "Hogwild! / independent |", "|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['context_tokens'] or 'short'} | {r['prompt_tokens']} | {r['workers']} | "
+                     f"{r['hogwild_tok_s']:.1f} | {r['hogwild_vs_one_worker']:.2f}× | {r['independent_tok_s']:.1f} | "
+                     f"{r['hogwild_vs_independent']:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_plot(summary: dict, path) -> bool:
+    from kvloom._plot import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ctx in sorted({r["context_tokens"] for r in summary["rows"]}):
+        rs = [r for r in summary["rows"] if r["context_tokens"] == ctx]
+        label = f"context {ctx or 'short'}"
+        ax.plot([r["workers"] for r in rs], [r["hogwild_tok_s"] for r in rs], marker="o", label=f"Hogwild!, {label}")
+        ax.plot([r["workers"] for r in rs], [r["independent_tok_s"] for r in rs], marker="x", linestyle="--",
+                label=f"independent, {label}")
+    ax.set_xlabel("workers")
+    ax.set_ylabel("aggregate decode tokens/s")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{summary['model']}: Hogwild! workers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

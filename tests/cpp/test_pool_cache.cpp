@@ -192,6 +192,71 @@ TEST(concurrent_appends_into_forks) {
   CHECK_EQ(pool->used_blocks(), 0);
 }
 
+// Hogwild!-style segments: T threads each append M tokens of varying sizes into their own
+// segments (fresh sequences and forks of one shared prompt, so copy-on-write and the pool's
+// free list are contended), starting new segments as they go; then every token of every
+// segment is checked (value = thread, segment, token), and dropping everything empties the pool.
+TEST(concurrent_segment_appends_checksums) {
+  const int D = 8, H = 2, T = 4, M = 300;
+  auto pool = std::make_shared<block_pool>(dtype::f32, D, 4, 1 << 16, 5);
+  cache c(pool, 2, H, nullptr);
+  const int64_t prompt = c.seq_add();
+  for (int l = 0; l < 2; ++l) append_const(c, l, prompt, 7, -100.f);
+  struct seg { int64_t id; int64_t base; std::vector<float> values; };
+  std::vector<std::vector<seg>> segs(T);
+  for (int t = 0; t < T; ++t) segs[t].push_back({t % 2 ? c.seq_fork(prompt) : c.seq_add(), t % 2 ? 7 : 0, {}});
+  std::vector<std::vector<int64_t>> extra_ids(T);
+  // new segments are made up front (seq_add is a structural operation: not concurrent)
+  for (int t = 0; t < T; ++t)
+    for (int k = 0; k < 5; ++k) extra_ids[t].push_back(c.seq_add());
+  std::atomic<int> go{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < T; ++t)
+    threads.emplace_back([&, t] {
+      while (go.load() == 0) {
+      }
+      size_t next_extra = 0;
+      for (int m = 0; m < M; ++m) {
+        if (m % 70 == 69 && next_extra < extra_ids[t].size()) segs[t].push_back({extra_ids[t][next_extra++], 0, {}});
+        seg& s = segs[t].back();
+        const int64_t n = 1 + (m * 7 + t) % 3;
+        const float value = 10000.f * (t + 1) + 10.f * static_cast<float>(segs[t].size()) + static_cast<float>(m);
+        std::vector<float> k(static_cast<size_t>(H * n * D)), v(k.size());
+        for (int h = 0; h < H; ++h)
+          for (int64_t j = 0; j < n; ++j)
+            for (int d = 0; d < D; ++d) {
+              k[(h * n + j) * D + d] = value + 0.25f * static_cast<float>(j);
+              v[(h * n + j) * D + d] = -(value + 0.25f * static_cast<float>(j));
+            }
+        for (int l = 0; l < 2; ++l)
+          c.append(l, s.id, view(k.data(), dtype::f32, {H, n, D}), view(v.data(), dtype::f32, {H, n, D}), nullptr);
+        for (int64_t j = 0; j < n; ++j) s.values.push_back(value + 0.25f * static_cast<float>(j));
+      }
+    });
+  go.store(1);
+  for (auto& th : threads) th.join();
+  int64_t tokens = 0;
+  for (int t = 0; t < T; ++t)
+    for (const seg& s : segs[t])
+      for (int l = 0; l < 2; ++l)
+        for (int h = 0; h < H; ++h) {
+          auto k = gather_keys(c, l, h, s.id);
+          CHECK_EQ(k.size(), static_cast<size_t>((s.base + static_cast<int64_t>(s.values.size())) * D));
+          for (int64_t j = 0; j < s.base; ++j) CHECK_EQ(k[j * D], -100.f + static_cast<float>(j));
+          double sum = 0, want = 0;
+          for (size_t j = 0; j < s.values.size(); ++j) {
+            for (int d = 0; d < D; ++d) sum += k[(s.base + static_cast<int64_t>(j)) * D + d];
+            want += static_cast<double>(s.values[j]) * D;
+            CHECK_EQ(k[(s.base + static_cast<int64_t>(j)) * D + D - 1], s.values[j]);
+          }
+          CHECK_EQ(sum, want);
+          tokens += static_cast<int64_t>(s.values.size());
+        }
+  CHECK(tokens > T * M);
+  for (int64_t s : c.seq_ids()) c.seq_drop(s);
+  CHECK_EQ(pool->used_blocks(), 0);
+}
+
 // H2O statistic and policy: under the sanitizers, with evictions, forks and a bf16 pool.
 TEST(accumulate_attention_and_heavy_hitter) {
   auto pool = std::make_shared<block_pool>(dtype::bf16, 8, 4, 256);
