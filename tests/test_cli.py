@@ -72,3 +72,17 @@ def test_bench_hogwild_small(tmp_path, capsys):
     assert data["rows"][0]["hogwild_vs_one_worker"] == 1.0
     assert all(r["hogwild_tok_s"] > 0 and r["independent_tok_s"] > 0 for r in data["rows"])
     assert "| context |" in capsys.readouterr().out
+
+
+def test_bench_sharing_small(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["bench", "sharing", "--steps", "1", "--seq-len", "64", "--batch-size", "1", "--eval-tokens", "128",
+                     "--variants", "original,mqa mean,cla3", "--out", str(out)]) == 0
+    data = json.loads((out / "sharing.json").read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows["mqa mean"]["kv_vs_original"] == pytest.approx(1 / 3)
+    assert rows["cla3"]["kv_vs_original"] == pytest.approx(1 / 3)
+    # the analytic bytes/token agree with what kvloom.Cache holds (block rounding aside)
+    for r in rows.values():
+        assert r["kv_bytes_per_token"] <= r["measured_kv_bytes_per_token"] <= 1.02 * r["kv_bytes_per_token"]
+    assert "| variant |" in capsys.readouterr().out

@@ -185,6 +185,8 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("layer"), py::arg("head"), py::arg("seq"), py::arg("slots"))
       .def("apply_policy", &cache::apply_policy, py::arg("layer"), py::arg("seq"))
+      .def("set_layer_sharing", &cache::set_layer_sharing, py::arg("store_of"))
+      .def_property_readonly("layer_sharing", &cache::layer_sharing)
       .def("length", &cache::length, py::arg("layer"), py::arg("head"), py::arg("seq"))
       .def(
           "lengths",

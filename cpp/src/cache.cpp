@@ -43,6 +43,26 @@ cache::cache(std::shared_ptr<block_pool> pool, int n_layers, int n_kv_heads, std
   if (n_kv_heads <= 0) fail_value("cache: n_kv_heads must be >= 1, got " + std::to_string(n_kv_heads));
   if (!policy_) policy_ = std::make_shared<full_policy>();
   layer_policy_.resize(static_cast<size_t>(n_layers));
+  layer_store_.resize(static_cast<size_t>(n_layers));
+  for (int l = 0; l < n_layers; ++l) layer_store_[l] = l;
+}
+
+void cache::set_layer_sharing(const std::vector<int>& store_of) {
+  if (static_cast<int>(store_of.size()) != n_layers_)
+    fail_value("layer sharing needs one entry per layer (" + std::to_string(n_layers_) + "), got " +
+               std::to_string(store_of.size()));
+  for (int l = 0; l < n_layers_; ++l) {
+    const int o = store_of[l];
+    if (o < 0 || o > l)
+      fail_value("layer " + std::to_string(l) + " cannot read layer " + std::to_string(o) +
+                 "'s KV: the owner must be the same or an earlier layer");
+    if (store_of[o] != o)
+      fail_value("layer " + std::to_string(o) + " is named as an owner but itself reads layer " +
+                 std::to_string(store_of[o]));
+  }
+  for (const auto& sq : seqs_)
+    if (sq) fail_value("layer sharing can only be set on a cache without sequences");
+  layer_store_ = store_of;
 }
 
 cache::~cache() {
@@ -145,7 +165,7 @@ int64_t cache::seq_length(int64_t seq) const { return seq_ref(seq).heads[0].n_ap
 const head_store& cache::store(int layer, int head, int64_t seq) const {
   check_layer(layer);
   check_head(head);
-  return seq_ref(seq).heads[static_cast<size_t>(layer) * n_kv_heads_ + head];
+  return seq_ref(seq).heads[hidx(layer, head)];
 }
 
 void cache::free_slot(head_store& hs, int64_t slot) {
@@ -224,12 +244,15 @@ void cache::compact(head_store& hs) {
 void cache::seq_rollback(int64_t seq, int64_t n) {
   sequence& s = seq_ref(seq);
   if (n < 0) fail_value("rollback: n_tokens must be >= 0, got " + std::to_string(n));
-  for (const auto& hs : s.heads)
-    if (n > hs.n_appended_)
+  auto owned = [&](size_t i) { return layer_store_[i / n_kv_heads_] == static_cast<int>(i / n_kv_heads_); };
+  for (size_t i = 0; i < s.heads.size(); ++i)
+    if (owned(i) && n > s.heads[i].n_appended_)
       fail_value("rollback: cannot roll back " + std::to_string(n) + " tokens, sequence " + std::to_string(seq) +
-                 " holds only " + std::to_string(hs.n_appended_) + " in some head");
+                 " holds only " + std::to_string(s.heads[i].n_appended_) + " in some head");
   if (n == 0) return;
-  for (auto& hs : s.heads) {
+  for (size_t i = 0; i < s.heads.size(); ++i) {
+    if (!owned(i)) continue;  // a CLA reader layer holds nothing
+    head_store& hs = s.heads[i];
     const int64_t keep = hs.n_appended_ - n;
     for (int64_t slot = hs.n_slots() - 1; slot >= 0; --slot)
       if (slot < hs.n_slots() && hs.live_[slot] && hs.ord_[slot] >= keep) free_slot(hs, slot);
@@ -282,6 +305,9 @@ append_plan plan_append(const head_store& hs, const block_pool& pool, int64_t n)
 void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_view& v, const tensor_view* positions,
                    const tensor_view* classes) {
   check_layer(layer);
+  if (layer_store_[layer] != layer)
+    fail_value("layer " + std::to_string(layer) + " reads the KV of layer " + std::to_string(layer_store_[layer]) +
+               " (cross-layer sharing): append to layer " + std::to_string(layer_store_[layer]));
   sequence& s = seq_ref(seq);
   check_rank(k, 3, "k");
   check_rank(v, 3, "v");
@@ -314,7 +340,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
     cls = static_cast<const uint8_t*>(classes->data);
   }
   if (n == 0) return;
-  const size_t base = static_cast<size_t>(layer) * n_kv_heads_;
+  const size_t base = hidx(layer, 0);
   if (s.heads[base].n_appended_ + n > INT32_MAX) fail_value("append: sequence would exceed 2^31 tokens");
 
   // 1. Plan every head and reserve all blocks at once (all or nothing).
@@ -378,7 +404,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
 void cache::evict(int layer, int head, int64_t seq, const int32_t* slots, int64_t n) {
   check_layer(layer);
   check_head(head);
-  head_store& hs = seq_ref(seq).heads[static_cast<size_t>(layer) * n_kv_heads_ + head];
+  head_store& hs = seq_ref(seq).heads[hidx(layer, head)];
   if (n < 0) fail_value("evict: negative count");
   std::vector<int32_t> sorted(slots, slots + n);
   std::sort(sorted.begin(), sorted.end());
@@ -396,16 +422,17 @@ void cache::evict(int layer, int head, int64_t seq, const int32_t* slots, int64_
 int64_t cache::apply_policy(int layer, int64_t seq) {
   check_layer(layer);
   sequence& s = seq_ref(seq);
+  if (layer_store_[layer] != layer) return 0;  // the owner layer's policy runs on the shared store
   int64_t total = 0;
   std::vector<int32_t> victims;
   for (int h = 0; h < n_kv_heads_; ++h) {
-    const head_store& hs = s.heads[static_cast<size_t>(layer) * n_kv_heads_ + h];
+    const head_store& hs = s.heads[hidx(layer, h)];
     victims.clear();
     if (hs.plan_) hs.plan_->select_evictions(hs, victims);
     if (!victims.empty()) evict(layer, h, seq, victims.data(), static_cast<int64_t>(victims.size()));
     // also when nothing was evicted now: blocks shared with a since-dropped fork may have
     // become exclusive, hence compactable
-    compact(s.heads[static_cast<size_t>(layer) * n_kv_heads_ + h]);
+    compact(s.heads[hidx(layer, h)]);
     total += static_cast<int64_t>(victims.size());
   }
   return total;
@@ -415,7 +442,7 @@ void cache::set_head_plan(int layer, int head, int64_t seq, std::shared_ptr<cons
   check_layer(layer);
   check_head(head);
   if (!plan) fail_value("set_head_plan: plan must not be null");
-  seq_ref(seq).heads[static_cast<size_t>(layer) * n_kv_heads_ + head].plan_ = std::move(plan);
+  seq_ref(seq).heads[hidx(layer, head)].plan_ = std::move(plan);
 }
 
 void cache::replan(int64_t seq, const prompt_stats* stats) {

@@ -130,7 +130,7 @@ int64_t cache::check_query_rows(int layer, const std::vector<int64_t>& seqs, con
   std::set<int64_t> distinct;
   for (int64_t s : seqs) {
     if (!distinct.insert(s).second) fail_value("sequence " + std::to_string(s) + " named twice");
-    if (seq_ref(s).heads[static_cast<size_t>(layer) * n_kv_heads_].n_appended_ < Tq)
+    if (seq_ref(s).heads[hidx(layer, 0)].n_appended_ < Tq)
       fail_value("more queries than tokens appended to sequence " + std::to_string(s));
   }
   return Hq / n_kv_heads_;
@@ -145,7 +145,7 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
   std::vector<int64_t> appended;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
-      heads.push_back(&seq_ref(seqs[b]).heads[static_cast<size_t>(layer) * H + h]);
+      heads.push_back(&seq_ref(seqs[b]).heads[hidx(layer, static_cast<int>(h))]);
       cheads.push_back(heads.back());
       appended.push_back(heads.back()->appended());
     }
@@ -204,7 +204,7 @@ void cache::hybrid_recovery(int layer, const std::vector<int64_t>& seqs, const t
   std::vector<int64_t> appended;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
-      heads.push_back(&seq_ref(seqs[b]).heads[static_cast<size_t>(layer) * H + h]);
+      heads.push_back(&seq_ref(seqs[b]).heads[hidx(layer, static_cast<int>(h))]);
       appended.push_back(heads.back()->appended());
     }
   const std::vector<key_panels> keys = layer_panels(heads, *pool_);

@@ -187,11 +187,15 @@ class KVCache:
         policy: eviction policy (``kvloom.Full()``, ``kvloom.Window(sinks, recent)``, or a name).
         block_size: tokens per block.
         capacity_bytes: hard limit of the block pool (default: :func:`default_capacity_bytes`).
+        layer_store: cross-layer KV sharing (CLA): ``layer_store[l]`` is the layer whose KV
+            layer l reads (an earlier owner, or l itself). Readers hold no memory; appends go
+            to owners. Default: no sharing.
         pool: share an existing :class:`kvloom.BlockPool` instead of making one.
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, dtype=torch.float32, policy=None,
-                 block_size: int = 16, capacity_bytes: Optional[int] = None, pool: Optional[BlockPool] = None):
+                 block_size: int = 16, capacity_bytes: Optional[int] = None, pool: Optional[BlockPool] = None,
+                 layer_store: Optional[Sequence[int]] = None):
         if pool is None:
             name = kv_dtype_name(dtype)
             if capacity_bytes is None:
@@ -208,6 +212,8 @@ class KVCache:
             raise ValueError(f"pool head_dim {pool.head_dim} != head_dim {head_dim}")
         self._pool = pool
         self._c = _core.Cache(pool, int(n_layers), int(n_kv_heads), make_policy(policy))
+        if layer_store is not None:
+            self._c.set_layer_sharing([int(x) for x in layer_store])
 
     # --- geometry ---------------------------------------------------------------------
     @property
@@ -225,6 +231,11 @@ class KVCache:
     @property
     def block_size(self) -> int:
         return self._c.block_size
+
+    @property
+    def layer_store(self) -> List[int]:
+        """The layer each layer reads its KV from (itself unless layers share, CLA)."""
+        return list(self._c.layer_sharing)
 
     @property
     def dtype(self) -> torch.dtype:

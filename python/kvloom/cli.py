@@ -7,6 +7,7 @@
     kvloom bench e2e [--lengths 512,2048,4096] [--new-tokens 32] [--out DIR]
     kvloom bench sidepath [--lengths 512,1024,2048,4096] [--subtasks 1,2,4,8] [--new-tokens 16] [--out DIR]
     kvloom bench hogwild [--lengths 0,2048] [--workers 1,2,4] [--new-tokens 64] [--repeats 1] [--out DIR]
+    kvloom bench sharing [--steps 40] [--seq-len 256] [--batch-size 2] [--lr 2e-4] [--variants "original,cla2"]
     kvloom info
 """
 from __future__ import annotations
@@ -68,6 +69,14 @@ def _bench(args) -> int:
 
     if args.lengths is None and args.what != "hogwild":
         args.lengths = {"fidelity": "1024,2048", "sidepath": "512,1024,2048,4096"}.get(args.what, "512,2048,4096")
+    if args.what == "sharing":
+        from kvloom import sharing
+
+        summary = sharing.run(args.model, args.steps, args.seq_len, args.batch_size, args.lr, args.eval_tokens,
+                              Path(args.out), [v for v in args.variants.split(",") if v] if args.variants else None)
+        print(sharing.markdown(summary))
+        print(f"wrote {Path(args.out) / 'sharing.json'}, sharing.md, sharing.png")
+        return 0
     if args.what == "hogwild":
         from kvloom import hogwild
 
@@ -160,7 +169,7 @@ def main(argv=None) -> int:
     g.set_defaults(fn=_generate)
 
     b = sub.add_parser("bench", help="end-to-end benchmark against DynamicCache + sdpa")
-    b.add_argument("what", choices=["e2e", "fidelity", "sidepath", "hogwild"])
+    b.add_argument("what", choices=["e2e", "fidelity", "sidepath", "hogwild", "sharing"])
     b.add_argument("--model", default=None)
     b.add_argument("--lengths", default=None,
                    help="prompt tokens (e2e: 512,2048,4096; fidelity: 1024,2048; sidepath: 512,1024,2048,4096)")
@@ -172,6 +181,13 @@ def main(argv=None) -> int:
     b.add_argument("--only", default=None, help="fidelity: comma-separated policy names (full always runs)")
     b.add_argument("--subtasks", default="1,2,4,8", help="sidepath: sub-tasks per turn (k)")
     b.add_argument("--workers", default="1,2,4", help="hogwild: worker counts")
+    b.add_argument("--steps", type=int, default=40, help="sharing: uptraining steps per row")
+    b.add_argument("--seq-len", type=int, default=256, help="sharing: uptraining sequence length")
+    b.add_argument("--batch-size", type=int, default=2, help="sharing: uptraining batch size")
+    b.add_argument("--lr", type=float, default=2e-4, help="sharing: uptraining learning rate")
+    b.add_argument("--eval-tokens", type=int, default=2048, help="sharing: held-out tokens for perplexity")
+    b.add_argument("--variants", default=None, help="sharing: comma-separated subset of " + ",".join(
+        ["original", "mqa mean", "mqa first", "mqa random", "cla2", "cla3"]))
     b.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (e2e: 32; sidepath: 16; hogwild: 64)")
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--out", default="kvloom-bench")

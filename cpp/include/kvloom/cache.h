@@ -21,6 +21,12 @@
 // exclusive access to the cache. Other operations on *different* sequences may run
 // concurrently (the block pool locks its own state); operations on the same sequence, or
 // attention over a sequence while it is being written, must be serialised by the caller.
+// Hogwild!-style use: one sequence per segment (a shared prompt, finished steps, one current
+// step per worker); workers append into their own segments from any threads without a
+// global lock (copy-on-write of a block shared by forks is safe: the pool's reference
+// counts decide who copies), then attend over views (segment lists with a RoPE delta each)
+// once every append of the step has returned. The pool's free list and reference counts
+// are the only shared mutable state.
 #pragma once
 
 #include <cstdint>
@@ -75,6 +81,12 @@ class cache {
   cache& operator=(const cache&) = delete;
 
   int n_layers() const { return n_layers_; }
+  // Cross-layer KV sharing (CLA): layer l reads the store of layer store_of[l] (an owner:
+  // store_of[o] == o, o <= l). Appends go to owners only; apply_policy on a reader is a
+  // no-op; everything else on a reader acts on its owner's store. Readers hold no memory.
+  // Only on a cache without sequences. Default: every layer owns its store.
+  void set_layer_sharing(const std::vector<int>& store_of);
+  const std::vector<int>& layer_sharing() const { return layer_store_; }
   int n_kv_heads() const { return n_kv_heads_; }
   int head_dim() const { return pool_->head_dim(); }
   int block_size() const { return pool_->block_size(); }
@@ -158,6 +170,8 @@ class cache {
   int n_layers_, n_kv_heads_;
   std::shared_ptr<const policy> policy_;
   std::vector<std::shared_ptr<const policy>> layer_policy_;  // [n_layers], null = policy_
+  std::vector<int> layer_store_;                              // [n_layers]: the layer whose store it reads
+  size_t hidx(int layer, int head) const { return static_cast<size_t>(layer_store_[layer]) * n_kv_heads_ + head; }
   std::vector<std::unique_ptr<sequence>> seqs_;  // index = sequence id; null once dropped
 };
 

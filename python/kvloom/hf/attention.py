@@ -43,6 +43,8 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
                                         sliding_window=sliding_window, **kwargs)
     else:
         out = _chunk_over_cache(cache, layer, query, attention_mask, past, scaling)
+    if not cache.owns(layer):  # a CLA reader: its owner layer already did the bookkeeping
+        return out, None
     if q_len > 1 and attention_mask is not None:
         _evict_invisible_new_tokens(cache, layer, attention_mask, past, q_len)
     if cache.needs_scores:

@@ -125,8 +125,12 @@ class LoomCache(_HFCache):
         self.fastgen = policy if isinstance(policy, FastGen) else None
         self.taskkv = policy if isinstance(policy, TaskKV) else None
         policy = make_policy(policy)
+        from ..convert import layer_store
+
+        self._store = layer_store(model) or list(range(geo.n_layers))  # CLA: the layer each layer reads
         self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=policy,
-                          block_size=block_size, capacity_bytes=capacity_bytes)
+                          block_size=block_size, capacity_bytes=capacity_bytes,
+                          layer_store=None if self._store == list(range(geo.n_layers)) else self._store)
         # policies that rank tokens by the attention they receive need it accumulated
         self.needs_scores = isinstance(policy, HeavyHitter) or self.fastgen is not None
         self._class_table = None
@@ -201,6 +205,22 @@ class LoomCache(_HFCache):
             self.kv.append(layer_idx, s, key_states[b], value_states[b], classes=None if classes is None else classes[b])
         self.layers[layer_idx].cumulative_length += n
         self.layers[layer_idx].is_initialized = True
+        _active.entry = (self, layer_idx, key_states)
+        return key_states, value_states
+
+    def owns(self, layer_idx: int) -> bool:
+        """False for a CLA reader layer (it reads an earlier layer's KV and stores none)."""
+        return self._store[layer_idx] == layer_idx
+
+    def read_shared(self, layer_idx: int, key_states, value_states, q_len: int):
+        """Called by a CLA reader layer instead of update(): nothing is stored (the C++ cache
+        maps the layer to its owner's store); the attention learns its cache from here."""
+        self._check_open()
+        if self.owns(layer_idx):
+            raise ValueError(f"layer {layer_idx} owns its KV; call update()")
+        layer = self.layers[layer_idx]
+        layer.cumulative_length = self.layers[self._store[layer_idx]].cumulative_length
+        layer.is_initialized = True
         _active.entry = (self, layer_idx, key_states)
         return key_states, value_states
 

@@ -260,3 +260,26 @@ class CacheModel:
             return None, None, [], []
         return (torch.stack([t.k for t in toks]), torch.stack([t.v for t in toks]),
                 [t.ord for t in toks], [t.pos for t in toks])
+
+
+def pool_kv_heads(weight: torch.Tensor, old_heads: int, new_heads: int, head_dim: int, init: str) -> torch.Tensor:
+    """GQA conversion of one K/V projection (weight [old_heads * head_dim, in] or bias):
+    new head g is the mean ('mean') or the first ('first') of old heads
+    g * r .. g * r + r - 1, r = old_heads / new_heads. Plain loops."""
+    r = old_heads // new_heads
+    rows = []
+    for g in range(new_heads):
+        members = [weight[(g * r + j) * head_dim:(g * r + j + 1) * head_dim].double() for j in range(r)]
+        if init == "mean":
+            acc = members[0].clone()
+            for m in members[1:]:
+                acc = acc + m
+            rows.append(acc / r)
+        else:
+            rows.append(members[0])
+    return torch.cat(rows, 0)
+
+
+def kv_head_of_query(q_head: int, n_q_heads: int, n_kv_heads: int) -> int:
+    """The kv head a query head reads under GQA (transformers' layout)."""
+    return q_head // (n_q_heads // n_kv_heads)
