@@ -9,6 +9,8 @@ ATTENTION = [
     dict(name="gqa-32/8-T2048-D128", B=1, Hq=32, Hkv=8, T=2048, D=128, dtype="float32"),
     dict(name="gqa-32/8-T8192-D128", B=1, Hq=32, Hkv=8, T=8192, D=128, dtype="float32"),
     dict(name="mqa-32/1-T4096-D128", B=1, Hq=32, Hkv=1, T=4096, D=128, dtype="float32"),
+    dict(name="gqa-14/2-T4096-D64", B=1, Hq=14, Hkv=2, T=4096, D=64, dtype="float32"),
+    dict(name="smollm2-mqa-9/1-T4096-D64", B=1, Hq=9, Hkv=1, T=4096, D=64, dtype="float32"),
     dict(name="smollm2-9/3-T128-D64", B=1, Hq=9, Hkv=3, T=128, D=64, dtype="float32"),
     dict(name="smollm2-9/3-T4096-D64", B=1, Hq=9, Hkv=3, T=4096, D=64, dtype="float32"),
     dict(name="smollm2-9/3-T4096-D64-B4", B=4, Hq=9, Hkv=3, T=4096, D=64, dtype="float32"),
