@@ -128,6 +128,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("sinks", &window_policy::sinks)
       .def_property_readonly("recent", &window_policy::recent);
 
+  py::class_<nats_policy, policy, std::shared_ptr<nats_policy>>(m, "NatsPolicy")
+      .def(py::init<int64_t>(), py::arg("window"))
+      .def_property_readonly("window", &nats_policy::window);
+
   py::class_<heavy_hitter_policy, policy, std::shared_ptr<heavy_hitter_policy>>(m, "HeavyHitterPolicy")
       .def(py::init<double, int64_t>(), py::arg("ratio") = 0.1, py::arg("recent") = 64)
       .def_property_readonly("ratio", &heavy_hitter_policy::ratio)

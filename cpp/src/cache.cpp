@@ -332,12 +332,18 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
     pos = static_cast<const int32_t*>(positions->data);
   }
   const uint8_t* cls = nullptr;
+  int64_t cls_head_stride = 0;  // per-head classes ([n_kv_heads, n]) or one row for all heads
   if (classes) {
     check_dtype(*classes, dtype::u8, "classes");
     check_cpu(*classes, "classes");
-    if (classes->ndim != 1 || classes->shape[0] != n || (n > 1 && classes->strides[0] != 1))
-      fail_value("classes must be contiguous uint8 [" + std::to_string(n) + "], got " + classes->describe());
+    const bool per_token = classes->ndim == 1 && classes->shape[0] == n && (n <= 1 || classes->strides[0] == 1);
+    const bool per_head = classes->ndim == 2 && classes->shape[0] == n_kv_heads_ && classes->shape[1] == n &&
+                          (n <= 1 || classes->strides[1] == 1) && classes->strides[0] == n;
+    if (!per_token && !per_head)
+      fail_value("classes must be contiguous uint8 [" + std::to_string(n) + "] or [n_kv_heads=" +
+                 std::to_string(n_kv_heads_) + ", " + std::to_string(n) + "], got " + classes->describe());
     cls = static_cast<const uint8_t*>(classes->data);
+    cls_head_stride = per_head ? n : 0;
   }
   if (n == 0) return;
   const size_t base = hidx(layer, 0);
@@ -390,7 +396,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
       hs.ord_[slot] = ord;
       hs.pos_[slot] = pos ? pos[j] : ord;
       hs.score_[slot] = 0.f;
-      hs.cls_[slot] = cls ? cls[j] : 0;
+      hs.cls_[slot] = cls ? cls[h * cls_head_stride + j] : 0;
       ++hs.block_live_[bi];
     }
     hs.n_live_ += n;

@@ -145,4 +145,41 @@ std::shared_ptr<const head_plan> window_policy::plan_head(const head_key&, const
   return plan_;
 }
 
+namespace {
+
+class nats_plan final : public head_plan {
+ public:
+  explicit nats_plan(int64_t window) : window_(window) {}
+  std::string name() const override { return "nats"; }
+  void select_evictions(const head_store& hs, std::vector<int32_t>& out) const override {
+    int64_t newest_global = -1;
+    for (int64_t s = 0, n = hs.n_slots(); s < n; ++s)
+      if (hs.live(s) && hs.token_class(s) == kNatsGlobal) newest_global = std::max<int64_t>(newest_global, hs.ord(s));
+    const int64_t appended = hs.appended();
+    for (int64_t s = 0, n = hs.n_slots(); s < n; ++s) {
+      if (!hs.live(s)) continue;
+      const int64_t o = hs.ord(s);
+      const uint8_t t = hs.token_class(s);
+      if ((t == kNatsLocal && o < newest_global) || (t == kNatsSliding && appended - o >= window_))
+        out.push_back(static_cast<int32_t>(s));
+    }
+  }
+
+ private:
+  int64_t window_;
+};
+
+}  // namespace
+
+nats_policy::nats_policy(int64_t window) : window_(window) {
+  if (window < 1) fail_value("nats: window must be >= 1, got " + std::to_string(window));
+  plan_ = std::make_shared<const nats_plan>(window);
+}
+
+std::string nats_policy::name() const { return "nats(window=" + std::to_string(window_) + ")"; }
+
+std::shared_ptr<const head_plan> nats_policy::plan_head(const head_key&, const head_store&, const prompt_stats*) const {
+  return plan_;
+}
+
 }  // namespace kvloom

@@ -6,7 +6,7 @@ GQA-aware CPU decode attention) behind a small Python API. See the README.
 from ._version import __version__
 from . import _core
 from ._core import CapacityError
-from .cache import BlockPool, FastGen, Full, HeavyHitter, KVCache, TaskKV, Window, default_capacity_bytes
+from .cache import BlockPool, FastGen, Full, HeavyHitter, KVCache, NAtS, TaskKV, Window, default_capacity_bytes
 from . import ops
 
 
@@ -25,7 +25,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'kvloom' has no attribute {name!r}")
 
 __all__ = [
-    "__version__", "CapacityError", "BlockPool", "KVCache", "Full", "Window", "HeavyHitter", "FastGen", "TaskKV", "ops",
+    "__version__", "CapacityError", "BlockPool", "KVCache", "Full", "Window", "HeavyHitter", "FastGen", "TaskKV", "NAtS", "ops",
     "set_num_threads", "get_num_threads", "kernel_isa", "default_capacity_bytes", "Cache", "enable",
     "Conversation", "ciflex",
 ]

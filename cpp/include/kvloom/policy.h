@@ -10,6 +10,7 @@
 // Thread safety: policies and plans are immutable after construction; any thread may use them.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -114,6 +115,26 @@ class keep_set_plan final : public head_plan {
   int64_t sinks_, recent_;
   std::vector<int32_t> ords_;  // sorted
   bool keep_all_;
+};
+
+// NAtS (Neural Attention Search): each token of each kv head is typed by a learned scorer
+// and the type is kept in the slot's class byte: 0 global (kept for every later query),
+// 1 local (kept until a newer global token of the head has been attended), 2 sliding
+// (kept for the `window` queries from its own on). After each step the plan frees the local
+// tokens older than the head's newest global token and the sliding tokens with
+// appended - ord >= window. Untyped tokens (class 0) are global.
+constexpr uint8_t kNatsGlobal = 0, kNatsLocal = 1, kNatsSliding = 2;
+
+class nats_policy final : public policy {
+ public:
+  explicit nats_policy(int64_t window);
+  std::string name() const override;
+  std::shared_ptr<const head_plan> plan_head(const head_key&, const head_store&, const prompt_stats*) const override;
+  int64_t window() const { return window_; }
+
+ private:
+  int64_t window_;
+  std::shared_ptr<const head_plan> plan_;
 };
 
 }  // namespace kvloom

@@ -38,6 +38,8 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
         targets, inv_freq = cache._decode_targets(layer)  # sequences, or segment views (Hogwild!)
         out = cache.kv.attend(layer, query[:, :, 0, :], targets, scale=scaling, inv_freq=inv_freq)  # [B, Hq, D]
         out = out.unsqueeze(1)  # [B, 1, Hq, D]
+    elif past == 0 and cache.nats is not None and q_len > 1:
+        out = _nats_prompt_attention(cache, layer, query, key, value, attention_mask, scaling)
     elif past == 0:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
                                         sliding_window=sliding_window, **kwargs)
@@ -56,6 +58,25 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
     for s in cache.seqs:
         cache.kv.apply_policy(layer, s)
     return out, None
+
+
+def _nats_prompt_attention(cache, layer: int, query, key, value, attention_mask, scaling):
+    """The prompt attends with the NAtS visibility rules of the types just assigned."""
+    from ..nats import soft_visibility
+
+    types = cache._nats_types[layer].long()  # [B, Hkv, T]
+    vis = soft_visibility(torch.nn.functional.one_hot(types, 3).float(), cache.nats.window) > 0.5  # [B, Hkv, T, T]
+    G = query.shape[1] // key.shape[1]
+    vis = vis.repeat_interleave(G, dim=1)
+    if attention_mask is not None:
+        m = attention_mask[:, :, :, -types.shape[-1]:]
+        if m.dtype != torch.bool:
+            m = m > torch.finfo(m.dtype).min / 2
+        vis = vis & m
+    vis = vis | (~vis.any(-1, keepdim=True) & (torch.arange(vis.shape[-1]) == 0))  # padded rows: no NaN
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=vis, scale=scaling,
+                                                           enable_gqa=G > 1)
+    return out.transpose(1, 2).contiguous()
 
 
 def _fastgen_profile(cache, layer: int, query: torch.Tensor, scaling) -> None:

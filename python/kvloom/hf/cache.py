@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import Cache as _HFCache
 from transformers.cache_utils import CacheLayerMixin
 
-from ..cache import FastGen, HeavyHitter, KVCache, TaskKV, Window, make_policy
+from ..cache import FastGen, HeavyHitter, KVCache, NAtS, TaskKV, Window, make_policy
 from . import arch
 
 # The attention function learns which cache (and layer) it serves from the update() that
@@ -124,6 +124,7 @@ class LoomCache(_HFCache):
             raise TypeError(f"KV dtype {dtype} is not supported; use float32, float16 or bfloat16")
         self.fastgen = policy if isinstance(policy, FastGen) else None
         self.taskkv = policy if isinstance(policy, TaskKV) else None
+        self.nats = policy if isinstance(policy, NAtS) else None
         policy = make_policy(policy)
         from ..convert import layer_store
 
@@ -151,6 +152,13 @@ class LoomCache(_HFCache):
                               "(heads fall through to the next hybrid)", stacklevel=2)
             self._embed = model.get_input_embeddings()
             self._install_ids_hook()
+        self._nats_hidden = {}
+        self._nats_types = {}
+        self._nats_hooks = None
+        self._model = weakref.ref(model)
+        if self.nats is not None:
+            self.nats.scorer.check_model(model)
+            self._install_nats_hooks()
         for i, w in enumerate(geo.windows):
             if w is not None:
                 # after attention, keep the W-1 newest tokens: with the next token that is W
@@ -159,6 +167,19 @@ class LoomCache(_HFCache):
         self._config = arch.text_config(model)
         self._attn_ids = {id(m) for m in model.modules() if hasattr(m, "layer_idx") and "attention" in type(m).__name__.lower()}
         self.seqs: Optional[List[int]] = None  # one C++ sequence per batch row
+
+    def _install_nats_hooks(self) -> None:
+        from ..nats import _HiddenHooks
+
+        me = weakref.ref(self)
+
+        def keep_hidden(layer, h):
+            cache = me()
+            if cache is not None:
+                cache._nats_hidden[layer] = h
+
+        self._nats_hidden, self._nats_types = {}, {}
+        self._nats_hooks = _HiddenHooks(self._model(), keep_hidden)
 
     def _install_ids_hook(self) -> None:
         me = weakref.ref(self)
@@ -200,7 +221,7 @@ class LoomCache(_HFCache):
             self.seqs = [self.kv.add_sequence() for _ in range(B)]
         elif layer_idx == 0:
             self._check_capacity(B, n)
-        classes = self._classes(B, n)
+        classes = self._classes(B, n) if self.nats is None else self._nats_classes(layer_idx, B, n)
         for b, s in enumerate(self.seqs):
             self.kv.append(layer_idx, s, key_states[b], value_states[b], classes=None if classes is None else classes[b])
         self.layers[layer_idx].cumulative_length += n
@@ -224,6 +245,17 @@ class LoomCache(_HFCache):
         _active.entry = (self, layer_idx, key_states)
         return key_states, value_states
 
+    def _nats_classes(self, layer_idx: int, batch: int, n: int):
+        """uint8 [batch, n_kv_heads, n]: the scorer's types of the tokens being appended."""
+        h = self._nats_hidden.pop(layer_idx, None)
+        if h is None or h.shape[0] != batch or h.shape[1] < n:
+            raise RuntimeError("NAtS needs the attention layer's input hidden states (the cache's hooks did not see "
+                               "this forward); is the cache used with the model it was built for?")
+        first = self.layers[layer_idx].cumulative_length
+        t = self.nats.scorer.types(layer_idx, h[:, -n:], first_ord=first).contiguous()
+        self._nats_types[layer_idx] = t
+        return t
+
     def _classes(self, batch: int, n: int):
         """uint8 [batch, n] token classes of the tokens being appended (FastGen), if known."""
         ids = self._ids
@@ -235,6 +267,9 @@ class LoomCache(_HFCache):
         hook = getattr(self, "_hook", None)
         if hook is not None:
             hook.remove()
+        hooks = getattr(self, "_nats_hooks", None)
+        if hooks is not None:
+            hooks.remove()
         try:  # a cache that goes away gives its sequences back (forks share the C++ cache)
             if not getattr(self, "_closed", True) and self.seqs is not None:
                 for s in self.seqs:
@@ -337,6 +372,9 @@ class LoomCache(_HFCache):
         new._hook = None
         if new._embed is not None:
             new._install_ids_hook()
+        new._nats_hooks = None
+        if new.nats is not None:
+            new._install_nats_hooks()
         return new
 
     def rollback(self, n_tokens: int) -> None:
@@ -360,6 +398,9 @@ class LoomCache(_HFCache):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._nats_hooks is not None:
+            self._nats_hooks.remove()
+            self._nats_hooks = None
 
     @property
     def closed(self) -> bool:
@@ -371,7 +412,7 @@ class LoomCache(_HFCache):
 
     @property
     def policy_name(self) -> str:
-        for p in (self.fastgen, self.taskkv):
+        for p in (self.fastgen, self.taskkv, self.nats):
             if p is not None:
                 return p.name
         return self.kv.policy

@@ -283,3 +283,41 @@ def pool_kv_heads(weight: torch.Tensor, old_heads: int, new_heads: int, head_dim
 def kv_head_of_query(q_head: int, n_q_heads: int, n_kv_heads: int) -> int:
     """The kv head a query head reads under GQA (transformers' layout)."""
     return q_head // (n_q_heads // n_kv_heads)
+
+
+# --- NAtS (Neural Attention Search) token types ----------------------------------------------
+NATS_GLOBAL, NATS_LOCAL, NATS_SLIDING = 0, 1, 2
+
+
+def nats_visible(types: Sequence[int], window: int) -> torch.Tensor:
+    """bool [T, T]: query i may attend key j (one kv head, token types 0 global, 1 local,
+    2 sliding). j <= i always; a global key is seen by every later query; a local key j by
+    the queries up to and including the next global token after j (it is dropped once that
+    token has been attended); a sliding key j by the queries i with i - j < window. Plain loops."""
+    T = len(types)
+    vis = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        for j in range(i + 1):
+            t = types[j]
+            if j == i or t == NATS_GLOBAL:
+                vis[i, j] = True
+            elif t == NATS_LOCAL:
+                vis[i, j] = not any(types[k] == NATS_GLOBAL for k in range(j + 1, i))
+            else:
+                vis[i, j] = i - j < window
+    return vis
+
+
+def nats_keep(types: Sequence[int], appended: int, window: int) -> List[int]:
+    """The ords a NAtS head keeps after `appended` tokens: those the next query may see."""
+    keep = []
+    for j in range(appended):
+        t = types[j]
+        if t == NATS_GLOBAL:
+            keep.append(j)
+        elif t == NATS_LOCAL:
+            if not any(types[k] == NATS_GLOBAL for k in range(j + 1, appended)):
+                keep.append(j)
+        elif appended - j < window:
+            keep.append(j)
+    return keep

@@ -1,0 +1,249 @@
+"""NAtS (Neural Attention Search) token types, trained and run on a CPU.
+
+A small scorer per attention layer, ``Linear(hidden, num_kv_heads * 3)`` on the layer's
+input hidden states, types every token for every kv head:
+
+- **global** (0): kept for all later queries;
+- **local** (1): kept until the next global token of that head has been attended;
+- **sliding** (2): kept for the ``window`` queries from its own position on.
+
+Training (:func:`train`) fits only the scorers, the model frozen: the loss is the MSE
+between the final hidden states of the NAtS-masked model and of the full-attention model,
+plus ``lam`` times the fraction of global tokens; types are sampled with hard
+straight-through Gumbel-softmax (tau = 1); the first and last tokens are forced global. At
+inference (``kvloom.Cache(model, policy=kvloom.NAtS())``) the C++ ``nats`` policy evicts by
+the scorer's argmax types (first token global), and the prompt attends with the same mask.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+GLOBAL, LOCAL, SLIDING = 0, 1, 2
+DEFAULT_SCORER = Path(__file__).resolve().parent / "data" / "nats_smollm2.pt"
+
+
+class Scorer(nn.Module):
+    """One ``Linear(hidden, n_kv_heads * 3)`` per attention layer."""
+
+    def __init__(self, n_layers: int, hidden: int, n_kv_heads: int, window: int = 64, global_bias: float = 3.0):
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.n_kv_heads = n_kv_heads
+        self.window = int(window)
+        self.layers = nn.ModuleList(nn.Linear(hidden, n_kv_heads * 3) for _ in range(n_layers))
+        with torch.no_grad():  # start close to full attention: mostly global
+            for lin in self.layers:
+                lin.weight.mul_(0.1)
+                lin.bias.zero_()
+                lin.bias.view(n_kv_heads, 3)[:, GLOBAL] = global_bias
+        self.meta: Dict[str, object] = {}
+
+    def logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, H, T, 3] type logits from hidden states [B, T, hidden]."""
+        B, T, _ = hidden.shape
+        out = self.layers[layer](hidden.to(self.layers[layer].weight.dtype))
+        return out.view(B, T, self.n_kv_heads, 3).permute(0, 2, 1, 3)
+
+    @torch.no_grad()
+    def types(self, layer: int, hidden: torch.Tensor, first_ord: int = 0) -> torch.Tensor:
+        """uint8 [B, H, T] argmax types; the sequence's first token (ord 0) is global."""
+        t = self.logits(layer, hidden).argmax(-1).to(torch.uint8)
+        if first_ord == 0 and t.shape[-1] > 0:
+            t[..., 0] = GLOBAL
+        return t
+
+    def save(self, path, **meta) -> None:
+        self.meta.update(meta)
+        torch.save({"state": {k: v.half() for k, v in self.state_dict().items()}, "n_layers": len(self.layers),
+                    "hidden": self.layers[0].in_features, "n_kv_heads": self.n_kv_heads, "window": self.window,
+                    "meta": self.meta}, path)
+
+    @classmethod
+    def load(cls, path=None) -> "Scorer":
+        """A saved scorer (default: the one shipped for SmolLM2-135M-Instruct)."""
+        path = Path(path) if path is not None else DEFAULT_SCORER
+        if not path.exists():
+            raise FileNotFoundError(f"no NAtS scorer at {path}; train one with `kvloom nats train`")
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        s = cls(blob["n_layers"], blob["hidden"], blob["n_kv_heads"], blob["window"])
+        s.load_state_dict({k: v.float() for k, v in blob["state"].items()})
+        s.meta = dict(blob.get("meta", {}))
+        return s.eval()
+
+    def check_model(self, model) -> None:
+        from .hf import arch
+
+        geo = arch.geometry(model)
+        hidden = arch.text_config(model).hidden_size
+        if (geo.n_layers, geo.n_kv_heads, hidden) != (len(self.layers), self.n_kv_heads, self.layers[0].in_features):
+            raise ValueError(f"this NAtS scorer was made for {len(self.layers)} layers x {self.n_kv_heads} kv heads, "
+                             f"hidden {self.layers[0].in_features}; the model has {geo.n_layers} x {geo.n_kv_heads}, "
+                             f"hidden {hidden}")
+
+
+def soft_visibility(onehot: torch.Tensor, window: int) -> torch.Tensor:
+    """Differentiable NAtS mask from one-hot (or straight-through) types [..., T, 3]:
+    [..., T(query), T(key)] with 1 where the query may attend the key. Equal to
+    ``kvloom.reference.nats_visible`` on hard one-hots; gradients reach every type."""
+    g, loc, sl = onehot[..., GLOBAL], onehot[..., LOCAL], onehot[..., SLIDING]
+    T = onehot.shape[-2]
+    C = torch.cumsum(g, -1)  # globals at or before each position
+    before = C - g  # globals strictly before i
+    i = torch.arange(T)
+    between = before[..., :, None] - C[..., None, :]  # globals k with j < k < i (for j < i)
+    local_vis = loc[..., None, :] * torch.relu(1 - between)
+    slide = ((i[:, None] - i[None, :]) < window).to(onehot.dtype)
+    vis = g[..., None, :] + local_vis + sl[..., None, :] * slide
+    causal = (i[None, :] < i[:, None]).to(onehot.dtype)
+    eye = torch.eye(T, dtype=onehot.dtype)
+    return vis * causal + eye
+
+
+def hard_types(onehot: torch.Tensor) -> torch.Tensor:
+    return onehot.argmax(-1)
+
+
+# --- masked attention (training) -----------------------------------------------------------------
+class _TrainState:
+    def __init__(self, scorer: Scorer, window: int, hard: bool, generator: Optional[torch.Generator]):
+        self.scorer = scorer
+        self.window = window
+        self.hard = hard  # argmax types instead of Gumbel samples
+        self.gen = generator
+        self.hidden: Dict[int, torch.Tensor] = {}
+        self.global_frac: List[torch.Tensor] = []
+
+
+_state: Optional[_TrainState] = None
+ATTN_NAME = "kvloom_nats_train"
+
+
+def _gumbel_onehot(logits: torch.Tensor, generator) -> torch.Tensor:
+    u = torch.rand(logits.shape, generator=generator).clamp_(1e-9, 1 - 1e-9)
+    y = torch.softmax(logits - torch.log(-torch.log(u)), -1)  # tau = 1
+    hard = torch.nn.functional.one_hot(y.argmax(-1), 3).to(y.dtype)
+    return hard + y - y.detach()  # straight-through
+
+
+def _masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    st = _state
+    layer = module.layer_idx
+    logits = st.scorer.logits(layer, st.hidden.pop(layer))  # [B, H, T, 3]
+    if st.hard:
+        oh = torch.nn.functional.one_hot(logits.argmax(-1), 3).to(query.dtype)
+    else:
+        oh = _gumbel_onehot(logits, st.gen)
+    forced = torch.zeros(3, dtype=oh.dtype)
+    forced[GLOBAL] = 1
+    oh = torch.cat([forced.expand_as(oh[..., :1, :]), oh[..., 1:-1, :], forced.expand_as(oh[..., -1:, :])], -2) \
+        if oh.shape[-2] > 1 else forced.expand_as(oh)
+    st.global_frac.append(oh[..., 1:-1, GLOBAL].mean() if oh.shape[-2] > 2 else oh[..., GLOBAL].mean())
+    vis = soft_visibility(oh, st.window)  # [B, H, T, T]
+    G = query.shape[1] // key.shape[1]
+    if G > 1:
+        key, value = key.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
+        vis = vis.repeat_interleave(G, 1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    s = (query @ key.transpose(-1, -2)) * scale
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        vis = vis * attention_mask.to(vis.dtype)
+    w = torch.exp(s - s.amax(-1, keepdim=True)) * vis
+    p = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
+    return (p @ value).transpose(1, 2).contiguous(), None
+
+
+def _register_train_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, _masked_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and "attention" in type(m).__name__.lower()]
+
+
+class _HiddenHooks:
+    """Forward pre-hooks that hand each attention layer's input hidden states to `sink`."""
+
+    def __init__(self, model, sink):
+        self.handles = []
+        for m in _attention_modules(model):
+            def hook(mod, args, kwargs, _sink=sink):
+                h = kwargs.get("hidden_states", args[0] if args else None)
+                _sink(mod.layer_idx, h)
+            self.handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def masked_forward(model, scorer: Scorer, ids: torch.Tensor, *, hard: bool = True, window: Optional[int] = None,
+                   generator: Optional[torch.Generator] = None):
+    """Runs `model` on ids [B, T] with every attention layer NAtS-masked by `scorer`
+    (argmax types when `hard`, Gumbel straight-through samples otherwise); returns
+    (final hidden states [B, T, hidden], fraction of global tokens)."""
+    global _state
+    _register_train_attention()
+    prev = model.config._attn_implementation
+    _state = _TrainState(scorer, window or scorer.window, hard, generator)
+    hooks = _HiddenHooks(model, lambda layer, h: _state.hidden.__setitem__(layer, h))
+    model.set_attn_implementation(ATTN_NAME)
+    try:
+        out = model.model(input_ids=ids, use_cache=False)
+        frac = torch.stack(_state.global_frac).mean()
+        return out.last_hidden_state, frac
+    finally:
+        hooks.remove()
+        model.set_attn_implementation(prev)
+        _state = None
+
+
+def train(model, tokenizer, texts: Sequence[str], *, steps: int = 200, window: int = 64, lam: float = 0.05,
+          lr: float = 1e-2, seq_len: int = 256, seed: int = 0, progress: bool = True,
+          scorer: Optional[Scorer] = None) -> tuple:
+    """Fits NAtS scorers for `model` (frozen) on `texts`; returns (scorer, history)."""
+    from tqdm import tqdm
+
+    from .convert import token_batches
+    from .hf import arch
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    geo = arch.geometry(model)
+    hidden = arch.text_config(model).hidden_size
+    scorer = scorer or Scorer(geo.n_layers, hidden, geo.n_kv_heads, window)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    data = token_batches(tokenizer, texts, seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(data.shape[0], generator=gen)
+    opt = torch.optim.Adam(scorer.parameters(), lr=lr)
+    hist = []
+    bar = tqdm(range(steps), desc="nats train", unit="step", disable=not progress)
+    for step in bar:
+        ids = data[order[step % len(order)]][None]
+        with torch.no_grad():
+            target = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        out, frac = masked_forward(model, scorer, ids, hard=False, window=window, generator=gen)
+        mse = torch.mean((out - target) ** 2)
+        loss = mse + lam * frac
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist.append({"step": step, "mse": float(mse.detach()), "global_fraction": float(frac.detach())})
+        bar.set_postfix_str(f"mse {hist[-1]['mse']:.4f}, global {hist[-1]['global_fraction']:.2f}")
+    scorer.meta.update({"steps": steps, "window": window, "lam": lam, "lr": lr, "seq_len": seq_len, "seed": seed})
+    return scorer.eval(), hist
