@@ -3,11 +3,14 @@
     python -m bench attention [--quick] [--out bench/results] [--threads N]
 
     python -m bench stats [--out bench/results]
+    python -m bench readme
+
 
 The first runs the kernel micro-benchmarks under pytest-benchmark (calibrated rounds, its
 raw JSON kept for --benchmark-compare) and writes attention.json, attention.md and
 attention.png; the second times the prompt statistics (tiled C++ vs dense torch) and writes
-stats.json and stats.md.
+stats.json and stats.md; `readme` copies every bench/results/NAME.md into the README
+between its `<!-- results:NAME -->` markers, so the tables there are the measured ones.
 """
 from __future__ import annotations
 
@@ -51,6 +54,22 @@ def attention(args) -> int:
     return 0
 
 
+def readme(path: Path = HERE.parent / "README.md", results: Path = HERE / "results") -> int:
+    import re
+
+    text = path.read_text()
+
+    def fill(m):
+        md = results / f"{m.group(1)}.md"
+        body = md.read_text().strip() + "\n" if md.exists() else "(not measured yet)\n"
+        return f"<!-- results:{m.group(1)} -->\n{body}<!-- /results:{m.group(1)} -->"
+
+    new = re.sub(r"<!-- results:(\w+) -->.*?<!-- /results:\1 -->", fill, text, flags=re.S)
+    path.write_text(new)
+    print(f"{path}: {'updated' if new != text else 'unchanged'}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +81,10 @@ def main(argv=None) -> int:
     a.add_argument("--rounds", type=int, default=0, help="timed rounds per case (default 30)")
     st = sub.add_parser("stats", help="prompt statistics (H2O / FastGen profiling): tiled C++ vs dense torch")
     st.add_argument("--out", default=str(HERE / "results"), help="output folder (default bench/results)")
+    sub.add_parser("readme", help="copy bench/results/*.md into the README's results markers")
     args = p.parse_args(argv)
+    if args.what == "readme":
+        return readme()
     if args.what == "attention":
         return attention(args)
     if args.what == "stats":

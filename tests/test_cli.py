@@ -86,3 +86,25 @@ def test_bench_sharing_small(tmp_path, capsys):
     for r in rows.values():
         assert r["kv_bytes_per_token"] <= r["measured_kv_bytes_per_token"] <= 1.02 * r["kv_bytes_per_token"]
     assert "| variant |" in capsys.readouterr().out
+
+
+def test_generate_with_shipped_nats_scorer(capsys):
+    assert cli.main(["generate", "Say hello.", "--max-new-tokens", "6", "--policy", "nats"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "policy nats(window=" in err
+
+
+def test_bench_nats_small(tmp_path, capsys):
+    from kvloom import nats
+
+    sc = nats.Scorer(30, 576, 3, window=8)  # untrained: mostly global
+    sc.save(tmp_path / "s.pt", lam=0.0)
+    out = tmp_path / "out"
+    assert cli.main(["bench", "nats", "--scorers", str(tmp_path / "s.pt"), "--lengths", "200", "--depths", "0.5",
+                     "--seeds", "1", "--ppl-prefix", "64", "--ppl-tokens", "8", "--out", str(out)]) == 0
+    data = json.loads((out / "nats.json").read_text())
+    names = [r["policy"] for r in data["rows"]]
+    assert names[0] == "full" and names[1].startswith("nats") and names[2].startswith("window at the bytes")
+    assert data["rows"][0]["kv_fraction"] == 1.0
+    assert abs(data["rows"][2]["kv_fraction"] - data["rows"][1]["kv_fraction"]) < 0.25
+    assert "| policy |" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Builds the C++ core's own unit tests with AddressSanitizer + UndefinedBehaviorSanitizer
-(CMake option KVLOOM_SANITIZE), and again with ThreadSanitizer (KVLOOM_TSAN) for the
-concurrent appends, forks and the thread pool, and runs them through ctest.
+(CMake option KVLOOM_SANITIZE), again with ThreadSanitizer (KVLOOM_TSAN) for the
+concurrent appends, forks and the thread pool, and, where nvcc is installed, with the CUDA
+target (its test skips itself without a GPU); runs them through ctest.
 
 Needs cmake and a C++ compiler (the `test` extra installs cmake and ninja). Set
 KVLOOM_SKIP_CPP_TESTS=1 to skip, e.g. when testing an installed wheel without sources.
@@ -22,15 +23,19 @@ def _tool(name):
 
 
 @pytest.mark.skipif(os.environ.get("KVLOOM_SKIP_CPP_TESTS") == "1", reason="KVLOOM_SKIP_CPP_TESTS=1")
-@pytest.mark.parametrize("sanitizer", ["asan+ubsan", "tsan"])
+@pytest.mark.parametrize("sanitizer", ["asan+ubsan", "tsan", "cuda"])
 def test_cpp_unit_tests_under_sanitizers(tmp_path_factory, sanitizer):
     cmake = _tool("cmake")
     assert cmake, "cmake not found: install the test extra (pip install '.[test]')"
     assert (ROOT / "CMakeLists.txt").exists(), "run the tests from a source checkout"
+    if sanitizer == "cuda" and not (shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")):
+        pytest.skip("nvcc not found: the CUDA build of the C++ tests is skipped")
     build = tmp_path_factory.mktemp("cpp-" + sanitizer.replace("+", "-"))
-    flag = "-DKVLOOM_TSAN=ON" if sanitizer == "tsan" else "-DKVLOOM_SANITIZE=ON"
-    cfg = [cmake, "-S", str(ROOT), "-B", str(build), "-DKVLOOM_BUILD_TESTS=ON", flag,
-           "-DKVLOOM_CUDA=0", "-DCMAKE_BUILD_TYPE=Debug"]
+    flags = {"tsan": ["-DKVLOOM_TSAN=ON", "-DKVLOOM_CUDA=0", "-DCMAKE_BUILD_TYPE=Debug"],
+             "asan+ubsan": ["-DKVLOOM_SANITIZE=ON", "-DKVLOOM_CUDA=0", "-DCMAKE_BUILD_TYPE=Debug"],
+             # the CUDA target and its test (which skips itself without a device), optimised
+             "cuda": ["-DKVLOOM_CUDA=1", "-DCMAKE_BUILD_TYPE=Release"]}[sanitizer]
+    cfg = [cmake, "-S", str(ROOT), "-B", str(build), "-DKVLOOM_BUILD_TESTS=ON", *flags]
     if _tool("ninja"):
         cfg += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}"]
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:halt_on_error=1",

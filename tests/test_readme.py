@@ -26,3 +26,21 @@ def test_quick_start_runs():
     assert len(blocks) >= 2, "README quick start has the C++-cache and the transformers examples"
     for i, code in enumerate(blocks):
         exec(compile(code, f"README quick start block {i}", "exec"), {})
+
+
+def test_readme_tables_are_the_measured_results():
+    """Every `<!-- results:NAME -->` block holds bench/results/NAME.md (`python -m bench readme`)."""
+    blocks = re.findall(r"<!-- results:(\w+) -->\n(.*?)<!-- /results:\1 -->", _readme(), re.S)
+    assert blocks
+    for name, body in blocks:
+        md = ROOT / "bench" / "results" / f"{name}.md"
+        assert md.exists(), f"README shows results:{name} but bench/results/{name}.md is missing"
+        assert body.strip() == md.read_text().strip(), f"README results:{name} differs from {md}; run python -m bench readme"
+
+
+def test_side_path_example_runs():
+    text = _readme()
+    section = re.search(r"## Side paths \(CIFLEX\)(.*?)\n## ", text, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code.replace("max_new_tokens=64", "max_new_tokens=8").replace("max_new_tokens=32", "max_new_tokens=6"),
+                 "README side-path example", "exec"), {})

@@ -228,10 +228,11 @@ def load(path: str, **kw):
 
 
 def layer_store(model_or_config) -> Optional[List[int]]:
-    """The CLA layer → owner map of a converted model's config, or None."""
+    """The CLA layer → owner map declared by a model's config (``kvloom_cla_factor``, or
+    ``cla_share_factor`` as in the CLA paper's models), or None."""
     cfg = getattr(model_or_config, "config", model_or_config)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    factor = int(getattr(cfg, "kvloom_cla_factor", 1) or 1)
+    factor = int(getattr(cfg, "kvloom_cla_factor", None) or getattr(cfg, "cla_share_factor", None) or 1)
     if factor == 1:
         return None
     return [cla_owner(i, factor) for i in range(cfg.num_hidden_layers)]
