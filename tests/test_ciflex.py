@@ -92,7 +92,8 @@ def test_side_path_sees_only_its_fork_point():
         with conv.side_path("Where do I live?") as b:
             assert "Repeat my name." not in tok.decode(b.tokens)
         assert a.tokens[:len(fork_tokens)] == fork_tokens and "Porto" not in tok.decode(a.tokens)
-        a.generate(max_new_tokens=8)
+        a.generate(max_new_tokens=8, stop_at_eos=False)
+        assert len(a.generated) == 8
 
 
 def test_side_path_bad_use_leaves_main_path_untouched():

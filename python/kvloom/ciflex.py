@@ -125,7 +125,7 @@ class _Path:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
 
     @torch.no_grad()
-    def _decode(self, max_new_tokens: int, temperature: float, seed: Optional[int]) -> List[int]:
+    def _decode(self, max_new_tokens: int, temperature: float, seed: Optional[int], stop: bool = True) -> List[int]:
         """Greedy (temperature 0) or sampled decoding from the current logits; stops at an
         end-of-turn token (returned, not fed) or after max_new_tokens."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -137,7 +137,7 @@ class _Path:
             else:
                 t = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
             out.append(t)
-            if t in self._stop or i == max_new_tokens - 1:
+            if (stop and t in self._stop) or i == max_new_tokens - 1:
                 break
             logits = self._forward([t])
             self._ids.append(t)
@@ -278,14 +278,16 @@ class SidePath(_Path):
         if self._state == "closed":
             raise RuntimeError("this side path was closed (its `with` block ended); open a new one")
 
-    def generate(self, max_new_tokens: int = 64, *, temperature: float = 0.0, seed: Optional[int] = None) -> str:
-        """Decodes the sub-task's answer (greedy by default) and returns its text."""
+    def generate(self, max_new_tokens: int = 64, *, temperature: float = 0.0, seed: Optional[int] = None,
+                 stop_at_eos: bool = True) -> str:
+        """Decodes the sub-task's answer (greedy by default) and returns its text;
+        ``stop_at_eos=False`` always decodes max_new_tokens (benchmarks)."""
         self._usable()
         self._check_decode_args(max_new_tokens, temperature)
         if self.messages[-1]["role"] == "assistant":  # a second generate continues as a new reply
             raise RuntimeError("this side path already answered; nest a new side path for another sub-task")
         self._sync(_render(self.tokenizer, self.messages, True))
-        toks = self._decode(max_new_tokens, temperature, seed)
+        toks = self._decode(max_new_tokens, temperature, seed, stop=stop_at_eos)
         text = self.tokenizer.decode([t for t in toks if t not in self._stop], skip_special_tokens=True)
         self.messages.append({"role": "assistant", "content": text})
         return text

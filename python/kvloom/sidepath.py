@@ -113,7 +113,7 @@ def run(model_name: Optional[str], lengths: List[int], subtasks: List[int], new_
                     # kvloom: fork, instruction, decode, drop
                     t0 = time.perf_counter()
                     with conv.side_path(instr) as side:
-                        side.generate(max_new_tokens=new_tokens)
+                        side.generate(max_new_tokens=new_tokens, stop_at_eos=False)  # same work as the baselines
                         extra = conv.memory_bytes() - main_bytes
                         pre = side.prefill_tokens
                     record("kvloom side path", time.perf_counter() - t0, pre, extra)
