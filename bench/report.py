@@ -67,7 +67,7 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> bool:
-    from kvloom._plot import pyplot
+    from kvloom._plot import pyplot, save
 
     plt = pyplot()
     if plt is None:
@@ -87,10 +87,7 @@ def plot(summary: dict, path: Path) -> bool:
     ax.set_ylabel("effective KV read rate (GB/s)")
     ax.set_title("Decode attention, one token: KV bytes / time")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def write(raw_path: Path, out_dir: Path) -> dict:

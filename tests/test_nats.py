@@ -51,21 +51,15 @@ def test_cpp_eviction_equals_reference_step_by_step(types, window, chunks):
     assert blocks <= sum(-(-len(ref.nats_keep(types[h], at, window)) // 4) + 1 for h in range(H))
 
 
-def _global_scorer(model, window=8):
+def _constant_scorer(kind, window=8):
+    """A scorer that types every token `kind` (0 global, 2 sliding) whatever the input."""
     sc = nats.Scorer(30, 576, 3, window=window)
+    bias = torch.zeros(3)
+    bias[kind] = 10.0
     with torch.no_grad():
         for lin in sc.layers:
             lin.weight.zero_()
-            lin.bias.copy_(torch.tensor([10.0, 0.0, 0.0]).repeat(3))
-    return sc
-
-
-def _sliding_scorer(window=8):
-    sc = nats.Scorer(30, 576, 3, window=window)
-    with torch.no_grad():
-        for lin in sc.layers:
-            lin.weight.zero_()
-            lin.bias.copy_(torch.tensor([0.0, 0.0, 10.0]).repeat(3))
+            lin.bias.copy_(bias.repeat(3))
     return sc
 
 
@@ -74,7 +68,7 @@ def test_all_global_scorer_equals_full():
     enc = tok.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     kvloom.enable(model)
-    cache = kvloom.Cache(model, policy=kvloom.NAtS(_global_scorer(model)))
+    cache = kvloom.Cache(model, policy=kvloom.NAtS(_constant_scorer(nats.GLOBAL)))
     with torch.no_grad():
         got = model.generate(**enc, past_key_values=cache, max_new_tokens=24, do_sample=False)
         model.set_attn_implementation("sdpa")
@@ -86,7 +80,7 @@ def test_all_global_scorer_equals_full():
 def test_prompt_attends_with_the_nats_mask_and_memory_is_freed():
     model, tok = smollm2()
     W = 8
-    sc = _sliding_scorer(W)
+    sc = _constant_scorer(nats.SLIDING, W)
     ids = tok("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt")["input_ids"]
     kvloom.enable(model)
     cache = kvloom.Cache(model, policy=kvloom.NAtS(sc))

@@ -112,11 +112,6 @@ def cla_owner(layer: int, factor: int) -> int:
     return layer - layer % factor
 
 
-def _rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class SharedKVAttention(nn.Module):
     """A Llama-family attention layer in a CLA group. The owner computes K/V (and caches
     them); a reader has no K/V projections and attends with its own queries over the K/V
@@ -144,7 +139,7 @@ class SharedKVAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import eager_attention_forward
+        from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -154,14 +149,14 @@ class SharedKVAttention(nn.Module):
         q = q.transpose(1, 2)
         cos, sin = position_embeddings
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
+        q = q * cos + rotate_half(q) * sin
         if self.is_owner:
             k = self.k_proj(hidden_states).view(hidden_shape)
             if self.k_norm is not None:
                 k = self.k_norm(k)
             k = k.transpose(1, 2)
             v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            k = k * cos + _rotate_half(k) * sin
+            k = k * cos + rotate_half(k) * sin
             if past_key_values is not None:
                 k, v = past_key_values.update(k, v, self.layer_idx)
             self._state[self.owner] = (k, v)

@@ -104,7 +104,7 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> bool:
-    from kvloom._plot import pyplot
+    from kvloom._plot import pyplot, save
 
     plt = pyplot()
     if plt is None:
@@ -121,8 +121,4 @@ def plot(summary: dict, path: Path) -> bool:
     b.set_xlabel("prompt tokens")
     b.set_ylabel("KV MiB after decode")
     a.legend()
-    fig.suptitle(f"{summary['model']}: kvloom vs DynamicCache + sdpa")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path, f"{summary['model']}: kvloom vs DynamicCache + sdpa")

@@ -176,7 +176,7 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> bool:
-    from kvloom._plot import pyplot
+    from kvloom._plot import pyplot, save
 
     plt = pyplot()
     if plt is None:
@@ -191,8 +191,4 @@ def plot(summary: dict, path: Path) -> bool:
     a.set_ylabel("needle accuracy")
     b.set_xlabel("KV bytes vs Full")
     b.set_ylabel("perplexity change (%)")
-    fig.suptitle(f"{summary['model']}: memory vs quality")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path, f"{summary['model']}: memory vs quality")

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .ciflex import _stop_ids
 from .hf.cache import LoomCache
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
@@ -147,9 +148,7 @@ class Session:
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": problem}]
         self.prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
                                                     return_dict=True)["input_ids"]
-        self._stop = {tokenizer.eos_token_id}
-        if "<|im_end|>" in tokenizer.get_vocab():
-            self._stop.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        self._stop = _stop_ids(model, tokenizer)
         self.ignore_eos = ignore_eos
         self.forwards = 0
         self.logits: Dict[int, torch.Tensor] = {}
@@ -394,7 +393,7 @@ def bench_markdown(summary: dict) -> str:
 
 
 def bench_plot(summary: dict, path) -> bool:
-    from kvloom._plot import pyplot
+    from kvloom._plot import pyplot, save
 
     plt = pyplot()
     if plt is None:
@@ -409,8 +408,4 @@ def bench_plot(summary: dict, path) -> bool:
     ax.set_xlabel("workers")
     ax.set_ylabel("aggregate decode tokens/s")
     ax.legend(fontsize=7)
-    fig.suptitle(f"{summary['model']}: Hogwild! workers")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path, f"{summary['model']}: Hogwild! workers")

@@ -167,16 +167,14 @@ def _register_train_attention() -> None:
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
-def _attention_modules(model):
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and "attention" in type(m).__name__.lower()]
-
-
 class _HiddenHooks:
     """Forward pre-hooks that hand each attention layer's input hidden states to `sink`."""
 
     def __init__(self, model, sink):
         self.handles = []
-        for m in _attention_modules(model):
+        from .hf.arch import attention_modules
+
+        for m in attention_modules(model):
             def hook(mod, args, kwargs, _sink=sink):
                 h = kwargs.get("hidden_states", args[0] if args else None)
                 _sink(mod.layer_idx, h)

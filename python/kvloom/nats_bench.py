@@ -96,7 +96,7 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> bool:
-    from kvloom._plot import pyplot
+    from kvloom._plot import pyplot, save
 
     plt = pyplot()
     if plt is None:
@@ -108,8 +108,4 @@ def plot(summary: dict, path: Path) -> bool:
         ax.annotate(r["policy"], (r["kv_fraction"], r["perplexity_delta_pct"]), fontsize=6)
     ax.set_xlabel("KV bytes vs Full")
     ax.set_ylabel("perplexity change (%)")
-    fig.suptitle(f"{summary['model']}: NAtS vs Window at equal bytes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path, f"{summary['model']}: NAtS vs Window at equal bytes")

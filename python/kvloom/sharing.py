@@ -113,7 +113,7 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> bool:
-    from kvloom._plot import pyplot
+    from kvloom._plot import pyplot, save
 
     plt = pyplot()
     if plt is None:
@@ -127,8 +127,4 @@ def plot(summary: dict, path: Path) -> bool:
     ax.set_xlabel("KV KiB per token")
     ax.set_ylabel("held-out perplexity (x: converted, o: uptrained)")
     ax.set_yscale("log")
-    fig.suptitle(f"{summary['model']}: KV sharing vs quality")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path, f"{summary['model']}: KV sharing vs quality")

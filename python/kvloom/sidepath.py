@@ -57,14 +57,6 @@ def grow(conv, tok, n_tokens: int):
     return conv
 
 
-def _dyn_bytes(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None:
-            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-    return total
-
-
 @torch.no_grad()
 def _decode(model, cache, logits, new_tokens: int):
     nxt = logits.argmax(-1).view(1, 1)
@@ -80,6 +72,7 @@ def run(model_name: Optional[str], lengths: List[int], subtasks: List[int], new_
     import kvloom
     from kvloom import models
     from .ciflex import _render
+    from .e2e import _kv_bytes
 
     model, tok = models.load(model_name)
     kvloom.enable(model)
@@ -125,15 +118,15 @@ def run(model_name: Optional[str], lengths: List[int], subtasks: List[int], new_
                         lg = model(tail, past_key_values=dc, use_cache=True).logits[:, -1]
                         _decode(model, dc, lg, new_tokens)
                     dt = time.perf_counter() - t0
-                    record("deepcopy", dt, tail.shape[1], _dyn_bytes(dc))
+                    record("deepcopy", dt, tail.shape[1], _kv_bytes(dc))
                     del dc
                     # HF crop: extend the conversation's cache in place, crop back
-                    base = _dyn_bytes(main_dc)
+                    base = _kv_bytes(main_dc)
                     t0 = time.perf_counter()
                     with torch.no_grad():
                         lg = model(tail, past_key_values=main_dc, use_cache=True).logits[:, -1]
                         _decode(model, main_dc, lg, new_tokens)
-                    extra = _dyn_bytes(main_dc) - base
+                    extra = _kv_bytes(main_dc) - base
                     main_dc.crop(-(main_dc.get_seq_length() - conv_ids.shape[1]))
                     record("crop", time.perf_counter() - t0, tail.shape[1], extra)
                     # re-prefill from scratch (its cost does not depend on k: run at most reprefill_max)
@@ -143,7 +136,7 @@ def run(model_name: Optional[str], lengths: List[int], subtasks: List[int], new_
                         with torch.no_grad():
                             lg = model(torch.tensor([full]), past_key_values=dc, use_cache=True).logits[:, -1]
                             _decode(model, dc, lg, new_tokens)
-                        record("re-prefill", time.perf_counter() - t0, len(full), _dyn_bytes(dc))
+                        record("re-prefill", time.perf_counter() - t0, len(full), _kv_bytes(dc))
                         del dc
                 for method, r in res.items():
                     rows.append({"conversation_tokens": len(conv.tokens), "target_tokens": n, "subtasks": k,
@@ -185,7 +178,7 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> bool:
-    from kvloom._plot import pyplot
+    from kvloom._plot import pyplot, save
 
     plt = pyplot()
     if plt is None:
@@ -202,8 +195,4 @@ def plot(summary: dict, path: Path) -> bool:
     b.set_xlabel("conversation tokens")
     b.set_ylabel("peak extra KV MiB per sub-task")
     a.legend()
-    fig.suptitle(f"{summary['model']}: side paths vs re-prefill vs DynamicCache copies")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path, f"{summary['model']}: side paths vs re-prefill vs DynamicCache copies")

@@ -67,3 +67,8 @@ def geometry(model_or_config) -> Geometry:
         if w is not None and w < 2:
             raise NotImplementedError(f"sliding window {w} on layer {i}: kvloom needs windows of at least 2 tokens")
     return Geometry(mt, n_layers, hq, hkv, hd, windows)
+
+
+def attention_modules(model) -> list:
+    """The model's attention modules (those with a layer_idx), in module order."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and "attention" in type(m).__name__.lower()]

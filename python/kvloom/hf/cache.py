@@ -165,7 +165,7 @@ class LoomCache(_HFCache):
                 self.kv.set_layer_policy(i, Window(0, w - 1))
         super().__init__(layers=[LoomLayer(self, i, w) for i, w in enumerate(geo.windows)])
         self._config = arch.text_config(model)
-        self._attn_ids = {id(m) for m in model.modules() if hasattr(m, "layer_idx") and "attention" in type(m).__name__.lower()}
+        self._attn_ids = {id(m) for m in arch.attention_modules(model)}
         self.seqs: Optional[List[int]] = None  # one C++ sequence per batch row
 
     def _install_nats_hooks(self) -> None:
