@@ -4,6 +4,7 @@ import functools
 import torch
 
 import kvloom
+from kvloom.hf import cache_kwargs
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,7 +38,7 @@ def generate(model, enc, cache, **kw):
     kw.setdefault("max_new_tokens", 64)
     kw.setdefault("do_sample", False)
     with torch.no_grad():
-        return model.generate(**enc, past_key_values=cache, pad_token_id=kw.pop("pad_token_id", 0), **kw)
+        return model.generate(**enc, **cache_kwargs(cache), pad_token_id=kw.pop("pad_token_id", 0), **kw)
 
 
 def with_attn(model, name):

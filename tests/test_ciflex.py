@@ -8,8 +8,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from transformers import DynamicCache
 
 import kvloom
+from kvloom.hf import cache_kwargs
 from kvloom import ciflex
 from hf_helpers import smollm2
+
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
 
 TURNS = [
     "I am planning a trip to Lisbon in May. What should I pack?",
@@ -22,7 +25,7 @@ def _reference_reply(model, tok, messages, max_new_tokens):
     """Greedy answer after a full re-prefill of the templated messages (DynamicCache + sdpa)."""
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(), do_sample=False,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(DynamicCache()), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id)
     return out[0, ids.shape[1]:].tolist()
 
@@ -207,7 +210,7 @@ class SidePathTrees(RuleBasedStateMachine):
                 continue
             ids = torch.tensor([p.tokens])
             with torch.no_grad():
-                want = self.model(ids, past_key_values=DynamicCache(), use_cache=True).logits[0, -1]
+                want = self.model(ids, **cache_kwargs(DynamicCache()), use_cache=True).logits[0, -1]
             torch.testing.assert_close(p.next_token_logits(), want, atol=1e-4, rtol=1e-4)
             assert p.cache.get_seq_length() == len(p)
 

@@ -5,6 +5,8 @@ import pytest
 
 from kvloom import cli
 
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
+
 
 def test_generate_default_model_streams_and_reports(capsys):
     assert cli.main(["generate", "Say hello.", "--max-new-tokens", "6"]) == 0

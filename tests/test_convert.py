@@ -9,8 +9,11 @@ from hypothesis import given, settings, strategies as st
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import kvloom
+from kvloom.hf import cache_kwargs
 from kvloom import convert
 from kvloom import reference as ref
+
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
 
 
 def _tiny(hkv=4, layers=4, cls=LlamaForCausalLM, cfg_cls=LlamaConfig, **kw):
@@ -81,14 +84,14 @@ def test_cla_cache_bytes_fall_and_generation_matches(factor, layers):
     plain = kvloom.enable(_tiny(2, layers=layers))
     full = kvloom.Cache(plain)
     with torch.no_grad():
-        plain(torch.cat([ids, ids[:, :8]], 1), past_key_values=full, use_cache=True)  # 32 tokens, every layer
+        plain(torch.cat([ids, ids[:, :8]], 1), **cache_kwargs(full), use_cache=True)  # 32 tokens, every layer
         cache = kvloom.Cache(model)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=8,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=8,
                              do_sample=False, pad_token_id=0)
         owners = len(range(0, layers, factor))
         assert cache.kv.layer_store == [convert.cla_owner(i, factor) for i in range(layers)]
         model.set_attn_implementation("sdpa")
-        ref_out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(),
+        ref_out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(DynamicCache()),
                                  max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref_out)
     # the same 31 tokens held by the owner layers only: bytes fall by layers / owners
@@ -108,7 +111,7 @@ def test_cla_save_load_round_trip(tmp_path):
     kvloom.enable(back)
     cache = kvloom.Cache(back)
     with torch.no_grad():
-        out = back.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=5,
+        out = back.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=5,
                             do_sample=False, pad_token_id=0)
     assert out.shape[1] == 17 and cache.kv.layer_store == [0, 0, 2, 2]
 

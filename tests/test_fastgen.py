@@ -9,6 +9,8 @@ from hypothesis import given, strategies as st
 import kvloom
 from kvloom import reference as ref
 
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
+
 
 def _filled(Hkv, D, n, gen, dtype=torch.float32):
     cache = kvloom.KVCache(1, Hkv, D, dtype=dtype, block_size=4)

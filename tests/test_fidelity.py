@@ -1,9 +1,12 @@
+import pytest
 """The fidelity benchmark's harness on a tiny configuration: needle cases are well formed,
 the run writes JSON/markdown with one row per policy, and Full scores itself perfectly."""
 import json
 
 from kvloom import cli, fidelity
 from hf_helpers import smollm2
+
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
 
 
 def test_needle_cases_hide_the_answer():

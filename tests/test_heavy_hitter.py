@@ -8,6 +8,8 @@ from hypothesis import given, strategies as st
 import kvloom
 from kvloom import reference as ref
 
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
+
 
 @given(
     heads=st.sampled_from([(2, 2), (6, 2), (9, 3), (4, 1)]),

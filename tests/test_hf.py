@@ -4,7 +4,10 @@ import torch
 from transformers import DynamicCache
 
 import kvloom
+from kvloom.hf import cache_kwargs
 from hf_helpers import generate, tiny_configs, tiny_model, with_attn
+
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
 
 ARCHS = list(tiny_configs())
 LOGIT_ATOL = 1e-4  # fp32 logits: kvloom's decode kernel vs torch SDPA, same inputs
@@ -79,7 +82,7 @@ def test_chunked_prefill_and_continuing_conversation():
     kvloom.enable(model)
     cache = kvloom.Cache(model)
     with torch.no_grad():
-        parts = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
+        parts = [model(ids[:, a:b], **cache_kwargs(cache), use_cache=True).logits
                  for a, b in [(0, 25), (25, 26), (26, 50), (50, 60)]]
     torch.testing.assert_close(torch.cat(parts, dim=1), ref, atol=LOGIT_ATOL, rtol=1e-4)
     assert cache.get_seq_length() == 60
@@ -98,12 +101,12 @@ def test_crop_rolls_back():
     ids = torch.randint(3, 250, (1, 30), generator=torch.Generator().manual_seed(7))
     cache = kvloom.Cache(model)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
         before = cache.memory_bytes()
-        logits_a = model(ids[:, :1], past_key_values=cache, use_cache=True).logits
+        logits_a = model(ids[:, :1], **cache_kwargs(cache), use_cache=True).logits
         cache.crop(-1)
         assert cache.get_seq_length() == 30 and cache.memory_bytes() == before
-        logits_b = model(ids[:, :1], past_key_values=cache, use_cache=True).logits
+        logits_b = model(ids[:, :1], **cache_kwargs(cache), use_cache=True).logits
     torch.testing.assert_close(logits_a, logits_b, atol=0, rtol=0)
     cache.crop(10)
     assert cache.get_seq_length() == 10 and cache.kv.lengths(cache.seqs[0])[0] == [10, 10]
@@ -127,7 +130,7 @@ def test_cache_without_kvloom_attention_is_a_clear_error():
     model = with_attn(tiny_model("llama"), "sdpa")
     ids = torch.randint(3, 250, (1, 8))
     with pytest.raises(RuntimeError, match="kvloom.enable"):
-        model(ids, past_key_values=kvloom.Cache(model), use_cache=True)
+        model(ids, **cache_kwargs(kvloom.Cache(model)), use_cache=True)
 
 
 def test_unsupported_architecture():
@@ -147,16 +150,16 @@ def test_cache_from_another_model_and_batch_mismatch():
     a, b = kvloom.enable(tiny_model("llama")), kvloom.enable(tiny_model("qwen3"))
     ids = torch.randint(3, 250, (1, 8))
     with pytest.raises(ValueError, match="another model"):
-        b(ids, past_key_values=kvloom.Cache(a), use_cache=True)
+        b(ids, **cache_kwargs(kvloom.Cache(a)), use_cache=True)
     a2 = kvloom.enable(tiny_model("llama"))
     with pytest.raises(ValueError, match="another model"):  # same config, other instance
-        a2(ids, past_key_values=kvloom.Cache(a), use_cache=True)
+        a2(ids, **cache_kwargs(kvloom.Cache(a)), use_cache=True)
     cache = kvloom.Cache(a)
     with torch.no_grad():
-        a(ids, past_key_values=cache, use_cache=True)
+        a(ids, **cache_kwargs(cache), use_cache=True)
         before = cache.memory_bytes()
         with pytest.raises(ValueError, match="batch size 2"):
-            a(torch.randint(3, 250, (2, 1)), past_key_values=cache, use_cache=True)
+            a(torch.randint(3, 250, (2, 1)), **cache_kwargs(cache), use_cache=True)
     assert cache.memory_bytes() == before and cache.get_seq_length() == 8
 
 
@@ -165,13 +168,13 @@ def test_nan_and_capacity_leave_cache_intact():
     ids = torch.randint(3, 250, (1, 8))
     cache = kvloom.Cache(model, capacity_bytes=64 * 1024)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
         before = (cache.memory_bytes(), cache.get_seq_length())
         with pytest.raises(kvloom.CapacityError, match="nothing was cached"):
-            model(torch.randint(3, 250, (1, 400)), past_key_values=cache, use_cache=True)
+            model(torch.randint(3, 250, (1, 400)), **cache_kwargs(cache), use_cache=True)
         assert (cache.memory_bytes(), cache.get_seq_length()) == before
         emb = model.get_input_embeddings()(ids[:, :1]).clone()
         emb[..., 0] = float("nan")
         with pytest.raises(ValueError, match="non-finite"):
-            model(inputs_embeds=emb, past_key_values=cache, use_cache=True)
+            model(inputs_embeds=emb, **cache_kwargs(cache), use_cache=True)
         assert (cache.memory_bytes(), cache.get_seq_length()) == before

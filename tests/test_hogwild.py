@@ -9,9 +9,12 @@ from hypothesis import given, settings, strategies as st
 from transformers import DynamicCache
 
 import kvloom
+from kvloom.hf import cache_kwargs
 from kvloom import hogwild
 from kvloom import reference as ref
 from hf_helpers import smollm2
+
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
 
 
 def _inv_freq(D, theta=10000.0):
@@ -73,7 +76,7 @@ def test_one_worker_equals_greedy_generation():
     ids = torch.cat([s.prompt, torch.tensor([tok.encode(hogwild.HEADER.format(name="Alice"), add_special_tokens=False)])], 1)
     s.close()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
-                         past_key_values=DynamicCache(), pad_token_id=tok.eos_token_id)
+                         **cache_kwargs(DynamicCache()), pad_token_id=tok.eos_token_id)
     assert res.workers["Alice"] == tok.decode(out[0, s.prompt.shape[1]:], skip_special_tokens=True)
     assert res.tokens["Alice"] == min(48, out.shape[1] - ids.shape[1])
 

@@ -7,9 +7,12 @@ from hypothesis import given, settings, strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvloom
+from kvloom.hf import cache_kwargs
 from kvloom import _core, nats
 from kvloom import reference as ref
 from hf_helpers import smollm2
+
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
 
 types_st = st.lists(st.integers(0, 2), min_size=1, max_size=40)
 
@@ -70,9 +73,9 @@ def test_all_global_scorer_equals_full():
     kvloom.enable(model)
     cache = kvloom.Cache(model, policy=kvloom.NAtS(_constant_scorer(nats.GLOBAL)))
     with torch.no_grad():
-        got = model.generate(**enc, past_key_values=cache, max_new_tokens=24, do_sample=False)
+        got = model.generate(**enc, **cache_kwargs(cache), max_new_tokens=24, do_sample=False)
         model.set_attn_implementation("sdpa")
-        want = model.generate(**enc, past_key_values=DynamicCache(), max_new_tokens=24, do_sample=False)
+        want = model.generate(**enc, **cache_kwargs(DynamicCache()), max_new_tokens=24, do_sample=False)
     assert torch.equal(got, want)
     assert all(n == got.shape[1] - 1 for row in cache.kv.lengths(cache.seqs[0]) for n in row)
 
@@ -85,7 +88,7 @@ def test_prompt_attends_with_the_nats_mask_and_memory_is_freed():
     kvloom.enable(model)
     cache = kvloom.Cache(model, policy=kvloom.NAtS(sc))
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        logits = model(ids, **cache_kwargs(cache), use_cache=True).logits
         hidden, frac = nats.masked_forward(model, sc, ids, hard=True)
         want = model.lm_head(hidden)
     torch.testing.assert_close(logits, want, atol=2e-4, rtol=2e-4)
@@ -95,11 +98,11 @@ def test_prompt_attends_with_the_nats_mask_and_memory_is_freed():
         assert row == [1 + (W - 1)] * 3
     full = kvloom.Cache(model)
     with torch.no_grad():
-        model(ids, past_key_values=full, use_cache=True)
+        model(ids, **cache_kwargs(full), use_cache=True)
     assert cache.memory_bytes() * 4 <= full.memory_bytes()  # 8 tokens in one block per head vs 61 in four
     # decoding keeps the rule: still 1 + W - 1 tokens per head
     with torch.no_grad():
-        model(ids[:, -1:], past_key_values=cache, use_cache=True)
+        model(ids[:, -1:], **cache_kwargs(cache), use_cache=True)
     assert cache.kv.lengths(cache.seqs[0])[0] == [W] * 3
 
 

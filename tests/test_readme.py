@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,12 +21,25 @@ def test_ci_runs_the_readme_test_command():
     assert ci in _readme(), f"README must show the test command CI runs: {ci}"
 
 
+def test_ci_tests_the_declared_transformers_range():
+    """pyproject's lower bound is the release .ci/run tests as the oldest; the range stops before 6."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    low, high = re.search(r'"transformers>=([\d.]+),<([\d.]+)"', pyproject).groups()
+    oldest = re.search(r"^OLDEST_TRANSFORMERS=([\d.]+)", (ROOT / ".ci" / "run").read_text(), re.M).group(1)
+    assert [int(x) for x in oldest.split(".")] == [int(x) for x in (low + ".0.0").split(".")[:3]], (low, oldest)
+    assert high == "6"
+
+
 def test_quick_start_runs():
     text = _readme()
     section = re.search(r"## Quick start(.*?)\n## ", text, re.S).group(1)
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) >= 2, "README quick start has the C++-cache and the transformers examples"
+    from kvloom.hf import cache_kwarg
+
     for i, code in enumerate(blocks):
+        if cache_kwarg() != "cache":  # the README shows the current keyword; older releases take the old one
+            code = code.replace("cache=cache", f"{cache_kwarg()}=cache")
         exec(compile(code, f"README quick start block {i}", "exec"), {})
 
 

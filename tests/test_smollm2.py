@@ -8,6 +8,8 @@ from transformers import DynamicCache
 import kvloom
 from hf_helpers import generate, prompt, smollm2, with_attn
 
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
+
 LOGIT_ATOL = 5e-4  # fp32, 30 layers; measured max 3.8e-5 (kvloom decode kernel vs SDPA rounding)
 PROMPT_TOKENS = [40, 200, 700, 1300, 2000]
 

@@ -9,6 +9,8 @@ from hypothesis import given, strategies as st
 import kvloom
 from kvloom import reference as ref
 
+pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
+
 
 @given(heads=st.sampled_from([(3, 3), (9, 3), (4, 1)]), T=st.integers(2, 120), L=st.integers(1, 40),
        seed=st.integers(0, 2**31 - 1))

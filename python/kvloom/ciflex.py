@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .hf.compat import cache_kwargs
+
 __all__ = ["Conversation", "SidePath", "Question", "Selection", "Selector", "DEFAULT_TREE", "INSTRUCTIONS"]
 
 
@@ -89,7 +91,7 @@ class _Path:
     # --- model calls ----------------------------------------------------------------------
     @torch.no_grad()
     def _forward(self, ids: List[int]) -> torch.Tensor:
-        out = self.model(torch.tensor([ids], dtype=torch.long), past_key_values=self.cache, use_cache=True)
+        out = self.model(torch.tensor([ids], dtype=torch.long), **cache_kwargs(self.cache), use_cache=True)
         return out.logits[0, -1].float()
 
     def _sync(self, target: List[int]) -> torch.Tensor:
@@ -176,10 +178,10 @@ class Conversation(_Path):
         policy: the cache policy (``kvloom.Full()`` by default; Window/FastGen/... work, side
             paths fork the compressed cache).
         system: an optional system message.
-        **cache_kwargs: passed to :class:`kvloom.Cache` (dtype, block_size, capacity_bytes).
+        **cache_options: passed to :class:`kvloom.Cache` (dtype, block_size, capacity_bytes).
     """
 
-    def __init__(self, model, tokenizer, policy=None, *, system: Optional[str] = None, **cache_kwargs):
+    def __init__(self, model, tokenizer, policy=None, *, system: Optional[str] = None, **cache_options):
         import kvloom
 
         if getattr(tokenizer, "chat_template", None) is None:
@@ -187,7 +189,7 @@ class Conversation(_Path):
         super().__init__(model, tokenizer)
         if getattr(getattr(model, "config", None), "_attn_implementation", None) != "kvloom":
             kvloom.enable(model)
-        self.cache = kvloom.Cache(model, policy=policy, tokenizer=tokenizer, **cache_kwargs)
+        self.cache = kvloom.Cache(model, policy=policy, tokenizer=tokenizer, **cache_options)
         if system is not None:
             self.messages.append({"role": "system", "content": system})
 

@@ -44,6 +44,7 @@ def _generate(args) -> int:
 
     import kvloom
     from kvloom import models
+    from kvloom.hf import cache_kwargs
 
     if args.max_new_tokens < 1:
         raise SystemExit("--max-new-tokens must be >= 1")
@@ -59,7 +60,7 @@ def _generate(args) -> int:
     n_prompt = enc["input_ids"].shape[1]
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**enc, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+        out = model.generate(**enc, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              streamer=streamer, pad_token_id=tok.pad_token_id)
     dt = time.perf_counter() - t0
     n_new = out.shape[1] - n_prompt

@@ -137,9 +137,15 @@ class SharedKVAttention(nn.Module):
             self.k_proj, self.v_proj = orig.k_proj, orig.v_proj
         self._state = state  # shared by the group: the owner's K/V of the current forward
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
+                **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+
+        from .hf.compat import passed_cache
+
+        # transformers >= 5.24 hands the cache over as cache=, older releases as past_key_values=
+        cache = passed_cache(cache, past_key_values)
 
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -157,19 +163,22 @@ class SharedKVAttention(nn.Module):
             k = k.transpose(1, 2)
             v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             k = k * cos + rotate_half(k) * sin
-            if past_key_values is not None:
-                k, v = past_key_values.update(k, v, self.layer_idx)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)
             self._state[self.owner] = (k, v)
         else:
             if self.owner not in self._state:
                 raise RuntimeError(f"layer {self.layer_idx} reads layer {self.owner}'s KV, which did not run first")
             k, v = self._state[self.owner]
-            read = getattr(past_key_values, "read_shared", None)
+            read = getattr(cache, "read_shared", None)
             if read is not None:
                 k, v = read(self.layer_idx, k, v, q.shape[2])
         extra = {"sliding_window": self.sliding_window} if self.sliding_window is not None else {}
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                                    eager_attention_forward)
+        impl = self.config._attn_implementation
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+        else:  # transformers 5.0
+            attention_interface = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
         out, weights = attention_interface(self, q, k, v, attention_mask,
                                            dropout=0.0 if not self.training else self.attention_dropout,
                                            scaling=self.scaling, **extra, **kwargs)

@@ -8,6 +8,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .hf.compat import cache_kwargs
+
 
 def _essay_ids(tok, n: int) -> torch.Tensor:
     from ._results import essays
@@ -35,12 +37,12 @@ def _kv_bytes(cache) -> int:
 def _run_one(model, ids: torch.Tensor, make_cache, new_tokens: int) -> Dict[str, float]:
     cache = make_cache()
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True)
+    out = model(ids, **cache_kwargs(cache), use_cache=True)
     prefill = time.perf_counter() - t0
     nxt = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(nxt, past_key_values=cache, use_cache=True)
+        out = model(nxt, **cache_kwargs(cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
     decode = time.perf_counter() - t0
     return {"prefill_s": prefill, "decode_tok_s": new_tokens / decode, "kv_bytes": _kv_bytes(cache)}

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .hf.compat import cache_kwargs
+
 
 def settings(prompt_keep: float = 0.5) -> Dict[str, object]:
     """The policy settings compared (name -> policy factory argument)."""
@@ -79,12 +81,12 @@ def needle_cases(tok, lengths: List[int], depths: List[float], seeds: int):
 @torch.no_grad()
 def _greedy(model, ids, cache, new_tokens: int):
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True)
+    out = model(ids, **cache_kwargs(cache), use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
     toks = [nxt]
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(nxt, past_key_values=cache, use_cache=True)
+        out = model(nxt, **cache_kwargs(cache), use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         toks.append(nxt)
     t2 = time.perf_counter()
@@ -95,12 +97,12 @@ def _greedy(model, ids, cache, new_tokens: int):
 def _perplexity(model, ids, cache, prefix: int) -> float:
     """Teacher-forced: the first `prefix` tokens prefilled, the rest fed one at a time through
     the (compressing) cache; perplexity of the fed tokens."""
-    out = model(ids[:, :prefix], past_key_values=cache, use_cache=True)
+    out = model(ids[:, :prefix], **cache_kwargs(cache), use_cache=True)
     logits = out.logits[:, -1]
     nll = 0.0
     for i in range(prefix, ids.shape[1]):
         nll -= torch.log_softmax(logits.float(), dim=-1)[0, ids[0, i]].item()
-        logits = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(ids[:, i:i + 1], **cache_kwargs(cache), use_cache=True).logits[:, -1]
     return math.exp(nll / (ids.shape[1] - prefix))
 
 

@@ -27,6 +27,7 @@ import torch
 
 from .ciflex import _stop_ids
 from .hf.cache import LoomCache
+from .hf.compat import cache_kwargs
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
 
@@ -164,7 +165,7 @@ class Session:
         prompt_seq = kv.add_sequence()
         self.cache.common = [prompt_seq]
         self.cache.seqs = [prompt_seq]
-        out = self.model(self.prompt, past_key_values=self.cache, use_cache=True)
+        out = self.model(self.prompt, **cache_kwargs(self.cache), use_cache=True)
         self.forwards += 1
         first = out.logits[0, -1].float()
         for i, w in enumerate(self.workers):
@@ -225,7 +226,7 @@ class Session:
         positions = torch.tensor([[len(self.workers[i].current)] for i in rows], dtype=torch.long)
         self.cache.set_rows(rows)
         out = self.model(torch.tensor(feed, dtype=torch.long).view(-1, 1), position_ids=positions,
-                         past_key_values=self.cache, use_cache=True)
+                         **cache_kwargs(self.cache), use_cache=True)
         self.forwards += 1
         for b, (i, t, _) in enumerate(fed):
             self.workers[i].current.append(t)
@@ -325,11 +326,11 @@ def _independent(model, prompt: torch.Tensor, n: int, new_tokens: int) -> float:
     import kvloom
 
     cache = kvloom.Cache(model)
-    out = model(prompt.repeat(n, 1), past_key_values=cache, use_cache=True)
+    out = model(prompt.repeat(n, 1), **cache_kwargs(cache), use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        nxt = model(nxt, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
     dt = time.perf_counter() - t0
     cache.close()
     return dt

@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .hf.compat import cache_kwargs
+
 VARIANTS = ["original", "mqa mean", "mqa first", "mqa random", "cla2", "cla3"]
 
 
@@ -44,7 +46,7 @@ def measured_bytes_per_token(model, ids: torch.Tensor) -> float:
     kvloom.enable(model)
     cache = kvloom.Cache(model)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     out = cache.memory_bytes() / ids.shape[1]
     cache.close()
     model.set_attn_implementation("sdpa")

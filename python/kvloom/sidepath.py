@@ -19,6 +19,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .hf.compat import cache_kwargs
+
 SUBTASKS = [
     "Rewrite my last message as one standalone question. Reply with the question only.",
     "Summarise our conversation so far in at most two sentences.",
@@ -61,7 +63,7 @@ def grow(conv, tok, n_tokens: int):
 def _decode(model, cache, logits, new_tokens: int):
     nxt = logits.argmax(-1).view(1, 1)
     for _ in range(new_tokens - 1):
-        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1).view(1, 1)
+        nxt = model(nxt, **cache_kwargs(cache), use_cache=True).logits[:, -1].argmax(-1).view(1, 1)
 
 
 def run(model_name: Optional[str], lengths: List[int], subtasks: List[int], new_tokens: int, out_dir: Path,
@@ -84,7 +86,7 @@ def run(model_name: Optional[str], lengths: List[int], subtasks: List[int], new_
             conv_ids = torch.tensor([conv.tokens])
             main_dc = DynamicCache()
             with torch.no_grad():
-                model(conv_ids, past_key_values=main_dc, use_cache=True)
+                model(conv_ids, **cache_kwargs(main_dc), use_cache=True)
             main_bytes = conv.memory_bytes()
             for k in subtasks:
                 res: Dict[str, dict] = {m: {"time": 0.0, "prefill": 0, "extra": 0, "n": 0}
@@ -115,7 +117,7 @@ def run(model_name: Optional[str], lengths: List[int], subtasks: List[int], new_
                     t0 = time.perf_counter()
                     dc = copy.deepcopy(main_dc)
                     with torch.no_grad():
-                        lg = model(tail, past_key_values=dc, use_cache=True).logits[:, -1]
+                        lg = model(tail, **cache_kwargs(dc), use_cache=True).logits[:, -1]
                         _decode(model, dc, lg, new_tokens)
                     dt = time.perf_counter() - t0
                     record("deepcopy", dt, tail.shape[1], _kv_bytes(dc))
@@ -124,7 +126,7 @@ def run(model_name: Optional[str], lengths: List[int], subtasks: List[int], new_
                     base = _kv_bytes(main_dc)
                     t0 = time.perf_counter()
                     with torch.no_grad():
-                        lg = model(tail, past_key_values=main_dc, use_cache=True).logits[:, -1]
+                        lg = model(tail, **cache_kwargs(main_dc), use_cache=True).logits[:, -1]
                         _decode(model, main_dc, lg, new_tokens)
                     extra = _kv_bytes(main_dc) - base
                     main_dc.crop(-(main_dc.get_seq_length() - conv_ids.shape[1]))
@@ -134,7 +136,7 @@ def run(model_name: Optional[str], lengths: List[int], subtasks: List[int], new_
                         t0 = time.perf_counter()
                         dc = DynamicCache()
                         with torch.no_grad():
-                            lg = model(torch.tensor([full]), past_key_values=dc, use_cache=True).logits[:, -1]
+                            lg = model(torch.tensor([full]), **cache_kwargs(dc), use_cache=True).logits[:, -1]
                             _decode(model, dc, lg, new_tokens)
                         record("re-prefill", time.perf_counter() - t0, len(full), _kv_bytes(dc))
                         del dc

@@ -4,8 +4,10 @@ from __future__ import annotations
 from .arch import SUPPORTED, geometry
 from .attention import NAME, kvloom_attention_forward
 from .cache import LoomCache
+from .compat import cache_kwarg, cache_kwargs
 
-__all__ = ["LoomCache", "enable", "register", "kvloom_attention_forward", "SUPPORTED", "geometry", "NAME"]
+__all__ = ["LoomCache", "enable", "register", "kvloom_attention_forward", "SUPPORTED", "geometry", "NAME",
+           "cache_kwarg", "cache_kwargs"]
 
 _registered = False
 

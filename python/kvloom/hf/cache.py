@@ -67,13 +67,18 @@ class LoomLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         return self._parent._update(self.layer_idx, key_states, value_states)
 
-    def get_mask_sizes(self, query_length: int):
+    def get_mask_sizes(self, query_length):
+        if isinstance(query_length, torch.Tensor):  # transformers < 5.4 passes the cache positions
+            query_length = query_length.shape[0]
         return self.cumulative_length + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.13
         return -1
 
     def reset(self) -> None:
@@ -100,7 +105,7 @@ class LoomCache(_HFCache):
     ``attn_implementation="kvloom"`` after ``import kvloom``)::
 
         cache = kvloom.Cache(model, policy=kvloom.Window(sinks=4, recent=1024))
-        model.generate(**inputs, past_key_values=cache)
+        model.generate(**inputs, cache=cache)   # transformers < 5.24: past_key_values=cache
 
     One C++ sequence per batch row. Left padding is evicted right after the prompt, so it
     costs no memory. ``get_seq_length()`` is the *logical* length (every token ever seen,
