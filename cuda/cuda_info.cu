@@ -4,7 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "kvloom/common.h"
-#include "kvloom/cuda.h"
+#include "cuda_info.h"
 
 namespace kvloom {
 namespace cuda {

@@ -3,7 +3,6 @@ import functools
 
 import torch
 
-import kvloom
 from kvloom.hf import cache_kwargs
 
 
@@ -17,7 +16,7 @@ def smollm2():
 
 @functools.lru_cache(maxsize=1)
 def essay_text() -> str:
-    from kvloom._results import essays
+    from kvloom.corpus import essays
 
     texts = essays()
     if texts:

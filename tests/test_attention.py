@@ -1,5 +1,4 @@
 """Decode attention kernels against kvloom.reference (float64 oracle)."""
-import math
 
 import pytest
 import torch

@@ -280,7 +280,7 @@ def test_policy_eviction_compacts_scattered_heads(fork_first):
         parent, s = s, cache.fork(s)
         before = [cache.gather(0, h, parent) for h in range(2)]
     for h in range(2):
-        cache.set_head_plan(0, h, s, kvloom._core.FastGenPlan(0, 0, 0.0))  # keep special tokens only
+        cache.set_head_plan(0, h, s, kvloom._core.make_plan("fastgen", {"level": 0, "local_window": 0, "r_frequent": 0.0}))  # keep special tokens only
     cache.apply_policy(0, s)
 
     def check_child(blocks):

@@ -135,7 +135,7 @@ def test_dropped_sequence_is_gone(filled):
     (dict(dtype="int8"), TypeError, "unknown KV dtype"),
     (dict(block_size=0), ValueError, "block_size"),
     (dict(capacity_bytes=10), ValueError, "holds no block"),
-    (dict(policy="fastgen"), ValueError, "unknown policy"),
+    (dict(policy="no_such_policy"), ValueError, "unknown policy"),
     (dict(policy=3), TypeError, "policy"),
 ])
 def test_cache_construction_errors(kwargs, exc, match):

@@ -1,6 +1,5 @@
 """FastGen: profiling (hybrid recovery) and per-head plans against kvloom.reference; real
 memory savings inside generate(); FastGen(recovery=1.0) == Full."""
-import math
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ from hypothesis import given, strategies as st
 
 import kvloom
 from kvloom import reference as ref
+from kvloom.policies.fastgen import hybrid_recovery
 
 pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release
 
@@ -36,7 +36,7 @@ def test_hybrid_recovery_matches_reference(heads, n, tq, r_frequent, local, seed
     cache, s = _filled(Hkv, 16, n, g)
     cache.accumulate_attention(0, torch.randn(1, Hq, 3 if n >= 3 else n, 16, generator=g), [s])
     q = torch.randn(1, Hq, tq, 16, generator=g)
-    got = cache.hybrid_recovery(0, q, [s], r_frequent=r_frequent, local_window=local)
+    got = hybrid_recovery(cache, 0, q, [s], r_frequent=r_frequent, local_window=local)
     for h in range(Hkv):
         slots, ords, _ = cache.slots(0, h, s)
         k, _, gord, _ = cache.gather(0, h, s)
@@ -56,7 +56,7 @@ def test_fastgen_plan_keeps_reference_set(level, r_frequent, local, steps, seed)
     g = torch.Generator().manual_seed(seed)
     cache, s = _filled(2, 8, 10, g)
     for h in range(2):
-        cache.set_head_plan(0, h, s, kvloom._core.FastGenPlan(level, local, r_frequent))
+        cache.set_head_plan(0, h, s, kvloom._core.make_plan("fastgen", {"level": level, "local_window": local, "r_frequent": r_frequent}))
     for _ in range(steps):
         cls = (torch.rand(1, generator=g) < 0.3).to(torch.uint8) * torch.randint(1, 4, (1,), generator=g).to(torch.uint8)
         cache.append(0, s, torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g), classes=cls)
@@ -75,7 +75,7 @@ def test_fastgen_config_errors():
         with pytest.raises(ValueError):
             kvloom.FastGen(**bad)
     with pytest.raises(ValueError, match="level"):
-        kvloom._core.FastGenPlan(5, 1, 0.3)
+        kvloom._core.make_plan("fastgen", {"level": 5, "local_window": 1, "r_frequent": 0.3})
     assert kvloom.FastGen(0.9).choose([0.5, 0.8, 0.95, 0.99]) == 2
     assert kvloom.FastGen(1.0).choose([0.5, 0.8, 0.95, 0.99]) == 4
 

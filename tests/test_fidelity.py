@@ -1,9 +1,11 @@
-import pytest
 """The fidelity benchmark's harness on a tiny configuration: needle cases are well formed,
 the run writes JSON/markdown with one row per policy, and Full scores itself perfectly."""
 import json
 
-from kvloom import cli, fidelity
+import pytest
+
+from kvloom import cli
+from kvloom.bench import fidelity
 from hf_helpers import smollm2
 
 pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest supported release

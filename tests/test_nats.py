@@ -36,7 +36,7 @@ def test_mask_matches_reference(types, window):
        window=st.integers(1, 10), chunks=st.lists(st.integers(1, 6), min_size=1, max_size=12))
 def test_cpp_eviction_equals_reference_step_by_step(types, window, chunks):
     H, D = 2, 8
-    cache = kvloom.KVCache(1, H, D, block_size=4, policy=_core.NatsPolicy(window))
+    cache = kvloom.KVCache(1, H, D, block_size=4, policy=kvloom.NAtS(nats.Scorer(1, 8, H), window=window))
     s = cache.add_sequence()
     at = 0
     for n in chunks:
@@ -56,14 +56,7 @@ def test_cpp_eviction_equals_reference_step_by_step(types, window, chunks):
 
 def _constant_scorer(kind, window=8):
     """A scorer that types every token `kind` (0 global, 2 sliding) whatever the input."""
-    sc = nats.Scorer(30, 576, 3, window=window)
-    bias = torch.zeros(3)
-    bias[kind] = 10.0
-    with torch.no_grad():
-        for lin in sc.layers:
-            lin.weight.zero_()
-            lin.bias.copy_(bias.repeat(3))
-    return sc
+    return nats.Scorer.constant(30, 576, 3, kind, window=window)
 
 
 def test_all_global_scorer_equals_full():
@@ -93,7 +86,6 @@ def test_prompt_attends_with_the_nats_mask_and_memory_is_freed():
         want = model.lm_head(hidden)
     torch.testing.assert_close(logits, want, atol=2e-4, rtol=2e-4)
     # after the prompt: the first token (global) and the window's W - 1 newest per head
-    T = ids.shape[1]
     for row in cache.kv.lengths(cache.seqs[0]):
         assert row == [1 + (W - 1)] * 3
     full = kvloom.Cache(model)
@@ -139,7 +131,7 @@ def test_nats_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="nats train"):
         kvloom.NAtS(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="window"):
-        _core.NatsPolicy(0)
+        _core.make_plan("nats", {"window": 0})
     sc = nats.Scorer(30, 576, 3, window=5)
     sc.save(tmp_path / "s.pt", note="x")
     back = nats.Scorer.load(tmp_path / "s.pt")

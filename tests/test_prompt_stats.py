@@ -10,6 +10,7 @@ from hypothesis import example, given, settings, strategies as st
 import kvloom
 from kvloom import _core
 from kvloom import reference as ref
+from kvloom.policies.fastgen import hybrid_recovery
 
 
 @contextlib.contextmanager
@@ -62,7 +63,7 @@ def test_long_prompt_statistics_match_reference(heads, D, n, full_prompt, generi
     q = torch.randn(2, Hq, tq, D, generator=g)
     with _kernels(generic):
         cache.accumulate_attention(0, q, seqs)
-        masses = cache.hybrid_recovery(0, q, seqs, r_frequent=0.3, local_window=max(1, n // 4))
+        masses = hybrid_recovery(cache, 0, q, seqs, r_frequent=0.3, local_window=max(1, n // 4))
     for b, (s, length) in enumerate(zip(seqs, lengths)):
         for h in [0, Hkv - 1]:
             k, _, gord, _ = cache.gather(0, h, s, dtype=torch.float32)
@@ -85,5 +86,5 @@ def test_statistics_skip_queries_that_see_nothing():
     q = torch.randn(1, 1, 10, 16)  # queries are tokens 0..9: only 8 and 9 see a key
     cache.accumulate_attention(0, q, [s])
     assert sum(cache.scores(0, 0, s)) == pytest.approx(2.0, abs=1e-6)
-    assert cache.hybrid_recovery(0, q, [s], r_frequent=0.0, local_window=1)[0, 0, 3] == pytest.approx(
+    assert hybrid_recovery(cache, 0, q, [s], r_frequent=0.0, local_window=1)[0, 0, 3] == pytest.approx(
         ref.fastgen_recovery(q[0], cache.gather(0, 0, s)[0], [8, 9], [0, 0], [0.0, 0.0], 10, 0.0, 1)[3], abs=1e-6)

@@ -59,3 +59,27 @@ def test_side_path_example_runs():
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code.replace("max_new_tokens=64", "max_new_tokens=8").replace("max_new_tokens=32", "max_new_tokens=6"),
                  "README side-path example", "exec"), {})
+
+
+def test_adding_a_policy_is_one_file_and_passes_the_shared_suite(capsys):
+    """The README's toy policy registers itself, appears in the CLI and passes the suite."""
+    import policy_suite
+
+    from kvloom import cli, policies
+
+    text = _readme()
+    section = re.search(r"## Adding a policy(.*?)\n## ", text, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns = {}
+    exec(compile(code, "README toy policy", "exec"), ns)
+    try:
+        cls = policies.get("every_kth")
+        assert cls is ns["EveryKth"]
+        for seed in range(8):
+            policy_suite.check_kvcache(cls.example(), seed)
+        policy_suite.check_hf(cls)
+        with pytest.raises(SystemExit):
+            cli.main(["generate", "x", "--help"])
+        assert "--k " in capsys.readouterr().out
+    finally:
+        policies.unregister("every_kth")

@@ -6,6 +6,8 @@
 #include <limits>
 #include <string>
 
+#include "diagnostics.h"
+#include "head_store.h"
 #include "kernels.h"
 #include "thread_pool.h"
 

@@ -7,7 +7,14 @@
 #include <numeric>
 #include <string>
 
+#include "head_store.h"
+#include "plans/plan_impl.h"
+
 namespace kvloom {
+
+struct cache::sequence {
+  std::vector<head_store> heads;  // [n_layers * n_kv_heads]
+};
 
 namespace {
 
@@ -36,13 +43,13 @@ void copy_rows(void* dst, dtype dst_type, const tensor_view& src, int64_t h, int
 
 }  // namespace
 
-cache::cache(std::shared_ptr<block_pool> pool, int n_layers, int n_kv_heads, std::shared_ptr<const policy> pol)
-    : pool_(std::move(pool)), n_layers_(n_layers), n_kv_heads_(n_kv_heads), policy_(std::move(pol)) {
+cache::cache(std::shared_ptr<block_pool> pool, int n_layers, int n_kv_heads, std::shared_ptr<const head_plan> plan)
+    : pool_(std::move(pool)), n_layers_(n_layers), n_kv_heads_(n_kv_heads), plan_(std::move(plan)) {
   if (!pool_) fail_value("cache: pool must not be null");
   if (n_layers <= 0) fail_value("cache: n_layers must be >= 1, got " + std::to_string(n_layers));
   if (n_kv_heads <= 0) fail_value("cache: n_kv_heads must be >= 1, got " + std::to_string(n_kv_heads));
-  if (!policy_) policy_ = std::make_shared<full_policy>();
-  layer_policy_.resize(static_cast<size_t>(n_layers));
+  if (!plan_) plan_ = make_plan("full");
+  layer_plan_.resize(static_cast<size_t>(n_layers));
   layer_store_.resize(static_cast<size_t>(n_layers));
   for (int l = 0; l < n_layers; ++l) layer_store_[l] = l;
 }
@@ -71,14 +78,14 @@ cache::~cache() {
       for (auto& hs : s->heads) release(hs);
 }
 
-void cache::set_policy(std::shared_ptr<const policy> pol) {
-  if (!pol) fail_value("cache: policy must not be null");
-  policy_ = std::move(pol);
+void cache::set_plan(std::shared_ptr<const head_plan> plan) {
+  if (!plan) fail_value("cache: plan must not be null");
+  plan_ = std::move(plan);
 }
 
-void cache::set_layer_policy(int layer, std::shared_ptr<const policy> pol) {
+void cache::set_layer_plan(int layer, std::shared_ptr<const head_plan> plan) {
   check_layer(layer);
-  layer_policy_[layer] = std::move(pol);
+  layer_plan_[layer] = std::move(plan);
 }
 
 void cache::check_layer(int layer) const {
@@ -117,10 +124,7 @@ int64_t cache::seq_add() {
   s->heads.resize(static_cast<size_t>(n_layers_) * n_kv_heads_);
   const int64_t id = static_cast<int64_t>(seqs_.size());
   for (int l = 0; l < n_layers_; ++l)
-    for (int h = 0; h < n_kv_heads_; ++h) {
-      head_store& hs = s->heads[static_cast<size_t>(l) * n_kv_heads_ + h];
-      hs.plan_ = policy_for(l).plan_head(head_key{l, h, id}, hs, nullptr);
-    }
+    for (int h = 0; h < n_kv_heads_; ++h) s->heads[static_cast<size_t>(l) * n_kv_heads_ + h].plan_ = plan_for(l);
   seqs_.push_back(std::move(s));
   return id;
 }
@@ -166,6 +170,28 @@ const head_store& cache::store(int layer, int head, int64_t seq) const {
   check_layer(layer);
   check_head(head);
   return seq_ref(seq).heads[hidx(layer, head)];
+}
+
+head_store& cache::mutable_store(int layer, int head, int64_t seq) {
+  return const_cast<head_store&>(store(layer, head, seq));
+}
+
+int64_t cache::length(int layer, int head, int64_t seq) const { return store(layer, head, seq).length(); }
+
+std::vector<slot_info> cache::live_slots(int layer, int head, int64_t seq) const {
+  const head_store& hs = store(layer, head, seq);
+  std::vector<slot_info> out;
+  out.reserve(static_cast<size_t>(hs.length()));
+  for (int64_t s = 0; s < hs.n_slots(); ++s)
+    if (hs.live(s)) out.push_back({static_cast<int32_t>(s), hs.ord(s), hs.pos(s), hs.token_class(s), hs.score(s)});
+  return out;
+}
+
+std::vector<block_id> cache::block_table(int layer, int head, int64_t seq) const { return store(layer, head, seq).table(); }
+
+std::string cache::plan_name(int layer, int head, int64_t seq) const {
+  const head_plan* p = store(layer, head, seq).plan();
+  return p ? p->name() : std::string("none");
 }
 
 void cache::free_slot(head_store& hs, int64_t slot) {
@@ -408,9 +434,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
 }
 
 void cache::evict(int layer, int head, int64_t seq, const int32_t* slots, int64_t n) {
-  check_layer(layer);
-  check_head(head);
-  head_store& hs = seq_ref(seq).heads[hidx(layer, head)];
+  head_store& hs = mutable_store(layer, head, seq);
   if (n < 0) fail_value("evict: negative count");
   std::vector<int32_t> sorted(slots, slots + n);
   std::sort(sorted.begin(), sorted.end());
@@ -445,21 +469,9 @@ int64_t cache::apply_policy(int layer, int64_t seq) {
 }
 
 void cache::set_head_plan(int layer, int head, int64_t seq, std::shared_ptr<const head_plan> plan) {
-  check_layer(layer);
-  check_head(head);
+  head_store& hs = mutable_store(layer, head, seq);
   if (!plan) fail_value("set_head_plan: plan must not be null");
-  seq_ref(seq).heads[hidx(layer, head)].plan_ = std::move(plan);
-}
-
-void cache::replan(int64_t seq, const prompt_stats* stats) {
-  sequence& s = seq_ref(seq);
-  std::vector<std::shared_ptr<const head_plan>> plans(s.heads.size());
-  for (int l = 0; l < n_layers_; ++l)
-    for (int h = 0; h < n_kv_heads_; ++h) {
-      const size_t i = static_cast<size_t>(l) * n_kv_heads_ + h;
-      plans[i] = policy_for(l).plan_head(head_key{l, h, seq}, s.heads[i], stats);
-    }
-  for (size_t i = 0; i < plans.size(); ++i) s.heads[i].plan_ = std::move(plans[i]);
+  hs.plan_ = std::move(plan);
 }
 
 void cache::gather(int layer, int head, int64_t seq, const tensor_view& k_out, const tensor_view& v_out,

@@ -8,8 +8,9 @@
 #include <string>
 #include <vector>
 
-#include "kvloom/cache.h"
 #include "kernels.h"
+#include "kvloom/cache.h"
+#include "scores.h"
 #include "thread_pool.h"
 
 namespace kvloom {
@@ -130,7 +131,7 @@ int64_t cache::check_query_rows(int layer, const std::vector<int64_t>& seqs, con
   std::set<int64_t> distinct;
   for (int64_t s : seqs) {
     if (!distinct.insert(s).second) fail_value("sequence " + std::to_string(s) + " named twice");
-    if (seq_ref(s).heads[hidx(layer, 0)].n_appended_ < Tq)
+    if (store(layer, 0, s).appended() < Tq)
       fail_value("more queries than tokens appended to sequence " + std::to_string(s));
   }
   return Hq / n_kv_heads_;
@@ -145,7 +146,7 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
   std::vector<int64_t> appended;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
-      heads.push_back(&seq_ref(seqs[b]).heads[hidx(layer, static_cast<int>(h))]);
+      heads.push_back(&mutable_store(layer, static_cast<int>(h), seqs[b]));
       cheads.push_back(heads.back());
       appended.push_back(heads.back()->appended());
     }
@@ -165,14 +166,7 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
     }
 }
 
-}  // namespace kvloom
 
-namespace kvloom {
-
-namespace {
-
-// The ceil(ratio x n_base) live slots (indices into `slots`) with the highest score; ties
-// keep the older token. Shared by FastGen's profiling and its decode-time plan.
 std::vector<char> top_by_score(const head_store& hs, const std::vector<int64_t>& slots, double ratio, int64_t n_base) {
   std::vector<int64_t> idx(slots.size());
   for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int64_t>(i);
@@ -188,26 +182,21 @@ std::vector<char> top_by_score(const head_store& hs, const std::vector<int64_t>&
   return top;
 }
 
-}  // namespace
-
-std::vector<char> fastgen_frequent(const head_store& hs, const std::vector<int64_t>& slots, double ratio, int64_t n_base) {
-  return top_by_score(hs, slots, ratio, n_base);
-}
-
-void cache::hybrid_recovery(int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale,
-                            double r_frequent, int64_t local_window, double* out) const {
-  const int64_t G = check_query_rows(layer, seqs, q);
+void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale,
+                     double r_frequent, int64_t local_window, double* out) {
+  const int64_t G = c.check_query_rows(layer, seqs, q);
   if (!(r_frequent >= 0.0 && r_frequent <= 1.0)) fail_value("r_frequent must be in [0, 1]");
-  const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(head_dim()));
-  const int64_t B = q.shape[0], H = n_kv_heads_;
+  if (local_window < 0) fail_value("local_window must be >= 0");
+  const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(c.head_dim()));
+  const int64_t B = q.shape[0], H = c.n_kv_heads();
   std::vector<const head_store*> heads;
   std::vector<int64_t> appended;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
-      heads.push_back(&seq_ref(seqs[b]).heads[hidx(layer, static_cast<int>(h))]);
+      heads.push_back(&c.store(layer, static_cast<int>(h), seqs[b]));
       appended.push_back(heads.back()->appended());
     }
-  const std::vector<key_panels> keys = layer_panels(heads, *pool_);
+  const std::vector<key_panels> keys = layer_panels(heads, c.pool());
   // Per head, 0/1 masks over its keys (ord order): in the special set, in +punct's
   // additions, in +frequent's additions, in none of them (candidates for +local).
   const size_t BH = heads.size();

@@ -2,32 +2,52 @@
 
 A C++ core (paged per-head KV cache with forks, rollback and eviction policies; fast
 GQA-aware CPU decode attention) behind a small Python API. See the README.
+
+Layout: ``kvloom.KVCache`` / ``kvloom.ops`` / ``kvloom.policies`` are the core API (they do
+not import transformers); ``kvloom.hf`` is the transformers adapter (``kvloom.Cache``);
+``kvloom.apps`` holds applications (CIFLEX side paths, Hogwild! workers), ``kvloom.methods``
+model-changing methods (GQA/CLA conversion, NAtS training), ``kvloom.bench`` the benchmarks.
 """
+import importlib
+
 from ._version import __version__
 from . import _core
 from ._core import CapacityError
-from .cache import BlockPool, FastGen, Full, HeavyHitter, KVCache, NAtS, TaskKV, Window, default_capacity_bytes
-from . import ops
+from .cache import BlockPool, KVCache, default_capacity_bytes, make_policy
+from . import ops, policies
+from .policies import FastGen, Full, HeavyHitter, NAtS, Policy, TaskKV, Window
+
+# Names that load their (transformers-using) module on first use: name -> (module, attribute or None).
+_LAZY = {
+    "Cache": ("kvloom.hf", "LoomCache"),
+    "enable": ("kvloom.hf", "enable"),
+    "hf": ("kvloom.hf", None),
+    "Conversation": ("kvloom.apps.ciflex", "Conversation"),
+    "ciflex": ("kvloom.apps.ciflex", None),
+    "hogwild": ("kvloom.apps.hogwild", None),
+    "convert": ("kvloom.methods.convert", None),
+    "nats": ("kvloom.methods.nats", None),
+    "apps": ("kvloom.apps", None),
+    "methods": ("kvloom.methods", None),
+    "bench": ("kvloom.bench", None),
+    "models": ("kvloom.models", None),
+    "reference": ("kvloom.reference", None),
+    "corpus": ("kvloom.corpus", None),
+}
 
 
 def __getattr__(name):
-    # transformers is imported only when the HF integration is used
-    if name in ("Conversation", "ciflex"):
-        import importlib
-
-        ciflex = importlib.import_module(".ciflex", __name__)
-        return ciflex if name == "ciflex" else ciflex.Conversation
-    if name in ("Cache", "enable", "hf"):
-        import importlib
-
-        hf = importlib.import_module(".hf", __name__)
-        return {"Cache": hf.LoomCache, "enable": hf.enable, "hf": hf}[name]
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        mod = importlib.import_module(module)
+        return mod if attr is None else getattr(mod, attr)
     raise AttributeError(f"module 'kvloom' has no attribute {name!r}")
 
+
 __all__ = [
-    "__version__", "CapacityError", "BlockPool", "KVCache", "Full", "Window", "HeavyHitter", "FastGen", "TaskKV", "NAtS", "ops",
-    "set_num_threads", "get_num_threads", "kernel_isa", "default_capacity_bytes", "Cache", "enable",
-    "Conversation", "ciflex",
+    "__version__", "CapacityError", "BlockPool", "KVCache", "make_policy", "policies", "Policy", "Full", "Window",
+    "HeavyHitter", "FastGen", "TaskKV", "NAtS", "ops", "set_num_threads", "get_num_threads", "kernel_isa",
+    "default_capacity_bytes", *_LAZY,
 ]
 
 

@@ -1,1 +1,2 @@
-__version__ = "0.1.0"
+# The version lives in pyproject.toml; CMake compiles it into the C++ core.
+from ._core import __version__  # noqa: F401

@@ -1,16 +1,15 @@
 """The `kvloom` command line.
 
-    kvloom generate "prompt" [--model M] [--policy full|window|h2o|fastgen|taskkv] [--sinks N --recent N
-                    --ratio R --recovery T --r-local R --r-frequent R --budget B --beta B --m M] [--max-new-tokens N]
+    kvloom generate "prompt" [--model M] [--policy NAME] [policy parameters] [--max-new-tokens N] [--sample]
     kvloom hogwild "problem" [--workers 2] [--max-new-tokens N] [--temperature T] [--check-every K]
-    kvloom bench fidelity [--lengths 1024,2048] [--depths 0.1,0.5,0.9] [--seeds 2] [--out DIR]
-    kvloom bench e2e [--lengths 512,2048,4096] [--new-tokens 32] [--out DIR]
-    kvloom bench sidepath [--lengths 512,1024,2048,4096] [--subtasks 1,2,4,8] [--new-tokens 16] [--out DIR]
-    kvloom bench hogwild [--lengths 0,2048] [--workers 1,2,4] [--new-tokens 64] [--repeats 1] [--out DIR]
     kvloom nats train [--steps 300] [--window 32] [--lam 0.1] [--out nats_scorer.pt]
-    kvloom bench nats [--scorers default,PATH] [--lams 0.03,0.3 --train-steps 100] [--lengths 1024] [--seeds 2]
-    kvloom bench sharing [--steps 40] [--seq-len 256] [--batch-size 2] [--lr 2e-4] [--variants "original,cla2"]
+    kvloom bench NAME [options] [--out DIR]        (kvloom bench --help lists them)
+    kvloom bench readme [--readme README.md] [--results bench/results]
     kvloom info
+
+The policies and their parameters come from the policy registry (``kvloom.policies``): every
+parameter of every policy is a flag (``--recent``, ``--ratio``, ...); a flag the chosen policy
+does not take is an error, and one not given keeps the policy's own default.
 """
 from __future__ import annotations
 
@@ -20,25 +19,50 @@ import time
 from pathlib import Path
 
 
-def _policy(args):
-    import kvloom
+def _policy_flags():
+    """{parameter name: (kind, [(policy, Param), ...])} over every registered policy."""
+    from kvloom import policies
 
-    if args.policy == "full":
-        return kvloom.Full()
-    if args.policy == "window":
-        return kvloom.Window(args.sinks, args.recent)
-    if args.policy == "h2o":
-        return kvloom.HeavyHitter(args.ratio, args.recent)
-    if args.policy == "fastgen":
-        return kvloom.FastGen(args.recovery, args.r_local, args.r_frequent)
-    if args.policy == "taskkv":
-        return kvloom.TaskKV(beta=args.beta, m=args.m, sinks=args.sinks, recent=args.recent, budget=args.budget)
-    if args.policy == "nats":
-        return kvloom.NAtS(args.nats_scorer, window=args.window)
-    raise SystemExit(f"unknown policy {args.policy!r}")
+    flags = {}
+    for name in policies.names():
+        for p in policies.get(name).params():
+            kind, users = flags.setdefault(p.name, (p.kind, []))
+            if kind is not p.kind:
+                raise TypeError(f"policy parameter {p.name!r} has type {kind.__name__} in one policy and "
+                                f"{p.kind.__name__} in {name}; give them different names")
+            users.append((name, p))
+    return flags
 
 
-def _generate(args) -> int:
+def _add_policy_options(g: argparse.ArgumentParser) -> None:
+    from kvloom import policies
+
+    g.add_argument("--policy", default="full", type=str.lower, choices=policies.names(),
+                   help="eviction policy (default: full)")
+    for pname, (kind, users) in _policy_flags().items():
+        uses = "; ".join(f"{pol}: {p.help} (default {p.default})" for pol, p in users)
+        g.add_argument("--" + pname.replace("_", "-"), dest="policy_" + pname, type=kind, default=None, help=uses)
+
+
+def _policy(args, parser):
+    """The policy the flags describe; flags the policy does not take are usage errors."""
+    from kvloom import policies
+
+    cls = policies.get(args.policy)
+    mine = {p.name for p in cls.params()}
+    given = {k[len("policy_"):]: v for k, v in vars(args).items() if k.startswith("policy_") and v is not None}
+    other = sorted(set(given) - mine)
+    if other:
+        takes = ", ".join("--" + n.replace("_", "-") for n in sorted(mine)) or "no parameters"
+        parser.error(f"{', '.join('--' + n.replace('_', '-') for n in other)}: not a parameter of --policy "
+                     f"{cls.name} (it takes {takes})")
+    try:
+        return cls(**given)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.error(str(e))
+
+
+def _generate(args, parser) -> int:
     import torch
     from transformers import TextStreamer
 
@@ -50,7 +74,8 @@ def _generate(args) -> int:
         raise SystemExit("--max-new-tokens must be >= 1")
     model, tok = models.load(args.model)
     kvloom.enable(model)
-    cache = kvloom.Cache(model, policy=_policy(args), tokenizer=tok)
+    policy = _policy(args, parser)
+    cache = kvloom.Cache(model, policy=policy, tokenizer=tok)
     if tok.chat_template and not args.raw:
         enc = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
@@ -69,69 +94,11 @@ def _generate(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from kvloom import e2e
-
-    if args.lengths is None and args.what not in ("hogwild", "nats"):
-        args.lengths = {"fidelity": "1024,2048", "sidepath": "512,1024,2048,4096"}.get(args.what, "512,2048,4096")
-    if args.what == "nats":
-        from kvloom import nats_bench
-
-        lengths = [int(x) for x in (args.lengths or "1024").split(",") if x]
-        summary = nats_bench.run(args.model, [x for x in args.scorers.split(",") if x],
-                                 [float(x) for x in args.lams.split(",") if x], args.train_steps, args.window,
-                                 args.ppl_prefix, args.ppl_tokens, lengths, [float(x) for x in args.depths.split(",") if x],
-                                 args.seeds, Path(args.out))
-        print(nats_bench.markdown(summary))
-        print(f"wrote {Path(args.out) / 'nats.json'}, nats.md, nats.png")
-        return 0
-    if args.what == "sharing":
-        from kvloom import sharing
-
-        summary = sharing.run(args.model, args.steps, args.seq_len, args.batch_size, args.lr, args.eval_tokens,
-                              Path(args.out), [v for v in args.variants.split(",") if v] if args.variants else None)
-        print(sharing.markdown(summary))
-        print(f"wrote {Path(args.out) / 'sharing.json'}, sharing.md, sharing.png")
-        return 0
-    if args.what == "hogwild":
-        from kvloom import hogwild
-
-        ctx = "0,2048" if args.lengths is None else args.lengths
-        summary = hogwild.bench(args.model, [int(x) for x in ctx.split(",") if x],
-                                [int(x) for x in args.workers.split(",") if x], args.new_tokens or 64, Path(args.out),
-                                repeats=args.repeats)
-        print(hogwild.bench_markdown(summary))
-        print(f"wrote {Path(args.out) / 'hogwild.json'}, hogwild.md, hogwild.png")
-        return 0
-    if args.what == "sidepath":
-        from kvloom import sidepath
-
-        summary = sidepath.run(args.model, [int(x) for x in args.lengths.split(",") if x],
-                               [int(x) for x in args.subtasks.split(",") if x], args.new_tokens or 16, Path(args.out))
-        print(sidepath.markdown(summary))
-        print(f"wrote {Path(args.out) / 'sidepath.json'}, sidepath.md, sidepath.png")
-        return 0
-    if args.what == "fidelity":
-        from kvloom import fidelity
-
-        summary = fidelity.run(args.model, [int(x) for x in args.lengths.split(",") if x],
-                               [float(x) for x in args.depths.split(",") if x], args.seeds, args.ppl_prefix,
-                               args.ppl_tokens, args.agree_tokens, Path(args.out),
-                               [x for x in args.only.split(",") if x] if args.only else None)
-        print(fidelity.markdown(summary))
-        print(f"wrote {Path(args.out) / 'fidelity.json'}, fidelity.md, fidelity.png")
-        return 0
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-    summary = e2e.run(args.model, lengths, args.new_tokens or 32, args.repeats, Path(args.out))
-    print(e2e.markdown(summary))
-    print(f"wrote {Path(args.out) / 'e2e.json'}, e2e.md, e2e.png")
-    return 0
-
-
-def _hogwild(args) -> int:
+def _hogwild(args, parser) -> int:
     import time
 
-    from kvloom import hogwild, models
+    from kvloom import models
+    from kvloom.apps import hogwild
 
     model, tok = models.load(args.model)
     t0 = time.perf_counter()
@@ -147,11 +114,12 @@ def _hogwild(args) -> int:
     return 0
 
 
-def _nats_train(args) -> int:
+def _nats_train(args, parser) -> int:
     import json
 
-    from kvloom import models, nats
-    from kvloom._results import essays
+    from kvloom import models
+    from kvloom.corpus import essays
+    from kvloom.methods import nats
 
     texts = essays()
     if len(texts) < 12:
@@ -168,7 +136,7 @@ def _nats_train(args) -> int:
     return 0
 
 
-def _info(_args) -> int:
+def _info(_args, _parser) -> int:
     import torch
 
     import kvloom
@@ -190,51 +158,13 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="generate text with a kvloom cache, streaming; prints tokens/s and KV bytes")
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="HF model path or id (default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--policy", default="full", choices=["full", "window", "h2o", "fastgen", "taskkv", "nats"])
-    g.add_argument("--sinks", type=int, default=4, help="window policy: first tokens kept")
-    g.add_argument("--recent", type=int, default=1024, help="window / h2o: most recent tokens kept")
-    g.add_argument("--ratio", type=float, default=0.1, help="h2o: heavy hitters kept, as a fraction of tokens seen")
-    g.add_argument("--recovery", type=float, default=0.95, help="fastgen: attention mass a head's hybrid must keep")
-    g.add_argument("--r-local", type=float, default=0.3, help="fastgen: local window, fraction of the prompt")
-    g.add_argument("--r-frequent", type=float, default=0.3, help="fastgen: frequent tokens kept, fraction")
-    g.add_argument("--budget", type=float, default=0.4, help="taskkv: tokens kept by non-heterogeneous heads, fraction")
-    g.add_argument("--beta", type=float, default=0.25, help="taskkv: heterogeneous heads at the first layer, fraction")
-    g.add_argument("--m", type=int, default=4, help="taskkv: heterogeneous heads at the last layer")
-    g.add_argument("--nats-scorer", default=None, help="nats: a trained scorer (default: the shipped one)")
-    g.add_argument("--window", type=int, default=None, help="nats: sliding window (default: the scorer's)")
+    _add_policy_options(g)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
-    g.set_defaults(fn=_generate)
+    g.set_defaults(fn=_generate, _parser=g)
 
-    b = sub.add_parser("bench", help="end-to-end benchmark against DynamicCache + sdpa")
-    b.add_argument("what", choices=["e2e", "fidelity", "sidepath", "hogwild", "sharing", "nats"])
-    b.add_argument("--model", default=None)
-    b.add_argument("--lengths", default=None,
-                   help="prompt tokens (e2e: 512,2048,4096; fidelity: 1024,2048; sidepath: 512,1024,2048,4096)")
-    b.add_argument("--depths", default="0.1,0.5,0.9", help="fidelity: needle depths")
-    b.add_argument("--seeds", type=int, default=2, help="fidelity: needle cases per length and depth")
-    b.add_argument("--ppl-prefix", type=int, default=512, help="fidelity: prefilled tokens before perplexity")
-    b.add_argument("--ppl-tokens", type=int, default=256, help="fidelity: tokens decoded for perplexity")
-    b.add_argument("--agree-tokens", type=int, default=128, help="fidelity: greedy tokens compared with Full")
-    b.add_argument("--only", default=None, help="fidelity: comma-separated policy names (full always runs)")
-    b.add_argument("--subtasks", default="1,2,4,8", help="sidepath: sub-tasks per turn (k)")
-    b.add_argument("--workers", default="1,2,4", help="hogwild: worker counts")
-    b.add_argument("--steps", type=int, default=40, help="sharing: uptraining steps per row")
-    b.add_argument("--seq-len", type=int, default=256, help="sharing: uptraining sequence length")
-    b.add_argument("--batch-size", type=int, default=2, help="sharing: uptraining batch size")
-    b.add_argument("--lr", type=float, default=2e-4, help="sharing: uptraining learning rate")
-    b.add_argument("--eval-tokens", type=int, default=2048, help="sharing: held-out tokens for perplexity")
-    b.add_argument("--scorers", default="default", help="nats: comma-separated scorer paths ('default': the shipped one)")
-    b.add_argument("--lams", default="", help="nats: also train scorers with these λ in the run (comma-separated)")
-    b.add_argument("--train-steps", type=int, default=100, help="nats: steps for the scorers trained in the run")
-    b.add_argument("--window", type=int, default=32, help="nats: window of the scorers trained in the run")
-    b.add_argument("--variants", default=None, help="sharing: comma-separated subset of " + ",".join(
-        ["original", "mqa mean", "mqa first", "mqa random", "cla2", "cla3"]))
-    b.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (e2e: 32; sidepath: 16; hogwild: 64)")
-    b.add_argument("--repeats", type=int, default=2)
-    b.add_argument("--out", default="kvloom-bench")
-    b.set_defaults(fn=_bench)
+    _add_bench(sub)
 
     h = sub.add_parser("hogwild", help="several workers solve a problem together over one shared cache (Hogwild!)")
     h.add_argument("problem")
@@ -261,7 +191,24 @@ def main(argv=None) -> int:
 
     sub.add_parser("info", help="show the build: version, kernel path, threads, CUDA").set_defaults(fn=_info)
     args = p.parse_args(argv)
-    return args.fn(args)
+    return args.fn(args, getattr(args, "_parser", p))
+
+
+def _add_bench(sub) -> None:
+    """`kvloom bench NAME`: one sub-command per benchmark module, and `readme`."""
+    from kvloom import bench
+    from kvloom.bench import harness
+
+    b = sub.add_parser("bench", help="benchmarks: kernels, prompt statistics, end to end, fidelity, side paths, ...")
+    bsub = b.add_subparsers(dest="what", required=True, metavar="NAME")
+    for name, bm in bench.registry().items():
+        bp = bsub.add_parser(name, help=bm.help, description=bm.help)
+        bm.add_options(bp)
+        bp.set_defaults(fn=lambda args, parser, bm=bm: harness.main(bm, args))
+    r = bsub.add_parser("readme", help="copy RESULTS/NAME.md into the README between its results markers")
+    r.add_argument("--readme", default="README.md")
+    r.add_argument("--results", default="bench/results")
+    r.set_defaults(fn=lambda args, parser: harness.readme(Path(args.readme), Path(args.results)))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,13 @@ struct registrar {
   registrar(const char* name, std::function<void()> fn) { registry().push_back({name, std::move(fn)}); }
 };
 
+// Printable form of a checked value.
+template <class T>
+std::string show(const T& v) {
+  return std::to_string(v);
+}
+inline std::string show(const std::string& v) { return "\"" + v + "\""; }
+
 }  // namespace kvtest
 
 #define KV_CAT2(a, b) a##b
@@ -40,7 +47,7 @@ struct registrar {
     const auto vb_ = (b);                                                                               \
     if (!(va_ == vb_))                                                                                  \
       ::kvtest::record_failure(__FILE__, __LINE__,                                                      \
-                               "CHECK_EQ(" #a ", " #b "): " + std::to_string(va_) + " != " + std::to_string(vb_)); \
+                               "CHECK_EQ(" #a ", " #b "): " + ::kvtest::show(va_) + " != " + ::kvtest::show(vb_)); \
   } while (0)
 
 #define CHECK_THROWS(expr, type)                                                             \

@@ -2,6 +2,7 @@
 #include <memory>
 #include <vector>
 
+#include "diagnostics.h"
 #include "helpers.h"
 #include "kvloom/attention.h"
 #include "kvloom/cache.h"

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "kvloom/common.h"
-#include "kvloom/cuda.h"
+#include "cuda_info.h"
 #include "test.h"
 
 TEST(cuda_bf16_widening_matches_host) {

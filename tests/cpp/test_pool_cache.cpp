@@ -7,9 +7,11 @@
 #include <thread>
 #include <vector>
 
+#include "head_store.h"
 #include "helpers.h"
 #include "kvloom/block_pool.h"
 #include "kvloom/cache.h"
+#include "kvloom/plan.h"
 #include "test.h"
 
 using namespace kvloom;
@@ -144,7 +146,7 @@ TEST(cache_capacity_error_changes_nothing) {
 
 TEST(window_policy_keeps_sinks_and_recent) {
   auto pool = small_pool(256);
-  cache c(pool, 1, 1, std::make_shared<window_policy>(2, 5));
+  cache c(pool, 1, 1, make_plan("window", plan_params().set("sinks", 2).set("recent", 5)));
   const int64_t s = c.seq_add();
   for (int i = 0; i < 40; ++i) {
     append_const(c, 0, s, 1, static_cast<float>(i));
@@ -260,7 +262,7 @@ TEST(concurrent_segment_appends_checksums) {
 // H2O statistic and policy: under the sanitizers, with evictions, forks and a bf16 pool.
 TEST(accumulate_attention_and_heavy_hitter) {
   auto pool = std::make_shared<block_pool>(dtype::bf16, 8, 4, 256);
-  cache c(pool, 1, 2, std::make_shared<heavy_hitter_policy>(0.25, 3));
+  cache c(pool, 1, 2, make_plan("heavy_hitter", plan_params().set("ratio", 0.25).set("recent", 3)));
   const int64_t s = c.seq_add();
   kvtest::lcg rng(11);
   for (int step = 0; step < 30; ++step) {
@@ -306,7 +308,7 @@ TEST(policy_eviction_compacts) {
   c.append(0, parent, view(k.data(), dtype::f32, {1, n, 8}), view(v.data(), dtype::f32, {1, n, 8}), nullptr, &cv);
   const auto parent_keys = gather_keys(c, 0, 0, parent);
   const int64_t child = c.seq_fork(parent);
-  c.set_head_plan(0, 0, child, std::make_shared<fastgen_plan>(0, 0, 0.0));
+  c.set_head_plan(0, 0, child, make_plan("fastgen", plan_params().set("level", 0).set("local_window", 0).set("r_frequent", 0.0)));
   c.apply_policy(0, child);
   CHECK_EQ(c.length(0, 0, child), 10);
   CHECK(gather_keys(c, 0, 0, parent) == parent_keys);

@@ -13,6 +13,7 @@
 // instead of re-rotating keys. With no rope (n_freq == 0) deltas must be 0.
 //
 // Thread safety: reads only; callers must not write the attended sequences concurrently.
+// Failure atomicity: arguments are validated before anything is written to `out`.
 #pragma once
 
 #include <cstdint>
@@ -53,10 +54,5 @@ void set_num_threads(int n);
 int get_num_threads();
 // Name of the kernel path chosen at run time ("avx2" or "generic").
 const char* kernel_isa();
-void force_generic_kernels(bool on);  // for tests: use the portable path
-
-// Reads every byte of `bytes` with all threads (returns a checksum); used by the benchmark
-// to measure the machine's read bandwidth with the same threads the kernels use.
-double read_probe(const void* data, size_t bytes);
 
 }  // namespace kvloom

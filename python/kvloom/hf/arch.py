@@ -72,3 +72,18 @@ def geometry(model_or_config) -> Geometry:
 def attention_modules(model) -> list:
     """The model's attention modules (those with a layer_idx), in module order."""
     return [m for m in model.modules() if hasattr(m, "layer_idx") and "attention" in type(m).__name__.lower()]
+
+
+def cla_owner(layer: int, factor: int) -> int:
+    """The layer whose KV `layer` reads under cross-layer attention with groups of `factor`."""
+    return layer - layer % factor
+
+
+def layer_store(model_or_config) -> Optional[List[int]]:
+    """The CLA layer → owner map declared by a model's config (``kvloom_cla_factor``, written
+    by ``kvloom.convert.to_cla``, or ``cla_share_factor`` as in the CLA paper's models), or None."""
+    cfg = text_config(model_or_config)
+    factor = int(getattr(cfg, "kvloom_cla_factor", None) or getattr(cfg, "cla_share_factor", None) or 1)
+    if factor == 1:
+        return None
+    return [cla_owner(i, factor) for i in range(cfg.num_hidden_layers)]

@@ -14,8 +14,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .cache import _take_active
 
-NAME = "kvloom"
-
 
 def kvloom_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              sliding_window=None, softcap=None, **kwargs):
@@ -34,92 +32,31 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
     layer = module.layer_idx
     B, Hq, q_len, D = query.shape
     past = cache.layers[layer].cumulative_length - q_len
+    policy = cache.policy
+    out = None
     if q_len == 1 and past > 0:
         targets, inv_freq = cache._decode_targets(layer)  # sequences, or segment views (Hogwild!)
         out = cache.kv.attend(layer, query[:, :, 0, :], targets, scale=scaling, inv_freq=inv_freq)  # [B, Hq, D]
         out = out.unsqueeze(1)  # [B, 1, Hq, D]
-    elif past == 0 and cache.nats is not None and q_len > 1:
-        out = _nats_prompt_attention(cache, layer, query, key, value, attention_mask, scaling)
     elif past == 0:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
-                                        sliding_window=sliding_window, **kwargs)
+        if q_len > 1 and cache.layers[layer].window is None:
+            out = policy.prompt_attention(cache, layer, query, key, value, attention_mask, scaling)
+        if out is None:
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
+                                            sliding_window=sliding_window, **kwargs)
     else:
         out = _chunk_over_cache(cache, layer, query, attention_mask, past, scaling)
     if not cache.owns(layer):  # a CLA reader: its owner layer already did the bookkeeping
         return out, None
     if q_len > 1 and attention_mask is not None:
         _evict_invisible_new_tokens(cache, layer, attention_mask, past, q_len)
-    if cache.needs_scores:
+    if policy.needs_scores:
         cache.kv.accumulate_attention(layer, query, cache.seqs, scale=scaling)
-    if cache.fastgen is not None and past == 0 and cache.layers[layer].window is None:
-        _fastgen_profile(cache, layer, query, scaling)
-    if cache.taskkv is not None and past == 0 and q_len > 1 and cache.layers[layer].window is None:
-        _taskkv_profile(cache, layer, query, scaling)
+    if past == 0 and cache.layers[layer].window is None:
+        policy.after_prompt(cache, layer, query, scaling)
     for s in cache.seqs:
         cache.kv.apply_policy(layer, s)
     return out, None
-
-
-def _nats_prompt_attention(cache, layer: int, query, key, value, attention_mask, scaling):
-    """The prompt attends with the NAtS visibility rules of the types just assigned."""
-    from ..nats import soft_visibility
-
-    types = cache._nats_types[layer].long()  # [B, Hkv, T]
-    vis = soft_visibility(torch.nn.functional.one_hot(types, 3).float(), cache.nats.window) > 0.5  # [B, Hkv, T, T]
-    G = query.shape[1] // key.shape[1]
-    vis = vis.repeat_interleave(G, dim=1)
-    if attention_mask is not None:
-        m = attention_mask[:, :, :, -types.shape[-1]:]
-        if m.dtype != torch.bool:
-            m = m > torch.finfo(m.dtype).min / 2
-        vis = vis & m
-    vis = vis | (~vis.any(-1, keepdim=True) & (torch.arange(vis.shape[-1]) == 0))  # padded rows: no NaN
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=vis, scale=scaling,
-                                                           enable_gqa=G > 1)
-    return out.transpose(1, 2).contiguous()
-
-
-def _fastgen_profile(cache, layer: int, query: torch.Tensor, scaling) -> None:
-    """FastGen: choose each head's hybrid from its prompt attention (scores already
-    accumulated), row by row (rows differ in prompt length when padded)."""
-    fg, kv = cache.fastgen, cache.kv
-    for b, s in enumerate(cache.seqs):
-        prompt_len = kv.length(layer, 0, s)  # the row's real prompt (padding already evicted)
-        masses = kv.hybrid_recovery(layer, query[b:b + 1], [s], r_frequent=fg.r_frequent,
-                                    local_window=fg.local_window(prompt_len), scale=scaling)[0]
-        for h in range(kv.n_kv_heads):
-            kv.set_head_plan(layer, h, s, fg.plan(fg.choose(masses[h]), prompt_len))
-
-
-def _taskkv_profile(cache, layer: int, query: torch.Tensor, scaling) -> None:
-    """Task-KV: the observation window's column means come from the C++ cache (attention of
-    the prompt's last queries accumulated into the slots' scores); then the layer's heads
-    are split by their semantic vectors and each gets its plan."""
-    from .. import _core
-
-    cfg, kv = cache.taskkv, cache.kv
-    Hkv = kv.n_kv_heads
-    G = query.shape[1] // Hkv
-    for b, s in enumerate(cache.seqs):
-        T = kv.length(layer, 0, s)  # the row's real prompt (padding already evicted)
-        L = min(cfg.window, T)
-        kv.accumulate_attention(layer, query[b:b + 1, :, -L:], [s], scale=scaling)
-        col_means, values = [], []
-        for h in range(Hkv):
-            _, v, ords, _ = kv.gather(layer, h, s, dtype=torch.float32)
-            _, slot_ords, _ = kv.slots(layer, h, s)
-            by_ord = dict(zip(slot_ords.tolist(), (kv.scores(layer, h, s) / (G * L)).tolist()))
-            col_means.append(torch.tensor([by_ord[o] for o in ords.tolist()]))
-            values.append(v)
-        offset = kv.seq_length(s) - T  # prompt ords start after evicted left padding
-        hetero, middles = cfg.decide(col_means, values, layer, cache.geometry.n_layers)
-        for h in range(Hkv):
-            if h in hetero:
-                plan = _core.KeepSetPlan("taskkv:heterogeneous", 0, 0, [], True)
-            else:
-                plan = _core.KeepSetPlan("taskkv:sinks+recent+middle", cfg.sinks + offset, cfg.recent,
-                                         [o + offset for o in middles[h]])
-            kv.set_head_plan(layer, h, s, plan)
 
 
 def _visible_to_last_query(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import Cache as _HFCache
 from transformers.cache_utils import CacheLayerMixin
 
-from ..cache import FastGen, HeavyHitter, KVCache, NAtS, TaskKV, Window, make_policy
+from ..cache import KVCache, make_policy
 from . import arch
 
 # The attention function learns which cache (and layer) it serves from the update() that
@@ -25,25 +25,6 @@ def _take_active(layer_idx: int, key_states):
     if entry is None or entry[1] != layer_idx or entry[2] is not key_states:
         return None
     return entry[0]
-
-
-_PUNCT_CHARS = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~…–—“”‘’«»¿¡·")
-
-
-def token_classes(tokenizer, vocab_size: int) -> torch.Tensor:
-    """uint8 [vocab_size] token-class bits for FastGen: 1 = a special token of the tokenizer,
-    2 = a vocab entry made only of punctuation and whitespace (and at least one punctuation
-    mark)."""
-    table = torch.zeros(vocab_size, dtype=torch.uint8)
-    for i in getattr(tokenizer, "all_special_ids", []) or []:
-        if 0 <= i < vocab_size:
-            table[i] |= 1
-    n = min(vocab_size, len(tokenizer))
-    for i in range(n):
-        text = tokenizer.decode([i])
-        if text and any(ch in _PUNCT_CHARS for ch in text) and all(ch in _PUNCT_CHARS or ch.isspace() for ch in text):
-            table[i] |= 2
-    return table
 
 
 class LoomLayer(CacheLayerMixin):
@@ -127,64 +108,36 @@ class LoomCache(_HFCache):
         dtype = dtype or getattr(model, "dtype", torch.float32)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"KV dtype {dtype} is not supported; use float32, float16 or bfloat16")
-        self.fastgen = policy if isinstance(policy, FastGen) else None
-        self.taskkv = policy if isinstance(policy, TaskKV) else None
-        self.nats = policy if isinstance(policy, NAtS) else None
-        policy = make_policy(policy)
-        from ..convert import layer_store
-
-        self._store = layer_store(model) or list(range(geo.n_layers))  # CLA: the layer each layer reads
-        self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=policy,
+        self.policy = make_policy(policy)
+        if self.policy.needs_tokenizer and tokenizer is None:
+            raise ValueError(f"{type(self.policy).__name__} needs the tokenizer (its token classes come from it): "
+                             f"kvloom.Cache(model, policy=..., tokenizer=tok)")
+        self._store = arch.layer_store(model) or list(range(geo.n_layers))  # CLA: the layer each layer reads
+        self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=self.policy,
                           block_size=block_size, capacity_bytes=capacity_bytes,
                           layer_store=None if self._store == list(range(geo.n_layers)) else self._store)
-        # policies that rank tokens by the attention they receive need it accumulated
-        self.needs_scores = isinstance(policy, HeavyHitter) or self.fastgen is not None
         self._class_table = None
         self._ids = None
         self._hook = None
         self._embed = None
         self._closed = False
-        if self.fastgen is not None:
-            if tokenizer is None:
-                raise ValueError("FastGen needs the tokenizer for its special and punctuation tokens: "
-                                 "kvloom.Cache(model, policy=kvloom.FastGen(...), tokenizer=tok)")
+        self.policy_state = None
+        self._model = weakref.ref(model)
+        if tokenizer is not None:
             vocab = model.get_input_embeddings().weight.shape[0]
-            self._class_table = token_classes(tokenizer, vocab)
-            if not bool((self._class_table & 1).any()):
-                import warnings
-
-                warnings.warn("the tokenizer has no special tokens: FastGen's 'special' hybrid keeps nothing "
-                              "(heads fall through to the next hybrid)", stacklevel=2)
+            self._class_table = self.policy.token_classes(tokenizer, vocab)
+        if self._class_table is not None:
             self._embed = model.get_input_embeddings()
             self._install_ids_hook()
-        self._nats_hidden = {}
-        self._nats_types = {}
-        self._nats_hooks = None
-        self._model = weakref.ref(model)
-        if self.nats is not None:
-            self.nats.scorer.check_model(model)
-            self._install_nats_hooks()
+        self.policy_state = self.policy.attach(self, model)  # e.g. NAtS's hidden-state hooks
         for i, w in enumerate(geo.windows):
             if w is not None:
                 # after attention, keep the W-1 newest tokens: with the next token that is W
-                self.kv.set_layer_policy(i, Window(0, w - 1))
+                self.kv.set_layer_window(i, w - 1)
         super().__init__(layers=[LoomLayer(self, i, w) for i, w in enumerate(geo.windows)])
         self._config = arch.text_config(model)
         self._attn_ids = {id(m) for m in arch.attention_modules(model)}
         self.seqs: Optional[List[int]] = None  # one C++ sequence per batch row
-
-    def _install_nats_hooks(self) -> None:
-        from ..nats import _HiddenHooks
-
-        me = weakref.ref(self)
-
-        def keep_hidden(layer, h):
-            cache = me()
-            if cache is not None:
-                cache._nats_hidden[layer] = h
-
-        self._nats_hidden, self._nats_types = {}, {}
-        self._nats_hooks = _HiddenHooks(self._model(), keep_hidden)
 
     def _install_ids_hook(self) -> None:
         me = weakref.ref(self)
@@ -226,7 +179,9 @@ class LoomCache(_HFCache):
             self.seqs = [self.kv.add_sequence() for _ in range(B)]
         elif layer_idx == 0:
             self._check_capacity(B, n)
-        classes = self._classes(B, n) if self.nats is None else self._nats_classes(layer_idx, B, n)
+        classes = self.policy.append_classes(self, layer_idx, B, n)
+        if classes is None:
+            classes = self._classes(B, n)
         for b, s in enumerate(self.seqs):
             self.kv.append(layer_idx, s, key_states[b], value_states[b], classes=None if classes is None else classes[b])
         self.layers[layer_idx].cumulative_length += n
@@ -237,6 +192,10 @@ class LoomCache(_HFCache):
     def owns(self, layer_idx: int) -> bool:
         """False for a CLA reader layer (it reads an earlier layer's KV and stores none)."""
         return self._store[layer_idx] == layer_idx
+
+    def owner(self, layer_idx: int) -> int:
+        """The layer whose KV `layer_idx` reads (itself unless layers share KV, CLA)."""
+        return self._store[layer_idx]
 
     def read_shared(self, layer_idx: int, key_states, value_states, q_len: int):
         """Called by a CLA reader layer instead of update(): nothing is stored (the C++ cache
@@ -250,19 +209,9 @@ class LoomCache(_HFCache):
         _active.entry = (self, layer_idx, key_states)
         return key_states, value_states
 
-    def _nats_classes(self, layer_idx: int, batch: int, n: int):
-        """uint8 [batch, n_kv_heads, n]: the scorer's types of the tokens being appended."""
-        h = self._nats_hidden.pop(layer_idx, None)
-        if h is None or h.shape[0] != batch or h.shape[1] < n:
-            raise RuntimeError("NAtS needs the attention layer's input hidden states (the cache's hooks did not see "
-                               "this forward); is the cache used with the model it was built for?")
-        first = self.layers[layer_idx].cumulative_length
-        t = self.nats.scorer.types(layer_idx, h[:, -n:], first_ord=first).contiguous()
-        self._nats_types[layer_idx] = t
-        return t
-
     def _classes(self, batch: int, n: int):
-        """uint8 [batch, n] token classes of the tokens being appended (FastGen), if known."""
+        """uint8 [batch, n] classes of the tokens being appended, from the policy's token-class
+        table (FastGen's special/punctuation ids), if it has one."""
         ids = self._ids
         if self._class_table is None or ids is None or tuple(ids.shape) != (batch, n):
             return None
@@ -272,9 +221,9 @@ class LoomCache(_HFCache):
         hook = getattr(self, "_hook", None)
         if hook is not None:
             hook.remove()
-        hooks = getattr(self, "_nats_hooks", None)
-        if hooks is not None:
-            hooks.remove()
+        state = getattr(self, "policy_state", None)
+        if state is not None:
+            state.remove()
         try:  # a cache that goes away gives its sequences back (forks share the C++ cache)
             if not getattr(self, "_closed", True) and self.seqs is not None:
                 for s in self.seqs:
@@ -377,9 +326,7 @@ class LoomCache(_HFCache):
         new._hook = None
         if new._embed is not None:
             new._install_ids_hook()
-        new._nats_hooks = None
-        if new.nats is not None:
-            new._install_nats_hooks()
+        new.policy_state = None if self.policy_state is None else self.policy.attach(new, self._model())
         return new
 
     def rollback(self, n_tokens: int) -> None:
@@ -403,9 +350,9 @@ class LoomCache(_HFCache):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._nats_hooks is not None:
-            self._nats_hooks.remove()
-            self._nats_hooks = None
+        if self.policy_state is not None:
+            self.policy_state.remove()
+            self.policy_state = None
 
     @property
     def closed(self) -> bool:
@@ -417,10 +364,8 @@ class LoomCache(_HFCache):
 
     @property
     def policy_name(self) -> str:
-        for p in (self.fastgen, self.taskkv, self.nats):
-            if p is not None:
-                return p.name
-        return self.kv.policy
+        """The policy and its parameters, e.g. ``window(sinks=4, recent=1024)``."""
+        return self.policy.label
 
     def memory_bytes(self) -> int:
         """Exact bytes of KV held (live blocks x block bytes)."""

@@ -1,1 +1,0 @@
-"""kvloom's benchmark harness (not part of the test run). See `python -m bench --help`."""

@@ -1,0 +1,51 @@
+// Internal: the KV of one (layer, kv head, sequence) — a block table plus per-slot metadata.
+//
+// A block table maps slot s to block table[s / block_size], offset s % block_size. Every
+// slot carries: live flag, `ord` (0-based index of the token in the order it was appended
+// to this sequence: the logical token index), `pos` (its RoPE position), a class byte
+// (token-class bits or a NAtS type) and a score (accumulated attention). Attention is
+// permutation-invariant over keys, so eviction just frees a slot; a new token fills the
+// lowest free slot; a block whose slots are all free goes back to the pool.
+//
+// The cache (cache.cpp, scores.cpp) maintains the invariants; kernels and plans only read.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kvloom/block_pool.h"
+
+namespace kvloom {
+
+class head_plan;
+
+struct head_store {
+  int64_t length() const { return n_live_; }        // live tokens
+  int64_t appended() const { return n_appended_; }  // tokens ever appended (logical length)
+  int64_t n_slots() const { return static_cast<int64_t>(live_.size()); }
+  const std::vector<block_id>& table() const { return table_; }
+  bool live(int64_t slot) const { return live_[slot] != 0; }
+  int32_t ord(int64_t slot) const { return ord_[slot]; }
+  int32_t pos(int64_t slot) const { return pos_[slot]; }
+  float score(int64_t slot) const { return score_[slot]; }
+  uint8_t token_class(int64_t slot) const { return cls_[slot]; }
+  const uint8_t* live_data() const { return live_.data(); }
+  const std::vector<uint16_t>& block_live() const { return block_live_; }
+  int64_t hint() const { return hint_; }
+  const head_plan* plan() const { return plan_.get(); }
+
+  std::vector<block_id> table_;          // [n_blocks], -1 = no block
+  std::vector<uint16_t> block_live_;     // [n_blocks] live slots per block
+  std::vector<uint8_t> live_;            // [n_blocks * block_size]
+  std::vector<int32_t> ord_;             // [n_blocks * block_size]
+  std::vector<int32_t> pos_;             // [n_blocks * block_size]
+  std::vector<float> score_;             // [n_blocks * block_size] attention received so far
+  std::vector<uint8_t> cls_;             // [n_blocks * block_size] class byte
+  int64_t n_live_ = 0;
+  int64_t n_appended_ = 0;
+  int64_t hint_ = 0;  // no block before this table index has a free slot
+  std::shared_ptr<const head_plan> plan_;
+};
+
+}  // namespace kvloom

@@ -1,0 +1,27 @@
+// Internal: prompt statistics over a cache's head stores, shared by the plans that rank
+// tokens by attention (H2O, FastGen, Task-KV) and by the bindings. The generic statistic,
+// accumulated attention, is cache::accumulate_attention.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "head_store.h"
+#include "kvloom/cache.h"
+#include "kvloom/tensor_view.h"
+
+namespace kvloom {
+
+// The ceil(ratio x n_base) slots (indices into `slots`, live slots of hs) with the highest
+// score; ties keep the older token. Marks them 1 in the returned mask.
+std::vector<char> top_by_score(const head_store& hs, const std::vector<int64_t>& slots, double ratio, int64_t n_base);
+
+// FastGen profiling: for each row b and kv head, the attention mass (averaged over the
+// queries q[b] [B, Hq, Tq, D] and each head's query group, causal) that the keys of each
+// nested hybrid would keep: [0] special, [1] +punctuation, [2] +frequent (the
+// ceil(r_frequent x live) slots with the highest score), [3] +local (keys within
+// local_window tokens of the query). Writes out[(b * n_kv_heads + h) * 4 + i].
+void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale,
+                     double r_frequent, int64_t local_window, double* out);
+
+}  // namespace kvloom

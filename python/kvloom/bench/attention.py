@@ -1,0 +1,120 @@
+"""Decode attention, one token: kvloom's kernel vs torch SDPA on the same inputs (GQA/MQA/MHA,
+fp32/fp16/bf16, the grid in ``grids.py``), and the machine's read bandwidth measured in the
+same run with the same threads. The cases run under pytest-benchmark (calibrated rounds; its
+raw JSON is kept beside the results for ``--benchmark-compare``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .grids import TARGETS
+from .harness import Benchmark, add_common_options, table
+
+
+def summarize(raw: dict) -> dict:
+    by_case: dict = {}
+    bandwidth = None
+    for b in raw["benchmarks"]:
+        info = b["extra_info"]
+        med = b["stats"]["median"]
+        if info["impl"] == "probe":
+            bandwidth = info["bytes"] / med
+            continue
+        by_case.setdefault(info["case"], {"shape": {k: info[k] for k in ("B", "Hq", "Hkv", "T", "D", "dtype")},
+                                          "kv_bytes": info["kv_bytes"]})[info["impl"]] = med
+    rows = []
+    for name, c in by_case.items():
+        if "kvloom" not in c or "sdpa" not in c:
+            continue
+        row = dict(case=name, **c["shape"], kv_bytes=c["kv_bytes"],
+                   kvloom_us=c["kvloom"] * 1e6, sdpa_us=c["sdpa"] * 1e6,
+                   speedup=c["sdpa"] / c["kvloom"],
+                   kvloom_gbps=c["kv_bytes"] / c["kvloom"] / 1e9)
+        if bandwidth:
+            row["floor_us"] = c["kv_bytes"] / bandwidth * 1e6
+            row["bw_fraction"] = c["kv_bytes"] / c["kvloom"] / bandwidth
+        t = TARGETS.get(name)
+        if t:
+            ok = True
+            if "min_speedup" in t:
+                ok &= row["speedup"] >= t["min_speedup"]
+            if "min_bw_fraction" in t and "bw_fraction" in row:
+                ok &= row["bw_fraction"] >= t["min_bw_fraction"]
+            row["target"] = t
+            row["target_met"] = bool(ok)
+        rows.append(row)
+    machine = raw.get("machine_info", {})
+    return {
+        "read_bandwidth_gbps": bandwidth / 1e9 if bandwidth else None,
+        "threads": raw.get("kvloom_threads"),
+        "machine": {k: machine.get(k) for k in ("node", "processor", "machine", "python_version")},
+        "cpu": machine.get("cpu", {}).get("brand_raw"),
+        "datetime": raw.get("datetime"),
+        "rows": rows,
+    }
+
+
+class Attention(Benchmark):
+    name = "attention"
+    help = "decode attention: kvloom vs torch SDPA vs the read-bandwidth floor (needs pytest-benchmark)"
+
+    def add_options(self, p: argparse.ArgumentParser) -> None:
+        add_common_options(p, model=False)
+        p.add_argument("--quick", action="store_true", help="only the cases the targets are about")
+        p.add_argument("--threads", type=int, default=0, help="threads for kvloom and torch (default: all cores)")
+        p.add_argument("--rounds", type=int, default=0, help="timed rounds per case (default 30)")
+
+    def run(self, args) -> dict:
+        import pytest
+
+        import kvloom
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        raw = out / "attention-raw.json"
+        os.environ["KVLOOM_BENCH_QUICK"] = "1" if args.quick else "0"
+        if args.threads:
+            os.environ["KVLOOM_BENCH_THREADS"] = str(args.threads)
+        if args.rounds:
+            os.environ["KVLOOM_BENCH_ROUNDS"] = str(args.rounds)
+        rc = pytest.main([str(Path(__file__).with_name("attention_cases.py")), "-q", "-p", "no:cacheprovider", "--benchmark-only",
+                          f"--benchmark-json={raw}", "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"])
+        if rc != 0:
+            raise SystemExit(f"the attention benchmark failed (pytest exit {rc})")
+        data = json.loads(raw.read_text())
+        data["kvloom_threads"] = kvloom.get_num_threads()
+        return summarize(data)
+
+    def markdown(self, summary: dict) -> str:
+        head = (f"Read bandwidth (same run, {summary.get('threads')} threads): "
+                f"{summary['read_bandwidth_gbps']:.1f} GB/s\n\n" if summary["read_bandwidth_gbps"] else "")
+        rows = []
+        for r in summary["rows"]:
+            mark = "" if "target_met" not in r else (" ✓" if r["target_met"] else " ✗")
+            rows.append([f"{r['case']}{mark}", r["B"], f"{r['Hq']}/{r['Hkv']}", r["T"], r["D"], r["dtype"],
+                         f"{r['kvloom_us']:.0f}", f"{r['sdpa_us']:.0f}", f"{r['speedup']:.1f}×", f"{r['kvloom_gbps']:.1f}",
+                         f"{100 * r.get('bw_fraction', float('nan')):.0f}%", f"{r.get('floor_us', float('nan')):.0f}"])
+        return head + table(["case", "B", "Hq/Hkv", "T", "D", "dtype", "kvloom µs", "SDPA µs", "× SDPA", "kvloom GB/s",
+                             "% of read BW", "floor µs"], rows)
+
+    def draw(self, summary: dict, plt):
+        rows = summary["rows"]
+        k = [r["kv_bytes"] / (r["kvloom_us"] * 1e-6) / 1e9 for r in rows]
+        s = [r["kv_bytes"] / (r["sdpa_us"] * 1e-6) / 1e9 for r in rows]
+        fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 4.5))
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], k, width=0.4, label="kvloom")
+        ax.bar([i + 0.2 for i in x], s, width=0.4, label="torch SDPA")
+        if summary["read_bandwidth_gbps"]:
+            ax.axhline(summary["read_bandwidth_gbps"], color="k", ls="--", lw=1, label="measured read bandwidth")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([r["case"] for r in rows], rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel("effective KV read rate (GB/s)")
+        ax.set_title("Decode attention, one token: KV bytes / time")
+        ax.legend()
+        return fig, None
+
+
+BENCH = Attention()

@@ -1,0 +1,61 @@
+"""Kernel micro-benchmarks under pytest-benchmark: kvloom decode attention vs torch SDPA on
+the same inputs, and the machine's read bandwidth, all in one run.
+
+Run through `kvloom bench attention` (writes the JSON, table and plot), or directly:
+    pytest --pyargs kvloom.bench.attention_cases --benchmark-json=out.json
+"""
+import os
+
+import pytest
+import torch
+
+import kvloom
+
+from kvloom.bench.grids import ATTENTION, PROBE_BYTES, QUICK
+
+CASES = [c for c in ATTENTION if os.environ.get("KVLOOM_BENCH_QUICK") != "1" or c["name"] in QUICK]
+DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def same_threads():
+    n = int(os.environ.get("KVLOOM_BENCH_THREADS", "0")) or kvloom.get_num_threads()
+    kvloom.set_num_threads(n)
+    torch.set_num_threads(n)
+    yield n
+
+
+def _inputs(c):
+    g = torch.Generator().manual_seed(0)
+    dt = DT[c["dtype"]]
+    q = torch.randn(c["B"], c["Hq"], c["D"], generator=g).to(dt)
+    k = torch.randn(c["B"], c["Hkv"], c["T"], c["D"], generator=g).to(dt)
+    v = torch.randn(c["B"], c["Hkv"], c["T"], c["D"], generator=g).to(dt)
+    return q, k, v
+
+
+def _kv_bytes(c):
+    return 2 * c["B"] * c["Hkv"] * c["T"] * c["D"] * torch.empty(0, dtype=DT[c["dtype"]]).element_size()
+
+
+@pytest.mark.parametrize("impl", ["kvloom", "sdpa"])
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_decode_attention(benchmark, case, impl):
+    q, k, v = _inputs(case)
+    if impl == "kvloom":
+        fn = lambda: kvloom.ops.decode_attention(q, k, v)  # noqa: E731
+    else:
+        q4 = q.unsqueeze(2)
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True)  # noqa: E731
+    # the two must agree before their speed means anything
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float().unsqueeze(2), k.float(), v.float(),
+                                                           enable_gqa=True).squeeze(2)
+    torch.testing.assert_close(fn().float().reshape(ref.shape), ref, atol=2e-2, rtol=2e-2)
+    benchmark.extra_info.update(case=case["name"], impl=impl, kv_bytes=_kv_bytes(case), **case)
+    benchmark.pedantic(fn, rounds=int(os.environ.get("KVLOOM_BENCH_ROUNDS", "30")), warmup_rounds=3, iterations=1)
+
+
+def test_read_bandwidth(benchmark):
+    buf = torch.ones(PROBE_BYTES // 4)
+    benchmark.extra_info.update(case="read-bandwidth", impl="probe", bytes=PROBE_BYTES)
+    benchmark.pedantic(lambda: kvloom._core.read_probe(buf), rounds=15, warmup_rounds=2, iterations=1)

@@ -1,0 +1,102 @@
+// The plan registry (make_plan by name, parameter checking) and the C API over the cache.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "helpers.h"
+#include "kvloom/c_api.h"
+#include "kvloom/kvloom.h"
+#include "test.h"
+
+using namespace kvloom;
+using kvtest::view;
+
+TEST(plan_registry_lists_and_checks) {
+  const std::vector<std::string> names = plan_names();
+  for (const char* want : {"fastgen", "full", "heavy_hitter", "keep_set", "nats", "window"})
+    CHECK(std::find(names.begin(), names.end(), want) != names.end());
+  CHECK_EQ(plan_describe(*make_plan("window", plan_params().set("sinks", 2).set("recent", 8))),
+           std::string("window(sinks=2, recent=8)"));
+  CHECK_EQ(plan_short_name(*make_plan("fastgen", plan_params().set("level", 1))), std::string("fastgen:special+punct"));
+  CHECK_THROWS(make_plan("no_such_plan"), std::invalid_argument);
+  CHECK_THROWS(make_plan("window", plan_params().set("recnet", 8)), std::invalid_argument);  // misspelt key
+  CHECK_THROWS(make_plan("window", plan_params().set("recent", 2.5)), std::invalid_argument);
+  CHECK_THROWS(make_plan("window", plan_params().set("recent", 0)), std::invalid_argument);
+  CHECK_THROWS(make_plan("heavy_hitter", plan_params().set("ratio", 1.5)), std::invalid_argument);
+  CHECK_THROWS(make_plan("keep_set", plan_params().set("ords", std::vector<int32_t>{-1})), std::invalid_argument);
+  try {
+    make_plan("window", plan_params().set("recnet", 8));
+  } catch (const std::invalid_argument& e) {
+    CHECK(std::string(e.what()).find("recnet") != std::string::npos);
+  }
+  CHECK_EQ(std::string(version()), std::string(KVLOOM_VERSION_STRING));
+}
+
+// The C API drives the same cache: append, evict by policy, attend, and errors that name
+// the problem and change nothing.
+TEST(c_api_round_trip_and_errors) {
+  const int L = 2, H = 2, D = 8, Hq = 4;
+  kvloom_pool* pool = nullptr;
+  CHECK_EQ(kvloom_pool_create(KVLOOM_F32, D, 4, 64, &pool), KVLOOM_OK);
+  const char* keys[] = {"sinks", "recent"};
+  const double vals[] = {1, 4};
+  kvloom_cache* c = nullptr;
+  CHECK_EQ(kvloom_cache_create(pool, L, H, "window", keys, vals, 2, &c), KVLOOM_OK);
+  kvloom_pool_release(pool);  // the cache keeps it alive
+  int64_t s = -1;
+  CHECK_EQ(kvloom_seq_add(c, &s), KVLOOM_OK);
+  kvtest::lcg rng(3);
+  for (int l = 0; l < L; ++l) {
+    auto k = rng.vec(H * 10 * D), v = rng.vec(H * 10 * D);
+    CHECK_EQ(kvloom_append(c, l, s, k.data(), v.data(), KVLOOM_F32, 10), KVLOOM_OK);
+    int64_t freed = -1;
+    CHECK_EQ(kvloom_apply_policy(c, l, s, &freed), KVLOOM_OK);
+    CHECK_EQ(freed, int64_t(H * 5));
+  }
+  int64_t len = 0;
+  CHECK_EQ(kvloom_head_length(c, 1, 1, s, &len), KVLOOM_OK);
+  CHECK_EQ(len, int64_t(5));
+  CHECK_EQ(kvloom_seq_length(c, s, &len), KVLOOM_OK);
+  CHECK_EQ(len, int64_t(10));
+  auto q = rng.vec(Hq * D);
+  std::vector<float> out(Hq * D, -1.f);
+  CHECK_EQ(kvloom_attend(c, 1, &s, 1, q.data(), KVLOOM_F32, Hq, out.data(), 0.f), KVLOOM_OK);
+  for (float x : out) CHECK(std::isfinite(x) && x != -1.f);
+  int64_t f = -1;
+  CHECK_EQ(kvloom_seq_fork(c, s, &f), KVLOOM_OK);
+  size_t bytes = 0, block = 0;
+  CHECK_EQ(kvloom_memory_bytes(c, &bytes), KVLOOM_OK);
+  CHECK(bytes > 0);
+  // errors: a status, a message naming the problem, nothing changed
+  CHECK_EQ(kvloom_head_length(c, 7, 0, s, &len), KVLOOM_ERR_INDEX);
+  CHECK(std::string(kvloom_last_error()).find("layer 7") != std::string::npos);
+  CHECK_EQ(kvloom_seq_rollback(c, f, 11), KVLOOM_ERR_VALUE);
+  CHECK_EQ(kvloom_seq_length(c, f, &len), KVLOOM_OK);
+  CHECK_EQ(len, int64_t(10));
+  CHECK_EQ(std::string(kvloom_last_error()), std::string(""));
+  kvloom_cache* bad = nullptr;
+  kvloom_pool* p2 = nullptr;
+  CHECK_EQ(kvloom_pool_create(KVLOOM_F32, D, 4, 2, &p2), KVLOOM_OK);
+  CHECK_EQ(kvloom_pool_block_bytes(p2, &block), KVLOOM_OK);
+  CHECK_EQ(block, size_t(2 * 4 * D * 4));
+  CHECK_EQ(kvloom_cache_create(p2, L, H, "windw", nullptr, nullptr, 0, &bad), KVLOOM_ERR_VALUE);
+  CHECK(bad == nullptr);
+  CHECK_EQ(kvloom_cache_create(p2, L, H, nullptr, nullptr, nullptr, 0, &bad), KVLOOM_OK);
+  int64_t t = -1;
+  CHECK_EQ(kvloom_seq_add(bad, &t), KVLOOM_OK);
+  auto k = rng.vec(H * 9 * D);
+  CHECK_EQ(kvloom_append(bad, 0, t, k.data(), k.data(), KVLOOM_F32, 9), KVLOOM_ERR_CAPACITY);  // 6 blocks > 2
+  CHECK_EQ(kvloom_seq_length(bad, t, &len), KVLOOM_OK);
+  CHECK_EQ(len, int64_t(0));
+  CHECK_EQ(kvloom_append(bad, 0, t, k.data(), k.data(), static_cast<kvloom_dtype>(9), 1), KVLOOM_ERR_TYPE);
+  CHECK_EQ(kvloom_seq_add(nullptr, &t), KVLOOM_ERR_VALUE);
+  kvloom_cache_destroy(bad);
+  kvloom_pool_release(p2);
+  bool has_window = false;
+  for (int i = 0; i < kvloom_policy_count(); ++i) has_window |= std::string(kvloom_policy_name(i)) == "window";
+  CHECK(has_window);
+  CHECK(kvloom_policy_name(-1) == nullptr);
+  kvloom_cache_destroy(c);
+}
