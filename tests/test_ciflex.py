@@ -38,6 +38,7 @@ def _grow(conv, turns, new_tokens=24):
     return replies
 
 
+@pytest.mark.slow
 def test_side_path_equals_full_reprefill():
     model, tok = smollm2()
     conv = kvloom.Conversation(model, tok)
@@ -57,6 +58,7 @@ def test_side_path_equals_full_reprefill():
         assert conv.prefill_tokens == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [None, kvloom.Window(4, 96), kvloom.FastGen(0.95)], ids=["full", "window", "fastgen"])
 def test_main_path_unchanged_by_side_paths(policy):
     model, tok = smollm2()

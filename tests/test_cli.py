@@ -44,6 +44,7 @@ def test_info(capsys):
     assert "CPU kernels" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_sidepath_small(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["bench", "sidepath", "--lengths", "300", "--subtasks", "1,2", "--new-tokens", "2",
@@ -76,6 +77,7 @@ def test_bench_hogwild_small(tmp_path, capsys):
     assert "| context |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_sharing_small(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["bench", "sharing", "--steps", "1", "--seq-len", "64", "--batch-size", "1", "--eval-tokens", "128",
@@ -96,6 +98,7 @@ def test_generate_with_shipped_nats_scorer(capsys):
     assert out.strip() and "policy nats(window=" in err
 
 
+@pytest.mark.slow
 def test_bench_nats_small(tmp_path, capsys):
     from kvloom import nats
 
@@ -110,3 +113,100 @@ def test_bench_nats_small(tmp_path, capsys):
     assert data["rows"][0]["kv_fraction"] == 1.0
     assert abs(data["rows"][2]["kv_fraction"] - data["rows"][1]["kv_fraction"]) < 0.25
     assert "| policy |" in capsys.readouterr().out
+
+
+# --- the newcomer's command line (issue 19) -------------------------------------------------
+def _err_lines(capsys):
+    err = capsys.readouterr().err
+    return [line for line in err.strip().splitlines() if line.strip()]
+
+
+def test_policy_defaults_come_from_the_registry_and_no_eviction_is_explained(capsys):
+    assert cli.main(["generate", "Count to three.", "--max-new-tokens", "3", "--policy", "window"]) == 0
+    err = capsys.readouterr().err
+    assert "window(sinks=4, recent=1024) evicted nothing" in err and "--recent" in err
+    assert cli.main(["generate", "Count to three.", "--max-new-tokens", "3", "--policy", "window", "--recent", "8"]) == 0
+    assert "evicted nothing" not in capsys.readouterr().err
+    # h2o keeps the registry's (= the Python API's) recent=64, not another CLI default
+    assert cli.main(["generate", "Count to three.", "--max-new-tokens", "3", "--policy", "h2o"]) == 0
+    assert "h2o(ratio=0.1, recent=64)" in capsys.readouterr().err
+
+
+def test_generate_reports_prefill_and_decode_apart(capsys):
+    assert cli.main(["generate", "Say hello.", "--max-new-tokens", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "prefill:" in err and "prompt tokens in" in err and "decode: " in err and "tokens/s after the first" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "hi", "--model", "/nonexistent/model"], "/nonexistent/model: no such folder"),
+    (["generate", "hi", "--model", "./missing-folder"], "no such folder"),
+    (["generate", "   "], "the prompt is empty"),
+    (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["generate", "hi", "--policy", "window", "--recent", "-3"], "recent must be in"),
+    (["generate", "hi", "--policy", "window", "--recent", "many"], "invalid int value"),
+    (["generate", "hi", "--policy", "full", "--ratio", "0.5"], "not a parameter of --policy full"),
+    (["hogwild", ""], "the problem is empty"),
+])
+def test_expected_failures_are_one_line_with_exit_code_2(capsys, argv, message):
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse usage errors
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("kvloom") and "error" in line]) == 1
+
+
+def test_unknown_hub_id_offline_fails_fast(capsys, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: unreachable at once
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    t0 = time.perf_counter()
+    assert cli.main(["generate", "hi", "--model", "some-org/not-a-cached-model"]) == 2
+    assert time.perf_counter() - t0 < 15
+    err = capsys.readouterr().err
+    assert "not in the Hugging Face cache" in err and "cannot be reached" in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback():
+    from kvloom.models import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError):
+        cli.main(["generate", "hi", "--model", "/nonexistent/model", "--debug"])
+
+
+def test_hogwild_streams_text_while_it_is_written():
+    from hf_helpers import smollm2
+    from kvloom import hogwild
+
+    model, tok = smollm2()
+    calls, steps = [], []
+    hogwild.generate(model, tok, "Name two colours.", workers=2, max_new_tokens=12,
+                     on_text=lambda name, text: calls.append((name, text)),
+                     on_step=lambda name, text: steps.append(name))
+    assert {n for n, _ in calls} == {"Alice", "Bob"}
+    # many small pieces, not one call per finished step
+    assert len(calls) > 2 * max(1, len(steps))
+    lines = cli._LineStreams(width=20)
+    for name, text in calls:
+        lines.write(name, text)
+    lines.flush()
+
+
+def test_benchmarks_write_a_fresh_folder_and_flag_impossible_figures(tmp_path, monkeypatch):
+    from kvloom.bench import attention, harness
+
+    assert harness.DEFAULT_OUT == "kvloom-bench" and "results" not in harness.DEFAULT_OUT
+    raw = {"benchmarks": [
+        {"extra_info": {"impl": "probe", "bytes": 1e9}, "stats": {"median": 0.1}},  # 10 GB/s measured
+        {"extra_info": {"impl": "kvloom", "case": "c", "B": 1, "Hq": 8, "Hkv": 2, "T": 4096, "D": 64,
+                        "dtype": "float32", "kv_bytes": 4e6}, "stats": {"median": 2e-4}},  # 20 GB/s: impossible
+        {"extra_info": {"impl": "sdpa", "case": "c", "B": 1, "Hq": 8, "Hkv": 2, "T": 4096, "D": 64,
+                        "dtype": "float32", "kv_bytes": 4e6}, "stats": {"median": 1e-3}}]}
+    summary = attention.summarize(raw)
+    assert summary["rows"][0]["noisy"]
+    md = attention.BENCH.markdown(summary)
+    assert "⚠ noisy" in md and "| c ⚠ |" in md

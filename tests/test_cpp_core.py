@@ -24,7 +24,8 @@ import torch
 import kvloom
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(os.environ.get("KVLOOM_SKIP_CPP_TESTS") == "1", reason="KVLOOM_SKIP_CPP_TESTS=1")
+pytestmark = [pytest.mark.skipif(os.environ.get("KVLOOM_SKIP_CPP_TESTS") == "1", reason="KVLOOM_SKIP_CPP_TESTS=1"),
+              pytest.mark.slow]
 
 FLAGS = {"tsan": ["-DKVLOOM_TSAN=ON", "-DKVLOOM_CUDA=0", "-DCMAKE_BUILD_TYPE=Debug"],
          "asan+ubsan": ["-DKVLOOM_SANITIZE=ON", "-DKVLOOM_CUDA=0", "-DCMAKE_BUILD_TYPE=Debug"],

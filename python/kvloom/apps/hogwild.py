@@ -266,12 +266,15 @@ class Session:
 
 def generate(model, tokenizer, problem: str, workers: int = 2, max_new_tokens: int = 256, *, policy=None,
              temperature: float = 0.0, seed: Optional[int] = None, check_every: int = 3,
-             on_step: Optional[Callable[[str, str], None]] = None, progress: bool = False,
+             on_step: Optional[Callable[[str, str], None]] = None,
+             on_text: Optional[Callable[[str, str], None]] = None, progress: bool = False,
              ignore_eos: bool = False) -> HogwildResult:
     """Runs `workers` collaborating instances of `model` on `problem` over one shared cache.
 
     Each worker generates up to `max_new_tokens` tokens (greedy unless `temperature` > 0).
-    ``on_step(name, text)`` is called whenever a worker finishes a step (streaming);
+    ``on_text(name, new_text)`` streams each worker's text as it is written (called after
+    every batched forward with what each worker added); ``on_step(name, text)`` is called
+    whenever a worker finishes a step;
     ``progress`` shows a progress bar; ``ignore_eos`` keeps every worker going to
     `max_new_tokens` (benchmarks). Returns each worker's text and the merged transcript.
     """
@@ -284,12 +287,25 @@ def generate(model, tokenizer, problem: str, workers: int = 2, max_new_tokens: i
         from tqdm import tqdm
 
         bar = tqdm(total=workers * max_new_tokens, desc=f"hogwild x{workers}", unit="tok")
+    emitted = [0] * workers  # characters of each worker's text already streamed
+
+    def stream():
+        for i, w in enumerate(s.workers):
+            text = "".join(tokenizer.decode(seg, skip_special_tokens=True) for seg in w.segments)
+            if not w.done:
+                text = text.rstrip("\ufffd")  # a multi-byte character still being written
+            if len(text) > emitted[i]:
+                on_text(w.name, text[emitted[i]:])
+                emitted[i] = len(text)
+
     try:
         seen = 0
         while s.active:
             fed = s.step(max_new_tokens)
             if bar is not None:
                 bar.update(sum(1 for _, _, sampled in fed if sampled))
+            if on_text is not None:
+                stream()
             if on_step is not None:
                 for wi, si in s.finished_order[seen:]:
                     on_step(s.workers[wi].name, tokenizer.decode(s.workers[wi].segments[si], skip_special_tokens=True))

@@ -35,6 +35,9 @@ def summarize(raw: dict) -> dict:
         if bandwidth:
             row["floor_us"] = c["kv_bytes"] / bandwidth * 1e6
             row["bw_fraction"] = c["kv_bytes"] / c["kvloom"] / bandwidth
+            # nothing reads the KV faster than the machine's measured read bandwidth: a figure above
+            # it means the run was disturbed (or the data sat in cache), not a fast kernel
+            row["noisy"] = bool(row["bw_fraction"] > 1.0 or c["kv_bytes"] / c["sdpa"] > 1.05 * bandwidth)
         t = TARGETS.get(name)
         if t:
             ok = True
@@ -90,9 +93,15 @@ class Attention(Benchmark):
     def markdown(self, summary: dict) -> str:
         head = (f"Read bandwidth (same run, {summary.get('threads')} threads): "
                 f"{summary['read_bandwidth_gbps']:.1f} GB/s\n\n" if summary["read_bandwidth_gbps"] else "")
+        noisy = [r["case"] for r in summary["rows"] if r.get("noisy")]
+        if noisy:
+            head += (f"⚠ noisy: {len(noisy)} case(s) read faster than the bandwidth measured in the same run "
+                     "(marked ⚠); the machine was busy or the data was cached: rerun alone before using these "
+                     "figures.\n\n")
         rows = []
         for r in summary["rows"]:
             mark = "" if "target_met" not in r else (" ✓" if r["target_met"] else " ✗")
+            mark += " ⚠" if r.get("noisy") else ""
             rows.append([f"{r['case']}{mark}", r["B"], f"{r['Hq']}/{r['Hkv']}", r["T"], r["D"], r["dtype"],
                          f"{r['kvloom_us']:.0f}", f"{r['sdpa_us']:.0f}", f"{r['speedup']:.1f}×", f"{r['kvloom_gbps']:.1f}",
                          f"{100 * r.get('bw_fraction', float('nan')):.0f}%", f"{r.get('floor_us', float('nan')):.0f}"])
