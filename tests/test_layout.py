@@ -65,3 +65,18 @@ def test_public_names_keep_working():
         assert getattr(kvloom, name) is not None
     assert kvloom.nats.Scorer is kvloom.policies.nats.Scorer
     assert kvloom.hogwild.generate and kvloom.convert.to_cla and kvloom.ciflex.Selector
+
+
+def test_cuda_without_a_gpu_is_a_clear_error_and_the_wheel_imports():
+    import torch
+
+    assert isinstance(kvloom._core.cuda_built, bool)
+    assert kvloom._core.cuda_device_count() >= 0
+    if torch.cuda.is_available() and kvloom._core.cuda_built:
+        pytest.skip("this machine has a GPU: tests/test_cuda.py covers it")
+    with pytest.raises(ValueError, match="CUDA"):
+        kvloom.KVCache(1, 1, 8, device="cuda")
+    with pytest.raises(ValueError, match="CPU or a CUDA device"):
+        kvloom.KVCache(1, 1, 8, device="mps")
+    with pytest.raises((ValueError, TypeError), match="device"):
+        kvloom.BlockPool("float32", 8, 4, 16, 0, "cuda", 0)

@@ -1,9 +1,7 @@
 // Dense decode attention, threads, kernel path, the bandwidth probe and the CUDA build flag.
 #include "bind.h"
 #include "diagnostics.h"
-#ifdef KVLOOM_WITH_CUDA
-#include "cuda_info.h"
-#endif
+#include "kvloom/device.h"
 
 namespace kvloom {
 namespace bind {
@@ -39,6 +37,7 @@ std::vector<dense_segment> parse_dense_segments(const py::list& segments, int64_
 double probe(py::handle buf) {
   borrowed b = from_dlpack(buf, "buffer");
   if (b.view.type != dtype::f32) throw type_error("read_probe takes a float32 buffer");
+  check_cpu(b.view, "read_probe buffer");
   int64_t expect = 1;
   for (int i = b.view.ndim - 1; i >= 0; --i) {
     if (b.view.shape[i] > 1 && b.view.strides[i] != expect) throw std::invalid_argument("read_probe needs a contiguous buffer");
@@ -71,13 +70,12 @@ void bind_ops(py::module_& m) {
   m.def("kernel_isa", &kernel_isa);
   m.def("force_generic_kernels", &force_generic_kernels, py::arg("on"));
   m.def("read_probe", &probe, py::arg("buffer"));
-#ifdef KVLOOM_WITH_CUDA
-  m.attr("cuda_built") = true;
-  m.def("cuda_device_count", &kvloom::cuda::device_count);
-#else
-  m.attr("cuda_built") = false;
-  m.def("cuda_device_count", []() { return 0; });
-#endif
+  m.attr("cuda_built") = cuda_built();
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("cuda_architectures", &cuda_architectures, "the CUDA architectures compiled in, e.g. '80,90'");
+  m.def(
+      "set_current_stream", [](intptr_t handle) { set_current_stream(reinterpret_cast<void*>(handle)); },
+      py::arg("handle"), "the calling thread's CUDA stream for kvloom's work (a cudaStream_t as an int; 0: default)");
 }
 
 }  // namespace bind

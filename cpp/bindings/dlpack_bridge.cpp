@@ -2,6 +2,8 @@
 
 #include <string>
 
+#include "kvloom/device.h"
+
 namespace py = pybind11;
 
 namespace kvloom {
@@ -45,7 +47,21 @@ borrowed from_dlpack(const py::handle& obj, const char* what) {
   if (!py::hasattr(obj, "__dlpack__"))
     throw type_error(std::string(what) + " must be a tensor or array supporting DLPack (torch.Tensor, numpy.ndarray), got " +
                      type_name(obj));
-  py::object cap = obj.attr("__dlpack__")();
+  // A CUDA producer is told the stream kvloom works on (the caller's current stream), so its
+  // pending work on the tensor is ordered before ours (DLPack's stream exchange: 1 is the
+  // legacy default stream, 0 is not allowed).
+  py::object cap;
+  bool on_cuda = false;
+  if (py::hasattr(obj, "__dlpack_device__")) {
+    py::tuple dev = obj.attr("__dlpack_device__")();
+    on_cuda = py::cast<int>(dev[0]) == kDLCUDA;
+  }
+  if (on_cuda) {
+    const auto handle = reinterpret_cast<intptr_t>(current_stream());
+    cap = obj.attr("__dlpack__")(py::arg("stream") = handle == 0 ? intptr_t(1) : handle);
+  } else {
+    cap = obj.attr("__dlpack__")();
+  }
   if (!PyCapsule_IsValid(cap.ptr(), "dltensor"))
     throw type_error(std::string(what) + ": __dlpack__ did not return an unused 'dltensor' capsule");
   auto* mt = static_cast<dl_managed_tensor*>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
@@ -53,8 +69,9 @@ borrowed from_dlpack(const py::handle& obj, const char* what) {
   borrowed out;
   out.keepalive = cap;  // the capsule's destructor releases the producer's tensor
   tensor_view& v = out.view;
-  if (t.device.device_type != kDLCPU && t.device.device_type != kDLCPUPinned)
-    throw std::invalid_argument(std::string(what) + " is not a CPU tensor; kvloom's CPU kernels need CPU tensors");
+  if (t.device.device_type != kDLCPU && t.device.device_type != kDLCPUPinned && t.device.device_type != kDLCUDA)
+    throw std::invalid_argument(std::string(what) + " lives on a device kvloom does not support (DLPack device type " +
+                                std::to_string(t.device.device_type) + "); use CPU or CUDA tensors");
   if (t.dtype.lanes != 1) throw type_error(std::string(what) + ": vector dtypes (lanes > 1) are not supported");
   const uint8_t c = t.dtype.code, bits = t.dtype.bits;
   if (c == kDLFloat && bits == 32) v.type = dtype::f32;
@@ -73,8 +90,8 @@ borrowed from_dlpack(const py::handle& obj, const char* what) {
     throw std::invalid_argument(std::string(what) + " has " + std::to_string(t.ndim) + " dimensions; at most " +
                                 std::to_string(tensor_view::kMaxDims) + " supported");
   v.ndim = t.ndim;
-  v.device = device_kind::cpu;
-  v.device_id = t.device.device_id;
+  v.device = t.device.device_type == kDLCUDA ? device_kind::cuda : device_kind::cpu;
+  v.device_id = t.device.device_type == kDLCUDA ? t.device.device_id : 0;
   v.data = static_cast<char*>(t.data) + t.byte_offset;
   int64_t expect = 1;
   for (int i = t.ndim - 1; i >= 0; --i) {

@@ -6,6 +6,7 @@
 #include <limits>
 #include <string>
 
+#include "cuda_backend.h"
 #include "diagnostics.h"
 #include "head_store.h"
 #include "kernels.h"
@@ -53,11 +54,7 @@ inline void prefetch_chunk(const kv_chunk& c, int64_t esz, int64_t row_bytes) {
   }
 }
 
-// One (batch row, kv head) with its chunks [c0, c1) in the flat chunk list.
-struct head_task {
-  int64_t b, h;
-  int64_t c0, c1;
-};
+using detail::head_task;
 
 struct work_item {
   int64_t task;
@@ -66,9 +63,9 @@ struct work_item {
 
 // Runs decode attention over prepared chunks. q [B, Hq, D], out [B, Hq, D];
 // deltas[b * n_seg + s] is segment s's angle offset for row b.
-void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype kv_type,
-                const std::vector<kv_chunk>& chunks, const std::vector<head_task>& tasks, int n_seg,
-                const std::vector<int64_t>& deltas, float scale, const rope_spec& rope) {
+void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype kv_type,
+                     const std::vector<kv_chunk>& chunks, const std::vector<head_task>& tasks, int n_seg,
+                     const std::vector<int64_t>& deltas, float scale, const rope_spec& rope) {
   const int64_t Hq = q.shape[1];
   const int D = static_cast<int>(q.shape[2]);
   const int G = static_cast<int>(Hq / Hkv);
@@ -193,13 +190,24 @@ void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype
   }
 }
 
+// The chunks' live masks point into host metadata; on CUDA the backend uploads them.
+void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype kv_type,
+                const std::vector<kv_chunk>& chunks, const std::vector<head_task>& tasks, int n_seg,
+                const std::vector<int64_t>& deltas, float scale, const rope_spec& rope) {
+  if (q.device == device_kind::cpu) return run_decode_host(q, out, Hkv, kv_type, chunks, tasks, n_seg, deltas, scale, rope);
+#ifdef KVLOOM_WITH_CUDA
+  detail::cuda_decode(q, out, Hkv, kv_type, chunks, tasks, n_seg, deltas, scale, rope);
+#else
+  fail_value("a CUDA tensor reached decode attention, but this build of kvloom has no CUDA backend");
+#endif
+}
+
 void check_q_out(const tensor_view& q, const tensor_view& out) {
   check_rank(q, 3, "q");
   check_float(q, "q");
-  check_cpu(q, "q");
   check_rank(out, 3, "out");
   check_float(out, "out");
-  check_cpu(out, "out");
+  check_device(out, q.device, q.device_id, "out");
   if (out.shape[0] != q.shape[0] || out.shape[1] != q.shape[1] || out.shape[2] != q.shape[2])
     fail_value("out must have the shape of q " + q.describe() + ", got " + out.describe());
   if (q.shape[2] < 1) fail_value("head_dim must be >= 1");
@@ -230,7 +238,7 @@ void decode_attention_dense(const tensor_view& q, const std::vector<dense_segmen
       const char* what = t == &s.k ? "k" : "v";
       check_rank(*t, 4, what);
       check_float(*t, what);
-      check_cpu(*t, what);
+      check_device(*t, q.device, q.device_id, what);
       check_inner_contiguous(*t, what);
       if (t->type != kv_type) fail_type("k and v of every segment must share one dtype");
       if (t->shape[0] != B) fail_value(std::string(what) + " batch " + std::to_string(t->shape[0]) + " != q batch " + std::to_string(B));
@@ -284,6 +292,7 @@ void decode_attention_dense(const tensor_view& q, const std::vector<dense_segmen
 void decode_attention_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
                             const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope) {
   check_q_out(q, out);
+  check_device(q, c.pool().device(), c.pool().device_id(), "q");
   const int64_t B = q.shape[0], Hq = q.shape[1], D = q.shape[2];
   check_rope(rope, D);
   const int64_t Hkv = c.n_kv_heads();

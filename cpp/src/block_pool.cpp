@@ -6,6 +6,8 @@
 #include <cstring>
 #include <string>
 
+#include "device.h"
+
 namespace kvloom {
 
 namespace {
@@ -13,8 +15,14 @@ constexpr size_t kAlign = 64;
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 }  // namespace
 
-block_pool::block_pool(dtype type, int head_dim, int block_size, int64_t capacity_blocks, int64_t chunk_blocks)
-    : type_(type), head_dim_(head_dim), block_size_(block_size), capacity_(capacity_blocks) {
+block_pool::block_pool(dtype type, int head_dim, int block_size, int64_t capacity_blocks, int64_t chunk_blocks,
+                       device_kind device, int device_id)
+    : type_(type), head_dim_(head_dim), block_size_(block_size), capacity_(capacity_blocks), device_(device),
+      device_id_(device_id) {
+  detail::ops_for(device);  // refuses a device this build does not have, before anything else
+  if (device == device_kind::cuda && (device_id < 0 || device_id >= cuda_device_count()))
+    fail_value("block_pool: CUDA device " + std::to_string(device_id) + " does not exist (" +
+               std::to_string(cuda_device_count()) + " visible)");
   if (!dtype_is_float(type)) fail_type(std::string("block_pool dtype must be float32, float16 or bfloat16, got ") + dtype_name(type));
   if (head_dim <= 0 || head_dim > 4096) fail_value("head_dim must be in [1, 4096], got " + std::to_string(head_dim));
   if (block_size <= 0 || block_size > 4096) fail_value("block_size must be in [1, 4096], got " + std::to_string(block_size));
@@ -32,7 +40,8 @@ block_pool::block_pool(dtype type, int head_dim, int block_size, int64_t capacit
 }
 
 block_pool::~block_pool() {
-  for (int64_t i = 0; i < n_chunks_; ++i) std::free(chunks_[i]);
+  const detail::device_ops& ops = detail::ops_for(device_);
+  for (int64_t i = 0; i < n_chunks_; ++i) ops.arena_free(device_id_, chunks_[i]);
 }
 
 void block_pool::grow_locked(int64_t need_free) {
@@ -40,8 +49,10 @@ void block_pool::grow_locked(int64_t need_free) {
     assert(n_chunks_ < n_chunk_slots_);
     const int64_t first = n_chunks_ * chunk_blocks_;
     const int64_t count = std::min(chunk_blocks_, capacity_ - first);
-    void* mem = std::aligned_alloc(kAlign, round_up(static_cast<size_t>(count) * block_bytes_, kAlign));
-    if (!mem) throw capacity_error("block_pool: the system refused memory for " + std::to_string(count) + " more blocks");
+    void* mem = detail::ops_for(device_).arena_alloc(device_id_, round_up(static_cast<size_t>(count) * block_bytes_, kAlign));
+    if (!mem)
+      throw capacity_error(std::string("block_pool: the ") + detail::ops_for(device_).name() + " refused memory for " +
+                           std::to_string(count) + " more blocks");
     chunks_[n_chunks_] = static_cast<char*>(mem);
     ++n_chunks_;
     refcount_.resize(static_cast<size_t>(first + count), 0);

@@ -7,6 +7,7 @@
 #include <numeric>
 #include <string>
 
+#include "device.h"
 #include "head_store.h"
 #include "plans/plan_impl.h"
 
@@ -29,17 +30,6 @@ struct append_plan {
     return static_cast<int64_t>(cow_entries.size() + hole_entries.size()) + new_entries;
   }
 };
-
-void copy_rows(void* dst, dtype dst_type, const tensor_view& src, int64_t h, int64_t j, int64_t D) {
-  const int64_t idx[3] = {h, j, 0};
-  const void* s = src.at(idx);
-  const int64_t st = src.strides[2];
-  if (src.type == dst_type && st == 1) {
-    std::memcpy(dst, s, static_cast<size_t>(D) * dtype_size(dst_type));
-    return;
-  }
-  for (int64_t d = 0; d < D; ++d) store_from_f32(dst, dst_type, d, load_as_f32(s, src.type, d * st));
-}
 
 }  // namespace
 
@@ -194,7 +184,7 @@ std::string cache::plan_name(int layer, int head, int64_t seq) const {
   return p ? p->name() : std::string("none");
 }
 
-void cache::free_slot(head_store& hs, int64_t slot) {
+void cache::free_slot(head_store& hs, int64_t slot, std::vector<block_id>* released) {
   const int bs = pool_->block_size();
   const int64_t bi = slot / bs;
   assert(hs.live_[slot]);
@@ -206,7 +196,8 @@ void cache::free_slot(head_store& hs, int64_t slot) {
   --hs.n_live_;
   hs.hint_ = std::min(hs.hint_, bi);
   if (--hs.block_live_[bi] == 0) {
-    pool_->decref(hs.table_[bi]);
+    if (released) released->push_back(hs.table_[bi]);  // the caller gives it back once pending copies ran
+    else pool_->decref(hs.table_[bi]);
     hs.table_[bi] = -1;
     // Trailing holes shrink the table.
     size_t n = hs.table_.size();
@@ -230,6 +221,10 @@ void cache::compact(head_store& hs) {
   const int64_t need = (hs.n_live_ + bs - 1) / bs;
   if (held <= need) return;  // nothing to gain
   const size_t row = static_cast<size_t>(pool_->head_dim()) * dtype_size(pool_->type());
+  // The row moves are collected and run as one batch on the pool's device; blocks emptied by
+  // the moves go back to the pool only after that (nothing else may reuse them before).
+  std::vector<detail::span_copy> moves;
+  std::vector<block_id> released;
   int64_t dst_block = -1;
   bool dst_ok = false;  // dst_block is held exclusively, so it may be written
   int64_t dst = 0, src = hs.n_slots() - 1;
@@ -252,8 +247,8 @@ void cache::compact(head_store& hs) {
     if (dst >= src) break;
     char* db = static_cast<char*>(pool_->block_keys(hs.table_[dst / bs]));
     const char* sb = static_cast<const char*>(pool_->block_keys(hs.table_[src / bs]));
-    std::memcpy(db + (dst % bs) * row, sb + (src % bs) * row, row);
-    std::memcpy(db + pool_->value_offset() + (dst % bs) * row, sb + pool_->value_offset() + (src % bs) * row, row);
+    moves.push_back({db + (dst % bs) * row, sb + (src % bs) * row});
+    moves.push_back({db + pool_->value_offset() + (dst % bs) * row, sb + pool_->value_offset() + (src % bs) * row});
     hs.live_[dst] = 1;
     hs.ord_[dst] = hs.ord_[src];
     hs.pos_[dst] = hs.pos_[src];
@@ -261,10 +256,12 @@ void cache::compact(head_store& hs) {
     hs.cls_[dst] = hs.cls_[src];
     ++hs.block_live_[dst / bs];
     ++hs.n_live_;
-    free_slot(hs, src);  // may return src's block to the pool and shrink the table
+    free_slot(hs, src, &released);  // may empty src's block and shrink the table
     --src;
     ++dst;
   }
+  if (!moves.empty()) detail::ops_for(pool_->device()).copy_spans(pool_->device_id(), moves, row);
+  pool_->decref_many(released.data(), released.size());
 }
 
 void cache::seq_rollback(int64_t seq, int64_t n) {
@@ -339,8 +336,8 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
   check_rank(v, 3, "v");
   check_float(k, "k");
   check_float(v, "v");
-  check_cpu(k, "k");
-  check_cpu(v, "v");
+  check_device(k, pool_->device(), pool_->device_id(), "k");
+  check_device(v, pool_->device(), pool_->device_id(), "v");
   const int64_t D = pool_->head_dim();
   if (k.shape[0] != n_kv_heads_ || k.shape[2] != D)
     fail_value("k must be [n_kv_heads=" + std::to_string(n_kv_heads_) + ", n, head_dim=" + std::to_string(D) +
@@ -385,17 +382,21 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
   std::vector<block_id> fresh(static_cast<size_t>(need));
   pool_->alloc(need, fresh.data());  // throws capacity_error with nothing changed
 
-  // 2. Execute: nothing below can fail.
+  // 2. Execute: nothing below can fail. Copy-on-write copies and row writes are collected
+  // and run as two batches on the pool's device (copies first: rows may land in copied blocks).
   const int bs = pool_->block_size();
   const size_t row_bytes = static_cast<size_t>(D) * dtype_size(pool_->type());
   std::vector<block_id> released;
+  std::vector<detail::span_copy> cow;
+  std::vector<detail::row_write> rows;
+  rows.reserve(static_cast<size_t>(n * n_kv_heads_));
   size_t next = 0;
   for (int h = 0; h < n_kv_heads_; ++h) {
     head_store& hs = s.heads[base + h];
     const append_plan& p = plans[h];
     for (int64_t bi : p.cow_entries) {
       const block_id nb = fresh[next++];
-      std::memcpy(pool_->block_keys(nb), pool_->block_keys(hs.table_[bi]), pool_->block_bytes());
+      cow.push_back({pool_->block_keys(nb), pool_->block_keys(hs.table_[bi])});
       released.push_back(hs.table_[bi]);
       hs.table_[bi] = nb;
     }
@@ -415,8 +416,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
       const int64_t slot = p.slots[j];
       const int64_t bi = slot / bs, off = slot % bs;
       char* kb = static_cast<char*>(pool_->block_keys(hs.table_[bi]));
-      copy_rows(kb + off * row_bytes, pool_->type(), k, h, j, D);
-      copy_rows(kb + pool_->value_offset() + off * row_bytes, pool_->type(), v, h, j, D);
+      rows.push_back({kb + off * row_bytes, kb + pool_->value_offset() + off * row_bytes, h, static_cast<int32_t>(j)});
       const int32_t ord = static_cast<int32_t>(hs.n_appended_ + j);
       hs.live_[slot] = 1;
       hs.ord_[slot] = ord;
@@ -430,6 +430,9 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
     hs.hint_ = p.last_entry;
   }
   assert(next == fresh.size());
+  const detail::device_ops& ops = detail::ops_for(pool_->device());
+  if (!cow.empty()) ops.copy_spans(pool_->device_id(), cow, pool_->block_bytes());
+  ops.write_rows(pool_->device_id(), k, v, rows, pool_->type(), D);
   pool_->decref_many(released.data(), released.size());
 }
 
@@ -481,7 +484,7 @@ void cache::gather(int layer, int head, int64_t seq, const tensor_view& k_out, c
   for (const tensor_view* t : {&k_out, &v_out}) {
     check_rank(*t, 2, "gather output");
     check_float(*t, "gather output");
-    check_cpu(*t, "gather output");
+    check_device(*t, pool_->device(), pool_->device_id(), "gather output");
     if (t->shape[0] != L || t->shape[1] != D)
       fail_value("gather output must be [" + std::to_string(L) + ", " + std::to_string(D) + "], got " + t->describe());
   }
@@ -497,24 +500,16 @@ void cache::gather(int layer, int head, int64_t seq, const tensor_view& k_out, c
     if (hs.live_[sl]) slots.push_back(sl);
   std::sort(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return hs.ord_[a] < hs.ord_[b]; });
   const int bs = pool_->block_size();
-  const dtype st = pool_->type();
+  const size_t row = static_cast<size_t>(D) * dtype_size(pool_->type());
+  std::vector<detail::row_read> rows(static_cast<size_t>(L));
   for (int64_t i = 0; i < L; ++i) {
     const int64_t sl = slots[i];
     const char* kb = static_cast<const char*>(pool_->block_keys(hs.table_[sl / bs]));
-    const size_t row = static_cast<size_t>(sl % bs) * D * dtype_size(st);
-    const void* ks = kb + row;
-    const void* vs = kb + pool_->value_offset() + row;
-    char* kd = static_cast<char*>(k_out.data) + i * k_out.strides[0] * static_cast<int64_t>(dtype_size(k_out.type));
-    char* vd = static_cast<char*>(v_out.data) + i * v_out.strides[0] * static_cast<int64_t>(dtype_size(v_out.type));
-    for (int64_t d = 0; d < D; ++d) {
-      const float kf = load_as_f32(ks, st, d), vf = load_as_f32(vs, st, d);
-      // element d of the output row, honouring the output's inner stride
-      store_from_f32(kd + d * k_out.strides[1] * static_cast<int64_t>(dtype_size(k_out.type)), k_out.type, 0, kf);
-      store_from_f32(vd + d * v_out.strides[1] * static_cast<int64_t>(dtype_size(v_out.type)), v_out.type, 0, vf);
-    }
+    rows[i] = {kb + (sl % bs) * row, kb + pool_->value_offset() + (sl % bs) * row};
     if (ord_out) static_cast<int32_t*>(ord_out->data)[i * ord_out->strides[0]] = hs.ord_[sl];
     if (pos_out) static_cast<int32_t*>(pos_out->data)[i * pos_out->strides[0]] = hs.pos_[sl];
   }
+  if (L > 0) detail::ops_for(pool_->device()).read_rows(pool_->device_id(), rows, pool_->type(), D, k_out, v_out);
 }
 
 int64_t cache::blocks_held() const {

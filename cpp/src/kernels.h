@@ -38,6 +38,12 @@ struct kernel_ops {
   float (*exp2_row)(float* s, int64_t n);
 };
 
+// One (batch row, kv head) of a decode call with its chunks [c0, c1) in the flat chunk list.
+struct head_task {
+  int64_t b, h;
+  int64_t c0, c1;
+};
+
 constexpr int kPanel = 16;
 constexpr int kStripRows = 4;
 

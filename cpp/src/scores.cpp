@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "cuda_backend.h"
+#include "device.h"
 #include "kernels.h"
 #include "kvloom/cache.h"
 #include "scores.h"
@@ -44,19 +46,84 @@ key_panels load_panels(const head_store& hs, const block_pool& pool) {
   std::sort(kp.slots.begin(), kp.slots.end(), [&](int64_t a, int64_t b) { return hs.ord(a) < hs.ord(b); });
   const int64_t L = static_cast<int64_t>(kp.slots.size()), D = pool.head_dim();
   const int bs = pool.block_size();
-  const dtype kt = pool.type();
   kp.ords.resize(kp.slots.size());
   kp.n_panels = (L + detail::kPanel - 1) / detail::kPanel;
   kp.panels.assign(static_cast<size_t>(kp.n_panels * D * detail::kPanel), 0.f);
+  // the keys in fp32 on the host, in ord order (one batched read for device pools)
+  std::vector<const void*> rows(static_cast<size_t>(L));
   for (int64_t i = 0; i < L; ++i) {
     const int64_t sl = kp.slots[i];
     kp.ords[i] = hs.ord(sl);
-    const char* kb = static_cast<const char*>(pool.block_keys(hs.table()[sl / bs]));
-    const void* row = kb + static_cast<size_t>(sl % bs) * D * dtype_size(kt);
+    rows[i] = static_cast<const char*>(pool.block_keys(hs.table()[sl / bs])) +
+              static_cast<size_t>(sl % bs) * D * dtype_size(pool.type());
+  }
+  std::vector<float> keys(static_cast<size_t>(L * D));
+  if (L > 0) detail::ops_for(pool.device()).rows_to_host_f32(pool.device_id(), rows, pool.type(), D, keys.data());
+  for (int64_t i = 0; i < L; ++i) {
     float* dst = &kp.panels[static_cast<size_t>((i / detail::kPanel) * D * detail::kPanel + i % detail::kPanel)];
-    for (int64_t d = 0; d < D; ++d) dst[d * detail::kPanel] = load_as_f32(row, kt, static_cast<size_t>(d));
+    for (int64_t d = 0; d < D; ++d) dst[d * detail::kPanel] = keys[static_cast<size_t>(i * D + d)];
   }
   return kp;
+}
+
+// A head's live slots in ord order.
+std::vector<int64_t> slots_by_ord(const head_store& hs) {
+  std::vector<int64_t> slots;
+  for (int64_t sl = 0; sl < hs.n_slots(); ++sl)
+    if (hs.live(sl)) slots.push_back(sl);
+  std::sort(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return hs.ord(a) < hs.ord(b); });
+  return slots;
+}
+
+#ifdef KVLOOM_WITH_CUDA
+// The device statistics: keys described on the host (row address, ord, FastGen level), summed
+// on the GPU. levels(bh, slots) gives the FastGen level of each key (mode 1 only).
+template <class Levels>
+void device_stats(const std::vector<const head_store*>& heads, const block_pool& pool, const tensor_view& q, int64_t G,
+                  int64_t H, float scale, int mode, int64_t local_window, std::vector<std::vector<int64_t>>& slots,
+                  Levels&& levels, std::vector<float>& acc, std::vector<double>& mass) {
+  std::vector<detail::stat_head> sh;
+  std::vector<detail::stat_key> keys;
+  const int bs = pool.block_size();
+  const size_t row = static_cast<size_t>(pool.head_dim()) * dtype_size(pool.type());
+  slots.resize(heads.size());
+  for (size_t bh = 0; bh < heads.size(); ++bh) {
+    const head_store& hs = *heads[bh];
+    slots[bh] = slots_by_ord(hs);
+    const std::vector<char> lv = mode == 1 ? levels(bh, slots[bh]) : std::vector<char>(slots[bh].size(), 3);
+    sh.push_back({static_cast<int64_t>(bh) / H, static_cast<int64_t>(bh) % H, static_cast<int64_t>(keys.size()),
+                  static_cast<int64_t>(slots[bh].size()), hs.appended()});
+    for (size_t i = 0; i < slots[bh].size(); ++i) {
+      const int64_t sl = slots[bh][i];
+      keys.push_back({static_cast<const char*>(pool.block_keys(hs.table()[sl / bs])) + static_cast<size_t>(sl % bs) * row,
+                      hs.ord(sl), lv[i]});
+    }
+  }
+  acc.assign(mode == 0 ? keys.size() : 0, 0.f);
+  mass.assign(mode == 1 ? heads.size() * 5 : 0, 0.0);
+  detail::cuda_prompt_stats(q, G, pool.type(), pool.head_dim(), sh, keys, scale, mode, local_window, acc.data(), mass.data());
+}
+#endif
+
+// q as a host tensor: itself on the host; a host copy (same contiguous layout) for a CUDA q.
+struct host_query {
+  tensor_view view;
+  std::vector<char> bytes;
+};
+
+host_query query_on_host(const tensor_view& q) {
+  host_query h{q, {}};
+  if (q.device == device_kind::cpu) return h;
+  int64_t expect = 1;
+  for (int i = q.ndim - 1; i >= 0; --i) {
+    if (q.shape[i] > 1 && q.strides[i] != expect) fail_value("a CUDA q for the prompt statistics must be contiguous");
+    expect *= q.shape[i];
+  }
+  h.bytes.resize(static_cast<size_t>(q.numel()) * dtype_size(q.type));
+  detail::ops_for(q.device).to_host(q.device_id, h.bytes.data(), q.data, h.bytes.size());
+  h.view.data = h.bytes.data();
+  h.view.device = device_kind::cpu;
+  return h;
 }
 
 constexpr int64_t kChunkTokens = 16;  // query tokens per parallel task
@@ -121,7 +188,7 @@ int64_t cache::check_query_rows(int layer, const std::vector<int64_t>& seqs, con
   check_layer(layer);
   check_rank(q, 4, "q");
   check_float(q, "q");
-  check_cpu(q, "q");
+  check_device(q, pool_->device(), pool_->device_id(), "q");
   const int64_t B = q.shape[0], Hq = q.shape[1], Tq = q.shape[2], D = q.shape[3];
   if (static_cast<int64_t>(seqs.size()) != B)
     fail_value("need one sequence per batch row: " + std::to_string(seqs.size()) + " for batch " + std::to_string(B));
@@ -137,10 +204,10 @@ int64_t cache::check_query_rows(int layer, const std::vector<int64_t>& seqs, con
   return Hq / n_kv_heads_;
 }
 
-void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale) {
-  const int64_t G = check_query_rows(layer, seqs, q);
+void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, const tensor_view& q_in, float scale) {
+  const int64_t G = check_query_rows(layer, seqs, q_in);
   const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(head_dim()));
-  const int64_t B = q.shape[0], H = n_kv_heads_;
+  const int64_t B = q_in.shape[0], H = n_kv_heads_;
   std::vector<head_store*> heads;
   std::vector<const head_store*> cheads;
   std::vector<int64_t> appended;
@@ -150,6 +217,21 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
       cheads.push_back(heads.back());
       appended.push_back(heads.back()->appended());
     }
+#ifdef KVLOOM_WITH_CUDA
+  if (pool_->device() == device_kind::cuda) {
+    std::vector<std::vector<int64_t>> slots;
+    std::vector<float> acc;
+    std::vector<double> mass;
+    device_stats(cheads, *pool_, q_in, G, H, sc, 0, 0, slots, [](size_t, const std::vector<int64_t>&) { return std::vector<char>(); },
+                 acc, mass);
+    size_t k = 0;
+    for (size_t bh = 0; bh < heads.size(); ++bh)
+      for (int64_t sl : slots[bh]) heads[bh]->score_[sl] += acc[k++];
+    return;
+  }
+#endif
+  const host_query hq = query_on_host(q_in);
+  const tensor_view& q = hq.view;
   const std::vector<key_panels> keys = layer_panels(cheads, *pool_);
   const int W = detail::pool_threads();
   std::vector<std::vector<float>> add(static_cast<size_t>(W) * heads.size());  // per worker, per head
@@ -182,13 +264,24 @@ std::vector<char> top_by_score(const head_store& hs, const std::vector<int64_t>&
   return top;
 }
 
-void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale,
+// FastGen's level of each key (ord order): 0 special, 1 punctuation, 2 frequent, 3 the rest.
+std::vector<char> fastgen_levels(const head_store& hs, const std::vector<int64_t>& slots, double r_frequent) {
+  const std::vector<char> freq = top_by_score(hs, slots, r_frequent, static_cast<int64_t>(slots.size()));
+  std::vector<char> lv(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const uint8_t c = hs.token_class(slots[i]);
+    lv[i] = (c & kClassSpecial) ? 0 : (c & kClassPunct) ? 1 : freq[i] ? 2 : 3;
+  }
+  return lv;
+}
+
+void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q_in, float scale,
                      double r_frequent, int64_t local_window, double* out) {
-  const int64_t G = c.check_query_rows(layer, seqs, q);
+  const int64_t G = c.check_query_rows(layer, seqs, q_in);
   if (!(r_frequent >= 0.0 && r_frequent <= 1.0)) fail_value("r_frequent must be in [0, 1]");
   if (local_window < 0) fail_value("local_window must be >= 0");
   const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(c.head_dim()));
-  const int64_t B = q.shape[0], H = c.n_kv_heads();
+  const int64_t B = q_in.shape[0], H = c.n_kv_heads();
   std::vector<const head_store*> heads;
   std::vector<int64_t> appended;
   for (int64_t b = 0; b < B; ++b)
@@ -196,6 +289,24 @@ void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs
       heads.push_back(&c.store(layer, static_cast<int>(h), seqs[b]));
       appended.push_back(heads.back()->appended());
     }
+#ifdef KVLOOM_WITH_CUDA
+  if (c.pool().device() == device_kind::cuda) {
+    std::vector<std::vector<int64_t>> slots;
+    std::vector<float> acc;
+    std::vector<double> mass;
+    device_stats(heads, c.pool(), q_in, G, H, sc, 1, local_window, slots,
+                 [&](size_t bh, const std::vector<int64_t>& sl) { return fastgen_levels(*heads[bh], sl, r_frequent); },
+                 acc, mass);
+    for (size_t bh = 0; bh < heads.size(); ++bh) {
+      const double* m = &mass[bh * 5];
+      const double cum[4] = {m[0], m[0] + m[1], m[0] + m[1] + m[2], m[0] + m[1] + m[2] + m[3]};
+      for (int j = 0; j < 4; ++j) out[bh * 4 + j] = m[4] > 0 ? cum[j] / m[4] : 0.0;
+    }
+    return;
+  }
+#endif
+  const host_query hq = query_on_host(q_in);
+  const tensor_view& q = hq.view;
   const std::vector<key_panels> keys = layer_panels(heads, c.pool());
   // Per head, 0/1 masks over its keys (ord order): in the special set, in +punct's
   // additions, in +frequent's additions, in none of them (candidates for +local).
@@ -203,12 +314,9 @@ void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs
   std::vector<std::vector<float>> in_level(BH * 4);
   for (size_t bh = 0; bh < BH; ++bh) {
     const std::vector<int64_t>& slots = keys[bh].slots;
-    const std::vector<char> freq = top_by_score(*heads[bh], slots, r_frequent, static_cast<int64_t>(slots.size()));
+    const std::vector<char> lv = fastgen_levels(*heads[bh], slots, r_frequent);
     for (int j = 0; j < 4; ++j) in_level[bh * 4 + j].assign(slots.size(), 0.f);
-    for (size_t i = 0; i < slots.size(); ++i) {
-      const uint8_t c = heads[bh]->cls_[slots[i]];
-      in_level[bh * 4 + ((c & kClassSpecial) ? 0 : (c & kClassPunct) ? 1 : freq[i] ? 2 : 3)][i] = 1.f;
-    }
+    for (size_t i = 0; i < slots.size(); ++i) in_level[bh * 4 + lv[i]][i] = 1.f;
   }
   const int W = detail::pool_threads();
   std::vector<double> acc(static_cast<size_t>(W) * BH * 5, 0.0);  // per worker, per head: 4 masses + query count

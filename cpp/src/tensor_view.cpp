@@ -40,8 +40,17 @@ void check_dtype(const tensor_view& t, dtype want, const char* what) {
 }
 
 void check_cpu(const tensor_view& t, const char* what) {
-  if (t.device != device_kind::cpu)
-    fail_value(std::string(what) + " must be on the CPU (the CUDA kernels are not built into this path)");
+  if (t.device != device_kind::cpu) fail_value(std::string(what) + " must be a CPU tensor (it holds host-side metadata)");
+}
+
+std::string device_name(device_kind kind, int id) {
+  return kind == device_kind::cpu ? std::string("cpu") : "cuda:" + std::to_string(id);
+}
+
+void check_device(const tensor_view& t, device_kind kind, int id, const char* what) {
+  if (t.device != kind || (kind == device_kind::cuda && t.device_id != id))
+    fail_value(std::string(what) + " is on " + device_name(t.device, t.device_id) + " but this cache lives on " +
+               device_name(kind, id) + "; move it there first");
 }
 
 void check_inner_contiguous(const tensor_view& t, const char* what) {

@@ -29,7 +29,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def as_tensor(x, what: str) -> torch.Tensor:
-    """A detached CPU tensor view of `x` (torch tensor or numpy array), no copy when possible."""
+    """A detached tensor view of `x` (torch tensor or numpy array), no copy when possible; CPU
+    or CUDA (the C++ side checks it is on the device it works on)."""
     if isinstance(x, torch.Tensor):
         t = x.detach()
     elif isinstance(x, np.ndarray):
@@ -38,8 +39,8 @@ def as_tensor(x, what: str) -> torch.Tensor:
         t = torch.from_dlpack(x)
     else:
         raise TypeError(f"{what} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{what} is on {t.device}; kvloom's CPU kernels need CPU tensors")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what} is on {t.device}; kvloom works on CPU and CUDA tensors")
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
     return t
@@ -50,3 +51,36 @@ def kernel_ready(t: torch.Tensor) -> torch.Tensor:
     if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         return t.contiguous()
     return t
+
+
+def host(t: torch.Tensor) -> torch.Tensor:
+    """Metadata tensors (positions, classes, inverse frequencies) are read on the host."""
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+def use_stream(device: torch.device) -> None:
+    """Points kvloom's C++ work on `device` at torch's current stream there (CUDA), so it is
+    ordered with the caller's work without waiting for the GPU."""
+    if device.type == "cuda":
+        from . import _core
+
+        _core.set_current_stream(torch.cuda.current_stream(device).cuda_stream)
+
+
+def parse_device(device) -> torch.device:
+    """torch.device of a device spec ("cpu", "cuda", "cuda:1", torch.device); "cuda" means the
+    current CUDA device."""
+    d = torch.device(device if device is not None else "cpu")
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"kvloom caches live on the CPU or a CUDA device, got {device!r}")
+    if d.type == "cuda":
+        from . import _core
+
+        if not _core.cuda_built:
+            raise ValueError(f"device {device!r}: this build of kvloom has no CUDA backend (it is built when nvcc "
+                             "is found; KVLOOM_CUDA=1 makes that required)")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA device on this machine")
+        if d.index is None:
+            d = torch.device("cuda", torch.cuda.current_device())
+    return d

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import _core, policies
-from ._tensors import as_tensor, kv_dtype_name, torch_dtype
+from ._tensors import as_tensor, host, kv_dtype_name, parse_device, torch_dtype, use_stream
 from .policies import Policy
 
 __all__ = ["BlockPool", "KVCache", "default_capacity_bytes", "make_policy"]
@@ -17,9 +17,10 @@ BlockPool = _core.BlockPool
 CapacityError = _core.CapacityError
 
 
-def default_capacity_bytes() -> int:
-    """Default hard limit of a pool: half the machine's physical memory (the arena grows
-    lazily, so an unused limit costs nothing). KVLOOM_POOL_BYTES overrides it."""
+def default_capacity_bytes(device=None) -> int:
+    """Default hard limit of a pool: half the machine's physical memory, or half a CUDA
+    device's memory (the arena grows lazily, so an unused limit costs nothing).
+    KVLOOM_POOL_BYTES overrides it."""
     env = os.environ.get("KVLOOM_POOL_BYTES")
     if env:
         try:
@@ -29,6 +30,8 @@ def default_capacity_bytes() -> int:
         if val <= 0:
             raise ValueError(f"KVLOOM_POOL_BYTES must be positive, got {env!r}")
         return val
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory // 2
     try:
         phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -70,15 +73,19 @@ class KVCache:
             layer l reads (an earlier owner, or l itself). Readers hold no memory; appends go
             to owners. Default: no sharing.
         pool: share an existing :class:`kvloom.BlockPool` instead of making one.
+        device: where the blocks live: "cpu" (default) or a CUDA device ("cuda", "cuda:1");
+            tensors passed in must be on it (positions and classes may be anywhere). CUDA work
+            runs on torch's current stream.
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, dtype=torch.float32, policy=None,
                  block_size: int = 16, capacity_bytes: Optional[int] = None, pool: Optional[BlockPool] = None,
-                 layer_store: Optional[Sequence[int]] = None):
+                 layer_store: Optional[Sequence[int]] = None, device=None):
+        dev = parse_device(device)
         if pool is None:
             name = kv_dtype_name(dtype)
             if capacity_bytes is None:
-                capacity_bytes = default_capacity_bytes()
+                capacity_bytes = default_capacity_bytes(dev)
             if int(block_size) <= 0:
                 raise ValueError(f"block_size must be >= 1, got {block_size}")
             elt = 4 if name == "float32" else 2
@@ -86,10 +93,14 @@ class KVCache:
             capacity_blocks = int(capacity_bytes) // max(block_bytes, 1)
             if capacity_blocks < 1:
                 raise ValueError(f"capacity_bytes={capacity_bytes} holds no block of {block_bytes} bytes")
-            pool = BlockPool(name, int(head_dim), int(block_size), min(capacity_blocks, 1 << 30))
+            # device arenas come in larger chunks (each one is a cudaMalloc)
+            chunk = 0 if dev.type == "cpu" else max(1, (64 << 20) // block_bytes)
+            pool = BlockPool(name, int(head_dim), int(block_size), min(capacity_blocks, 1 << 30), chunk,
+                             dev.type, dev.index or 0)
         elif pool.head_dim != head_dim:
             raise ValueError(f"pool head_dim {pool.head_dim} != head_dim {head_dim}")
         self._pool = pool
+        self._device = torch.device(pool.device)
         self._policy = make_policy(policy)
         self._layer_policy: dict = {}  # layer -> Policy overriding self._policy
         self._c = _core.Cache(pool, int(n_layers), int(n_kv_heads), self._policy.plan())
@@ -125,6 +136,11 @@ class KVCache:
     @property
     def pool(self) -> BlockPool:
         return self._pool
+
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks live (torch.device("cpu") or a CUDA device)."""
+        return self._device
 
     @property
     def policy(self) -> Policy:
@@ -190,12 +206,13 @@ class KVCache:
         k = as_tensor(k, "k")
         v = as_tensor(v, "v")
         if positions is not None:
-            positions = as_tensor(positions, "positions")
+            positions = host(as_tensor(positions, "positions"))
             if positions.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
             positions = positions.to(torch.int32).contiguous()
         if classes is not None:
-            classes = as_tensor(classes, "classes").to(torch.uint8).contiguous()
+            classes = host(as_tensor(classes, "classes")).to(torch.uint8).contiguous()
+        use_stream(self._device)
         self._c.append(layer, seq, k, v, positions, classes)
 
     def evict(self, layer: int, head: int, seq: int, slots) -> None:
@@ -208,6 +225,7 @@ class KVCache:
         """Runs the policy of every head of (layer, seq) (the policy's Python ``evict`` hook,
         then each head's C++ plan and compaction); returns the number of slots freed."""
         freed = self._layer_policy.get(layer, self._policy).evict(self, layer, seq)
+        use_stream(self._device)  # compaction moves rows on the device
         return freed + self._c.apply_policy(layer, seq)
 
     def length(self, layer: int, head: int, seq: int) -> int:
@@ -226,10 +244,11 @@ class KVCache:
         """(k, v, ord, pos) of one head's live tokens in append order: k, v [len, head_dim]."""
         n = self.length(layer, head, seq)
         dt = self.dtype if dtype is None else dtype
-        k = torch.empty(n, self.head_dim, dtype=dt)
-        v = torch.empty(n, self.head_dim, dtype=dt)
+        k = torch.empty(n, self.head_dim, dtype=dt, device=self._device)
+        v = torch.empty(n, self.head_dim, dtype=dt, device=self._device)
         ords = torch.empty(n, dtype=torch.int32)
         pos = torch.empty(n, dtype=torch.int32)
+        use_stream(self._device)
         self._c.gather(layer, head, seq, k, v, ords, pos)
         return k, v, ords, pos
 
@@ -246,8 +265,9 @@ class KVCache:
         q = kernel_ready(as_tensor(q, "q"))
         _check_q(q)
         if inv_freq is not None:
-            inv_freq = as_tensor(inv_freq, "inv_freq").float().contiguous()
+            inv_freq = host(as_tensor(inv_freq, "inv_freq")).float().contiguous()
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        use_stream(self._device)
         self._c.attend(layer, q, out, list(seqs), 0.0 if scale is None else _check_scale(scale), inv_freq)
         return out
 
@@ -260,6 +280,9 @@ class KVCache:
         q = as_tensor(q, "q")
         if q.dim() != 4:
             raise ValueError(f"q must be [batch, q_heads, tokens, head_dim], got shape {tuple(q.shape)}")
+        if q.device.type == "cuda":
+            q = q.contiguous()  # the statistic runs on the host from one copy of q
+        use_stream(self._device)
         self._c.accumulate_attention(layer, [int(s) for s in seqs], q, 0.0 if scale is None else _check_scale(scale))
 
     def set_head_plan(self, layer: int, head: int, seq: int, plan) -> None:
@@ -307,5 +330,5 @@ class KVCache:
 
     def __repr__(self) -> str:
         return (f"KVCache(n_layers={self.n_layers}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
-                f"dtype={self._c.dtype}, policy={self.policy_name}, sequences={len(self.sequences())}, "
+                f"dtype={self._c.dtype}, device={self._device}, policy={self.policy_name}, sequences={len(self.sequences())}, "
                 f"memory_bytes={self.memory_bytes()})")

@@ -219,8 +219,16 @@ def _info(_args, _parser) -> int:
 
     print(f"kvloom {kvloom.__version__}")
     print(f"  CPU kernels:   {kvloom.kernel_isa()} ({kvloom.get_num_threads()} threads)")
-    print(f"  CUDA target:   {'built' if _core.cuda_built else 'not built'}"
-          f"{f', {_core.cuda_device_count()} device(s) visible' if _core.cuda_built else ''}")
+    if _core.cuda_built:
+        n = _core.cuda_device_count()
+        print(f"  CUDA backend:  built for sm_{', sm_'.join(_core.cuda_architectures().split(','))}; "
+              f"{n} device(s) visible")
+        if n and torch.cuda.is_available():
+            for i in range(min(n, torch.cuda.device_count())):
+                p = torch.cuda.get_device_properties(i)
+                print(f"    cuda:{i}  {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        print("  CUDA backend:  not built (no nvcc at build time, or KVLOOM_CUDA=0)")
     print(f"  torch:         {torch.__version__}")
     print(f"  pool default:  {kvloom.default_capacity_bytes() / 2**30:.1f} GiB limit (grows on demand)")
     return 0

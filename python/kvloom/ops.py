@@ -1,7 +1,8 @@
 """Dense entry points to kvloom's kernels, for benchmarking and for other serving stacks.
 
 The functions take torch tensors (or anything exporting DLPack, e.g. numpy arrays) on the
-CPU in float32, float16 or bfloat16, and return a tensor of the query's type.
+CPU or on a CUDA device (all on the same one), in float32, float16 or bfloat16, and return a
+tensor of the query's type on its device. CUDA work runs on torch's current stream.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _core
-from ._tensors import as_tensor, kernel_ready
+from ._tensors import as_tensor, host, kernel_ready, use_stream
 
 __all__ = ["decode_attention", "decode_attention_segments"]
 
@@ -56,8 +57,9 @@ def decode_attention_segments(q, segments: Sequence[Tuple[object, object, Option
             delta = [int(d) for d in (delta.tolist() if hasattr(delta, "tolist") else delta)]
         segs.append((k, v, delta))
     if inv_freq is not None:
-        inv_freq = as_tensor(inv_freq, "inv_freq").float().contiguous()
+        inv_freq = host(as_tensor(inv_freq, "inv_freq")).float().contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    use_stream(q.device)
     _core.decode_attention(q, segs, out, 0.0 if scale is None else _check_scale(scale), inv_freq)
     return out
 

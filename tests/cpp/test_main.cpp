@@ -1,5 +1,6 @@
 #include <cstdio>
 #include <exception>
+#include <string>
 
 #include "test.h"
 
@@ -19,9 +20,12 @@ void record_failure(const char* file, int line, const std::string& what) {
 
 }  // namespace kvtest
 
-int main() {
+// kvloom_core_tests [substring]: runs the tests whose name contains the substring (all by default).
+int main(int argc, char** argv) {
+  const std::string filter = argc > 1 ? argv[1] : "";
   int passed = 0, failed = 0;
   for (const auto& t : kvtest::registry()) {
+    if (!filter.empty() && std::string(t.name).find(filter) == std::string::npos) continue;
     kvtest::g_failures_in_case = 0;
     try {
       t.fn();

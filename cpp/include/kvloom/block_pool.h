@@ -6,6 +6,9 @@
 // reallocates a chunk), so a pointer obtained from block_keys() stays valid while the
 // caller holds a reference to the block.
 //
+// A pool lives on one device: the host (default) or a CUDA device, whose blocks are device
+// memory that the host never dereferences (kvloom/device.h).
+//
 // Capacity is a hard limit in blocks, set at construction. Allocation is all-or-nothing:
 // alloc() either returns every block asked for or throws capacity_error having changed
 // nothing, which is what lets caches stay intact when the pool runs out.
@@ -22,6 +25,7 @@
 #include <vector>
 
 #include "kvloom/common.h"
+#include "kvloom/tensor_view.h"
 
 namespace kvloom {
 
@@ -30,8 +34,10 @@ using block_id = int32_t;
 class block_pool {
  public:
   // block_size tokens per block, head_dim features per token; capacity_blocks is the hard
-  // limit; chunk_blocks how many blocks each arena chunk adds (0: a sensible default).
-  block_pool(dtype type, int head_dim, int block_size, int64_t capacity_blocks, int64_t chunk_blocks = 0);
+  // limit; chunk_blocks how many blocks each arena chunk adds (0: a sensible default);
+  // device/device_id where the blocks live (std::invalid_argument when that device is not built in).
+  block_pool(dtype type, int head_dim, int block_size, int64_t capacity_blocks, int64_t chunk_blocks = 0,
+             device_kind device = device_kind::cpu, int device_id = 0);
   block_pool(const block_pool&) = delete;
   block_pool& operator=(const block_pool&) = delete;
   ~block_pool();
@@ -41,6 +47,8 @@ class block_pool {
   int block_size() const { return block_size_; }
   size_t block_bytes() const { return block_bytes_; }  // keys + values of one block
   int64_t capacity_blocks() const { return capacity_; }
+  device_kind device() const { return device_; }
+  int device_id() const { return device_id_; }
 
   // Allocates n blocks with reference count 1 into out[0..n). All or nothing: throws
   // capacity_error (nothing allocated) when fewer than n blocks are left.
@@ -53,6 +61,7 @@ class block_pool {
   int32_t refcount(block_id id) const;
 
   // Base of the block's keys [block_size, head_dim]; values follow at value_offset bytes.
+  // (A device address for a CUDA pool.)
   void* block_keys(block_id id) const;
   void* block_values(block_id id) const { return static_cast<char*>(block_keys(id)) + value_offset_; }
   size_t value_offset() const { return value_offset_; }
@@ -69,6 +78,8 @@ class block_pool {
   const int head_dim_;
   const int block_size_;
   const int64_t capacity_;
+  const device_kind device_;
+  const int device_id_;
   int64_t chunk_blocks_;
   size_t value_offset_;
   size_t block_bytes_;

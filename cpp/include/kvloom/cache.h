@@ -138,7 +138,7 @@ class cache {
   void check_layer(int layer) const;
   void check_head(int head) const;
   void release(head_store& hs);
-  void free_slot(head_store& hs, int64_t slot);
+  void free_slot(head_store& hs, int64_t slot, std::vector<block_id>* released = nullptr);
   void compact(head_store& hs);
   const std::shared_ptr<const head_plan>& plan_for(int layer) const {
     return layer_plan_[layer] ? layer_plan_[layer] : plan_;

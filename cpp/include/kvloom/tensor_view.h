@@ -36,6 +36,9 @@ void check_rank(const tensor_view& t, int ndim, const char* what);
 void check_float(const tensor_view& t, const char* what);
 void check_dtype(const tensor_view& t, dtype want, const char* what);
 void check_cpu(const tensor_view& t, const char* what);
+// t must be on (kind, id); the message names both devices.
+void check_device(const tensor_view& t, device_kind kind, int id, const char* what);
+std::string device_name(device_kind kind, int id);  // "cpu", "cuda:0"
 void check_inner_contiguous(const tensor_view& t, const char* what);
 
 }  // namespace kvloom

@@ -91,8 +91,9 @@ class _Path:
     # --- model calls ----------------------------------------------------------------------
     @torch.no_grad()
     def _forward(self, ids: List[int]) -> torch.Tensor:
-        out = self.model(torch.tensor([ids], dtype=torch.long), **cache_kwargs(self.cache), use_cache=True)
-        return out.logits[0, -1].float()
+        out = self.model(torch.tensor([ids], dtype=torch.long, device=self.model.device), **cache_kwargs(self.cache),
+                         use_cache=True)
+        return out.logits[0, -1].float().cpu()  # tokens are chosen on the host
 
     def _sync(self, target: List[int]) -> torch.Tensor:
         """Makes the cache hold exactly `target` and returns the next-token logits after it:

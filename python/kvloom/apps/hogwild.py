@@ -51,7 +51,7 @@ class HogwildCache(LoomCache):
     def __init__(self, model, workers: int, policy=None, **kw):
         super().__init__(model, policy=policy, **kw)
         rot = _rotary(model)
-        self.inv_freq = rot.inv_freq.detach().float().contiguous()
+        self.inv_freq = rot.inv_freq.detach().float().cpu().contiguous()  # read on the host, once
         self.common: List[int] = []
         self.current: List[int] = []
         self.rows: List[int] = []  # worker of each batch row in the current forward
@@ -137,6 +137,7 @@ class Session:
         if getattr(getattr(model, "config", None), "_attn_implementation", None) != "kvloom":
             kvloom.enable(model)
         self.model, self.tok = model, tokenizer
+        self.device = model.device
         self.n = int(workers)
         self.temperature = temperature
         self.gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -148,7 +149,7 @@ class Session:
             system = SYSTEM.format(n=self.n, names=names) if self.n > 1 else SOLO_SYSTEM
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": problem}]
         self.prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)["input_ids"]
+                                                    return_dict=True)["input_ids"].to(self.device)
         self._stop = _stop_ids(model, tokenizer)
         self.ignore_eos = ignore_eos
         self.forwards = 0
@@ -175,6 +176,7 @@ class Session:
             self.logits[i] = first
 
     def _pick(self, logits: torch.Tensor) -> int:
+        logits = logits.cpu()  # the next token is chosen on the host (it steers the prompt)
         if self.ignore_eos:
             logits = logits.clone()
             logits[list(self._stop)] = float("-inf")
@@ -223,9 +225,9 @@ class Session:
             fed.append((i, t, sampled))
         if not rows:
             return []
-        positions = torch.tensor([[len(self.workers[i].current)] for i in rows], dtype=torch.long)
+        positions = torch.tensor([[len(self.workers[i].current)] for i in rows], dtype=torch.long, device=self.device)
         self.cache.set_rows(rows)
-        out = self.model(torch.tensor(feed, dtype=torch.long).view(-1, 1), position_ids=positions,
+        out = self.model(torch.tensor(feed, dtype=torch.long, device=self.device).view(-1, 1), position_ids=positions,
                          **cache_kwargs(self.cache), use_cache=True)
         self.forwards += 1
         for b, (i, t, _) in enumerate(fed):

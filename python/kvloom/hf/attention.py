@@ -95,8 +95,9 @@ def _chunk_over_cache(cache, layer: int, query: torch.Tensor, attention_mask, pa
     L = max(1, max(g[0].shape[0] for row in per for g in row))
     K = query.new_zeros(B, Hkv, L, D)
     V = query.new_zeros(B, Hkv, L, D)
-    mask = torch.zeros(B, Hkv, q_len, L, dtype=torch.bool)
-    q_pos = torch.arange(past, past + q_len)
+    dev = query.device
+    mask = torch.zeros(B, Hkv, q_len, L, dtype=torch.bool, device=dev)
+    q_pos = torch.arange(past, past + q_len, device=dev)
     for b, row in enumerate(per):
         for h, (k, v, ords, _) in enumerate(row):
             n = k.shape[0]
@@ -104,7 +105,7 @@ def _chunk_over_cache(cache, layer: int, query: torch.Tensor, attention_mask, pa
                 continue
             K[b, h, :n] = k.to(K.dtype)
             V[b, h, :n] = v.to(V.dtype)
-            ords = ords.long()
+            ords = ords.long().to(dev)
             if attention_mask is not None:
                 m = attention_mask[b, 0][:, ords]  # HF's mask is in logical positions: column = ord
                 if m.dtype != torch.bool:
@@ -115,7 +116,7 @@ def _chunk_over_cache(cache, layer: int, query: torch.Tensor, attention_mask, pa
     mask = mask.repeat_interleave(G, dim=1)
     # a query that may see nothing (a left-pad query) would give NaN; its output is unused
     empty = ~mask.any(dim=-1, keepdim=True)
-    mask = mask | (empty & (torch.arange(L) == 0))
+    mask = mask | (empty & (torch.arange(L, device=dev) == 0))
     out = torch.nn.functional.scaled_dot_product_attention(query, K, V, attn_mask=mask, scale=scaling,
                                                            enable_gqa=G > 1)
     return out.transpose(1, 2).contiguous()

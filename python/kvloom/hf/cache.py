@@ -113,8 +113,9 @@ class LoomCache(_HFCache):
             raise ValueError(f"{type(self.policy).__name__} needs the tokenizer (its token classes come from it): "
                              f"kvloom.Cache(model, policy=..., tokenizer=tok)")
         self._store = arch.layer_store(model) or list(range(geo.n_layers))  # CLA: the layer each layer reads
+        device = next(model.parameters()).device
         self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=self.policy,
-                          block_size=block_size, capacity_bytes=capacity_bytes,
+                          block_size=block_size, capacity_bytes=capacity_bytes, device=device,
                           layer_store=None if self._store == list(range(geo.n_layers)) else self._store)
         self._class_table = None
         self._ids = None
@@ -127,6 +128,7 @@ class LoomCache(_HFCache):
             vocab = model.get_input_embeddings().weight.shape[0]
             self._class_table = self.policy.token_classes(tokenizer, vocab)
         if self._class_table is not None:
+            self._class_table = self._class_table.to(device)  # looked up with the model's token ids
             self._embed = model.get_input_embeddings()
             self._install_ids_hook()
         self.policy_state = self.policy.attach(self, model)  # e.g. NAtS's hidden-state hooks
@@ -170,9 +172,11 @@ class LoomCache(_HFCache):
         if self.seqs is not None and B != len(self.seqs):
             raise ValueError(f"batch size {B} does not match the cache's {len(self.seqs)} sequences "
                              "(a cache holds one conversation batch; make a new one or use batch_select_indices)")
-        if key_states.device.type != "cpu":
-            raise ValueError(f"kvloom runs on the CPU; key states are on {key_states.device}")
-        if not (torch.isfinite(key_states).all() and torch.isfinite(value_states).all()):
+        if key_states.device != self.kv.device:
+            raise ValueError(f"this kvloom.Cache lives on {self.kv.device} but the key states are on "
+                             f"{key_states.device}: build the cache after moving the model (kvloom.Cache(model))")
+        # (on CUDA this check would wait for the GPU at every layer: it runs on CPU caches only)
+        if key_states.device.type == "cpu" and not (torch.isfinite(key_states).all() and torch.isfinite(value_states).all()):
             raise ValueError(f"non-finite values (NaN/inf) in the key/value states of layer {layer_idx}; nothing was cached")
         if self.seqs is None:
             self._check_capacity(B, n)

@@ -48,12 +48,15 @@ def hybrid_recovery(kv, layer: int, q, seqs: Sequence[int], *, r_frequent: float
     mass (mean over q's queries [B, Hq, Tq, D] and each head's group, causal) kept by the
     hybrids special, +punct, +frequent, +local."""
     from .. import _core
-    from .._tensors import as_tensor
+    from .._tensors import as_tensor, use_stream
     from ..ops import _check_scale
 
     q = as_tensor(q, "q")
     if q.dim() != 4:
         raise ValueError(f"q must be [batch, q_heads, tokens, head_dim], got shape {tuple(q.shape)}")
+    if q.device.type == "cuda":
+        q = q.contiguous()  # the statistic runs on the host from one copy of q
+    use_stream(kv.device)
     return _core.hybrid_recovery(kv._c, layer, [int(s) for s in seqs], q, 0.0 if scale is None else _check_scale(scale),
                                  float(r_frequent), int(local_window))
 

@@ -106,13 +106,13 @@ def soft_visibility(onehot: torch.Tensor, window: int) -> torch.Tensor:
     T = onehot.shape[-2]
     C = torch.cumsum(g, -1)  # globals at or before each position
     before = C - g  # globals strictly before i
-    i = torch.arange(T)
+    i = torch.arange(T, device=onehot.device)
     between = before[..., :, None] - C[..., None, :]  # globals k with j < k < i (for j < i)
     local_vis = loc[..., None, :] * torch.relu(1 - between)
     slide = ((i[:, None] - i[None, :]) < window).to(onehot.dtype)
     vis = g[..., None, :] + local_vis + sl[..., None, :] * slide
     causal = (i[None, :] < i[:, None]).to(onehot.dtype)
-    eye = torch.eye(T, dtype=onehot.dtype)
+    eye = torch.eye(T, dtype=onehot.dtype, device=onehot.device)
     return vis * causal + eye
 
 
@@ -174,6 +174,7 @@ class NAtS(Policy):
 
     def attach(self, cache, model):
         self.scorer.check_model(model)
+        self.scorer.to(next(model.parameters()).device)  # types are computed where the hidden states are
         return _Attached(model)
 
     def append_classes(self, cache, layer: int, batch: int, n: int):
@@ -200,7 +201,7 @@ class NAtS(Policy):
             if m.dtype != torch.bool:
                 m = m > torch.finfo(m.dtype).min / 2
             vis = vis & m
-        vis = vis | (~vis.any(-1, keepdim=True) & (torch.arange(vis.shape[-1]) == 0))  # padded rows: no NaN
+        vis = vis | (~vis.any(-1, keepdim=True) & (torch.arange(vis.shape[-1], device=vis.device) == 0))  # no NaN rows
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=vis, scale=scaling,
                                                                enable_gqa=G > 1)
         return out.transpose(1, 2).contiguous()

@@ -91,7 +91,7 @@ class TaskKV(Policy):
                 _, slot_ords, _ = kv.slots(layer, h, s)
                 by_ord = dict(zip(slot_ords.tolist(), (kv.scores(layer, h, s) / (G * L)).tolist()))
                 col_means.append(torch.tensor([by_ord[o] for o in ords.tolist()]))
-                values.append(v)
+                values.append(v.cpu())  # the split is decided on the host (once per prompt)
             offset = kv.seq_length(s) - T  # prompt ords start after evicted left padding
             hetero, middles = self.decide(col_means, values, layer, cache.geometry.n_layers)
             for h in range(Hkv):

@@ -1,0 +1,40 @@
+// kvloom/device.h — devices and streams.
+//
+// A block pool lives on one device (the host, or one CUDA device); caches on it take tensors
+// on that device. CUDA work is issued on the calling thread's current stream, which starts as
+// the legacy default stream; set it to the stream your framework uses (e.g. torch's current
+// stream) so kvloom's work is ordered with yours and no host synchronisation is needed.
+//
+// Thread safety: the current stream is per thread.
+#pragma once
+
+#include <string>
+
+#include "kvloom/tensor_view.h"
+
+namespace kvloom {
+
+// Whether this build of kvloom has the CUDA backend, and how many CUDA devices the runtime sees
+// (0 without a driver or a device).
+bool cuda_built();
+int cuda_device_count();
+// The CUDA architectures compiled in (e.g. "80;90"), or "" without CUDA.
+std::string cuda_architectures();
+
+// The calling thread's current stream (a cudaStream_t as void*; null = legacy default stream).
+void set_current_stream(void* stream);
+void* current_stream();
+
+// Sets the calling thread's current stream for a scope and restores the previous one.
+class stream_guard {
+ public:
+  explicit stream_guard(void* stream) : saved_(current_stream()) { set_current_stream(stream); }
+  ~stream_guard() { set_current_stream(saved_); }
+  stream_guard(const stream_guard&) = delete;
+  stream_guard& operator=(const stream_guard&) = delete;
+
+ private:
+  void* saved_;
+};
+
+}  // namespace kvloom

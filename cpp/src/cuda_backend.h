@@ -1,0 +1,45 @@
+// Internal: the CUDA backend's entry points used by the shared C++ code (built only with
+// KVLOOM_WITH_CUDA; the implementations are in cuda/).
+#pragma once
+
+#ifdef KVLOOM_WITH_CUDA
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+#include "kvloom/attention.h"
+
+namespace kvloom {
+namespace detail {
+
+// Decode attention over prepared chunks, on q's CUDA device and the current stream: the
+// chunk list (with each chunk's live mask, read from host metadata) and the query rotations
+// are uploaded, the key ranges are split across thread blocks and their softmax states merged.
+void cuda_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype kv_type,
+                 const std::vector<kv_chunk>& chunks, const std::vector<head_task>& tasks, int n_seg,
+                 const std::vector<int64_t>& deltas, float scale, const rope_spec& rope);
+
+// Prompt statistics over device keys without the T x T map. heads[i] lists its live keys in
+// ord order at keys[first_key, first_key + n_keys); query t of row b (q [B, Hq, Tq, D]) is the
+// token at ord appended - Tq + t and sees the keys with ord <= its own.
+struct stat_head {
+  int64_t b, h;
+  int64_t first_key, n_keys;
+  int64_t appended;
+};
+struct stat_key {
+  const void* k;  // the key row (device)
+  int32_t ord;
+  int32_t level;  // FastGen: 0 special, 1 punctuation, 2 frequent, 3 the rest (candidates for local)
+};
+// mode 0 (accumulated attention): out_acc[key] += probability it receives, summed over each
+// head's query group and queries. mode 1 (hybrid recovery): out_mass[head * 5 + i] = summed
+// mass of level i (level 3 only within local_window of the query), [4] = query rows counted.
+// Both outputs are host arrays (filled after one synchronisation).
+void cuda_prompt_stats(const tensor_view& q, int64_t G, dtype kv_type, int64_t D, const std::vector<stat_head>& heads,
+                       const std::vector<stat_key>& keys, float scale, int mode, int64_t local_window, float* out_acc,
+                       double* out_mass);
+
+}  // namespace detail
+}  // namespace kvloom
+#endif

@@ -1,0 +1,75 @@
+// Internal: the device seam. One cache, sequence and plan implementation serves every
+// device; where block memory lives and how bytes move in and out of blocks is the only thing
+// that differs, and it goes through a device_ops (the host one here, the CUDA one in cuda/).
+// Slot metadata (block tables, live flags, ords, positions, classes, scores) always stays on
+// the host; block memory may be device memory that host code never dereferences.
+//
+// Work is issued on the calling thread's current stream (kvloom/device.h); the host ops are
+// synchronous, the CUDA ops asynchronous on that stream.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "kvloom/common.h"
+#include "kvloom/device.h"
+#include "kvloom/tensor_view.h"
+
+namespace kvloom {
+namespace detail {
+
+// Byte spans of equal size to copy (copy-on-write blocks, compaction rows).
+struct span_copy {
+  void* dst;
+  const void* src;
+};
+
+// One appended token of one head: row `token` of head `head` of the source k/v tensors
+// ([n_kv_heads, n, D]) goes to these block rows.
+struct row_write {
+  void* k_dst;
+  void* v_dst;
+  int32_t head;
+  int32_t token;
+};
+
+// One gathered token: these block rows go to row i (its index in the list) of the outputs.
+struct row_read {
+  const void* k_src;
+  const void* v_src;
+};
+
+class device_ops {
+ public:
+  virtual ~device_ops() = default;
+  virtual const char* name() const = 0;
+  // Arena memory for block pools: nullptr when the device refuses.
+  virtual void* arena_alloc(int device_id, size_t bytes) const = 0;
+  virtual void arena_free(int device_id, void* p) const = 0;
+  // Copies every span (each `bytes` long); spans do not overlap each other.
+  virtual void copy_spans(int device_id, const std::vector<span_copy>& spans, size_t bytes) const = 0;
+  // Writes k/v rows (any float dtype, strided, on this device) into block rows of `dst_type`.
+  virtual void write_rows(int device_id, const tensor_view& k, const tensor_view& v, const std::vector<row_write>& rows,
+                          dtype dst_type, int64_t D) const = 0;
+  // Reads block rows of `src_type` into row i of k_out/v_out ([rows, D], any float dtype, on this device).
+  virtual void read_rows(int device_id, const std::vector<row_read>& rows, dtype src_type, int64_t D,
+                         const tensor_view& k_out, const tensor_view& v_out) const = 0;
+  // Copies device bytes to host memory and waits for them (statistics that run on the host).
+  virtual void to_host(int device_id, void* host_dst, const void* src, size_t bytes) const = 0;
+  // Block rows of `src_type` (D elements each) converted to fp32 into host memory [rows, D];
+  // waits for them (the prompt statistics run on the host from these).
+  virtual void rows_to_host_f32(int device_id, const std::vector<const void*>& rows, dtype src_type, int64_t D,
+                                float* host_out) const = 0;
+};
+
+const device_ops& host_ops();
+const device_ops* cuda_ops();  // null when kvloom was built without CUDA
+// The ops of a device kind; std::invalid_argument when that device is not built in.
+const device_ops& ops_for(device_kind kind);
+
+// The current stream of the calling thread (a cudaStream_t; null: the legacy default stream).
+void* current_stream();
+
+}  // namespace detail
+}  // namespace kvloom

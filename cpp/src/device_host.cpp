@@ -1,0 +1,105 @@
+// The host side of the device seam: block memory in host arenas, bytes moved with memcpy and
+// the shared fp16/bf16 conversions; the per-thread current stream; CUDA stubs without CUDA.
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "device.h"
+
+namespace kvloom {
+
+namespace {
+
+thread_local void* g_stream = nullptr;
+
+constexpr size_t kAlign = 64;
+
+// Row (h, j) of a [H, n, D] tensor converted into `dst` of dst_type (D elements).
+void copy_row_in(void* dst, dtype dst_type, const tensor_view& src, int64_t h, int64_t j, int64_t D) {
+  const int64_t idx[3] = {h, j, 0};
+  const void* s = src.at(idx);
+  const int64_t st = src.strides[2];
+  if (src.type == dst_type && st == 1) {
+    std::memcpy(dst, s, static_cast<size_t>(D) * dtype_size(dst_type));
+    return;
+  }
+  for (int64_t d = 0; d < D; ++d) store_from_f32(dst, dst_type, d, load_as_f32(s, src.type, d * st));
+}
+
+// A block row of src_type into row i of `out` ([rows, D], any float dtype, strided).
+void copy_row_out(const tensor_view& out, int64_t i, const void* src, dtype src_type, int64_t D) {
+  const int64_t esz = static_cast<int64_t>(dtype_size(out.type));
+  char* row = static_cast<char*>(out.data) + i * out.strides[0] * esz;
+  if (out.type == src_type && out.strides[1] == 1) {
+    std::memcpy(row, src, static_cast<size_t>(D) * dtype_size(src_type));
+    return;
+  }
+  for (int64_t d = 0; d < D; ++d) store_from_f32(row + d * out.strides[1] * esz, out.type, 0, load_as_f32(src, src_type, d));
+}
+
+class host_device_ops final : public detail::device_ops {
+ public:
+  const char* name() const override { return "cpu"; }
+  void* arena_alloc(int, size_t bytes) const override {
+    return std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
+  }
+  void arena_free(int, void* p) const override { std::free(p); }
+  void copy_spans(int, const std::vector<detail::span_copy>& spans, size_t bytes) const override {
+    for (const auto& s : spans) std::memcpy(s.dst, s.src, bytes);
+  }
+  void write_rows(int, const tensor_view& k, const tensor_view& v, const std::vector<detail::row_write>& rows,
+                  dtype dst_type, int64_t D) const override {
+    for (const auto& r : rows) {
+      copy_row_in(r.k_dst, dst_type, k, r.head, r.token, D);
+      copy_row_in(r.v_dst, dst_type, v, r.head, r.token, D);
+    }
+  }
+  void read_rows(int, const std::vector<detail::row_read>& rows, dtype src_type, int64_t D, const tensor_view& k_out,
+                 const tensor_view& v_out) const override {
+    for (size_t i = 0; i < rows.size(); ++i) {
+      copy_row_out(k_out, static_cast<int64_t>(i), rows[i].k_src, src_type, D);
+      copy_row_out(v_out, static_cast<int64_t>(i), rows[i].v_src, src_type, D);
+    }
+  }
+  void to_host(int, void* host_dst, const void* src, size_t bytes) const override { std::memcpy(host_dst, src, bytes); }
+  void rows_to_host_f32(int, const std::vector<const void*>& rows, dtype src_type, int64_t D,
+                        float* host_out) const override {
+    for (size_t i = 0; i < rows.size(); ++i)
+      for (int64_t d = 0; d < D; ++d) host_out[i * D + d] = load_as_f32(rows[i], src_type, static_cast<size_t>(d));
+  }
+};
+
+}  // namespace
+
+namespace detail {
+
+const device_ops& host_ops() {
+  static const host_device_ops ops;
+  return ops;
+}
+
+const device_ops& ops_for(device_kind kind) {
+  if (kind == device_kind::cpu) return host_ops();
+  const device_ops* c = cuda_ops();
+  if (!c) fail_value("this build of kvloom has no CUDA backend (build with nvcc present, KVLOOM_CUDA=1)");
+  return *c;
+}
+
+void* current_stream() { return g_stream; }
+
+#ifndef KVLOOM_WITH_CUDA
+const device_ops* cuda_ops() { return nullptr; }
+#endif
+
+}  // namespace detail
+
+void set_current_stream(void* stream) { g_stream = stream; }
+void* current_stream() { return g_stream; }
+
+#ifndef KVLOOM_WITH_CUDA
+bool cuda_built() { return false; }
+int cuda_device_count() { return 0; }
+std::string cuda_architectures() { return ""; }
+#endif
+
+}  // namespace kvloom
