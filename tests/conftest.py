@@ -24,9 +24,10 @@ TOL = {
 }
 
 
-@pytest.fixture(params=["auto", "generic"])
+@pytest.fixture(params=["auto", "avx2", "generic"])
 def isa(request):
-    """Runs a test on the run-time-selected kernels and on the portable ones."""
-    kvloom._core.force_generic_kernels(request.param == "generic")
+    """Runs a test on the run-time-selected kernels (AVX-512 where the CPU has it), on the AVX2
+    ones and on the portable ones."""
+    kvloom._core.force_isa(request.param)
     yield request.param
-    kvloom._core.force_generic_kernels(False)
+    kvloom._core.force_isa("auto")

@@ -82,7 +82,19 @@ void bind_tokens(cache_class& c) {
             decode_attention_cache(c, layer, vw, bq.view, bo.view, scale, rope);
           },
           py::arg("layer"), py::arg("q"), py::arg("out"), py::arg("views"), py::arg("scale") = 0.f,
-          py::arg("inv_freq") = py::none());
+          py::arg("inv_freq") = py::none())
+      .def(
+          "chunk_attend",
+          [](const cache& c, int layer, py::handle q, py::handle out, std::vector<int64_t> seqs, py::object mask,
+             float scale) {
+            borrowed bq = from_dlpack(q, "q"), bo = from_dlpack(out, "out");
+            std::optional<borrowed> bm;
+            if (!mask.is_none()) bm = from_dlpack(mask, "mask");
+            py::gil_scoped_release nogil;
+            chunk_attention_cache(c, layer, seqs, bq.view, bm ? &bm->view : nullptr, bo.view, scale);
+          },
+          py::arg("layer"), py::arg("q"), py::arg("out"), py::arg("seqs"), py::arg("mask") = py::none(),
+          py::arg("scale") = 0.f);
 }
 
 // (slot, ord, pos, class, score) arrays of a head's live slots, in slot order.

@@ -69,6 +69,7 @@ void bind_ops(py::module_& m) {
   m.def("get_num_threads", &get_num_threads);
   m.def("kernel_isa", &kernel_isa);
   m.def("force_generic_kernels", &force_generic_kernels, py::arg("on"));
+  m.def("force_isa", &force_isa, py::arg("isa"), "cap the kernel path: 'auto', 'avx2' or 'generic'");
   m.def("read_probe", &probe, py::arg("buffer"));
   m.attr("cuda_built") = cuda_built();
   m.def("cuda_device_count", &cuda_device_count);

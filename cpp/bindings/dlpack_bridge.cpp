@@ -80,6 +80,7 @@ borrowed from_dlpack(const py::handle& obj, const char* what) {
   else if (c == kDLInt && bits == 32) v.type = dtype::i32;
   else if (c == kDLInt && bits == 64) v.type = dtype::i64;
   else if (c == kDLUInt && bits == 8) v.type = dtype::u8;
+  else if (c == kDLBool && bits == 8) v.type = dtype::u8;  // masks: nonzero = true
   else {
     const char* names[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
     const std::string n = c <= 6 ? names[c] : "code" + std::to_string(c);

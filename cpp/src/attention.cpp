@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -19,7 +21,15 @@ namespace {
 using detail::kernel_ops;
 using detail::kv_chunk;
 
-std::atomic<bool> g_force_generic{false};
+// The best kernel path allowed: 0 any, 1 at most AVX2, 2 generic only (tests, benchmarks;
+// KVLOOM_ISA=avx2|generic sets it at start-up).
+int isa_cap_from_env() {
+  const char* e = std::getenv("KVLOOM_ISA");
+  if (!e) return 0;
+  const std::string v(e);
+  return v == "generic" ? 2 : v == "avx2" ? 1 : 0;
+}
+std::atomic<int> g_isa_cap{isa_cap_from_env()};
 
 bool cpu_has_avx2() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -30,9 +40,22 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 const kernel_ops& pick_ops(int D) {
+  const int cap = g_isa_cap.load();
+  const kernel_ops* w = detail::avx512_ops();
+  if (w && cap == 0 && cpu_has_avx512() && D % 16 == 0) return *w;
   const kernel_ops* v = detail::avx2_ops();
-  if (v && !g_force_generic.load() && cpu_has_avx2() && D % 8 == 0) return *v;
+  if (v && cap <= 1 && cpu_has_avx2() && D % 8 == 0) return *v;
   return detail::generic_ops();
 }
 
@@ -342,6 +365,161 @@ void decode_attention_cache(const cache& c, int layer, const std::vector<std::ve
   run_decode(q, out, Hkv, c.type(), chunks, tasks, n_seg, deltas, scale, rope);
 }
 
+namespace {
+
+// Whether the mask lets query t of row b see the key with this ord.
+inline bool mask_allows(const tensor_view* mask, int64_t b, int64_t t, int64_t ord, float threshold) {
+  if (!mask) return true;
+  const int64_t idx[3] = {b, t, ord};
+  const void* p = mask->at(idx);
+  if (mask->type == dtype::u8) return *static_cast<const uint8_t*>(p) != 0;
+  return load_as_f32(p, mask->type, 0) > threshold;
+}
+
+constexpr int64_t kChunkTile = 16;  // query tokens per task
+
+}  // namespace
+
+void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q,
+                           const tensor_view* mask, const tensor_view& out, float scale) {
+  check_rank(q, 4, "q");
+  check_float(q, "q");
+  check_cpu(q, "q");
+  check_rank(out, 4, "out");
+  check_float(out, "out");
+  check_cpu(out, "out");
+  if (c.pool().device() != device_kind::cpu) fail_value("chunk attention over the cache runs on CPU caches only");
+  const int64_t B = q.shape[0], Hq = q.shape[1], Tq = q.shape[2], D = q.shape[3];
+  for (int i = 0; i < 4; ++i)
+    if (out.shape[i] != q.shape[i]) fail_value("out must have the shape of q " + q.describe() + ", got " + out.describe());
+  if (D != c.head_dim()) fail_value("q head_dim " + std::to_string(D) + " != cache head_dim " + std::to_string(c.head_dim()));
+  const int64_t Hkv = c.n_kv_heads();
+  if (Hq % Hkv != 0)
+    fail_value("query heads (" + std::to_string(Hq) + ") must be a multiple of kv heads (" + std::to_string(Hkv) + ")");
+  if (static_cast<int64_t>(seqs.size()) != B)
+    fail_value("need one sequence per batch row: " + std::to_string(seqs.size()) + " for batch " + std::to_string(B));
+  std::vector<int64_t> appended(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    appended[b] = c.store(layer, 0, seqs[b]).appended();  // validates layer and sequence
+    if (appended[b] < Tq)
+      fail_value("the chunk's " + std::to_string(Tq) + " tokens must be appended to sequence " + std::to_string(seqs[b]) +
+                 " first (it holds " + std::to_string(appended[b]) + ")");
+  }
+  float threshold = 0.f;
+  if (mask) {
+    check_rank(*mask, 3, "mask");
+    check_cpu(*mask, "mask");
+    if (mask->type != dtype::u8 && !dtype_is_float(mask->type)) fail_type("mask must be bool/uint8 or a float additive mask");
+    if (mask->shape[0] != B || mask->shape[1] != Tq)
+      fail_value("mask must be [batch=" + std::to_string(B) + ", tokens=" + std::to_string(Tq) + ", K], got " + mask->describe());
+    for (int64_t b = 0; b < B; ++b)
+      if (mask->shape[2] < appended[b])
+        fail_value("mask covers " + std::to_string(mask->shape[2]) + " positions; row " + std::to_string(b) + " has " +
+                   std::to_string(appended[b]) + " tokens");
+    threshold = mask->type == dtype::f16 ? -32752.f : mask->type == dtype::u8 ? 0.f : -1.7e38f;
+  }
+  if (B == 0 || Tq == 0) return;
+  const int64_t G = Hq / Hkv;
+  const int64_t n_tiles = (Tq + kChunkTile - 1) / kChunkTile;
+  const int bs = c.block_size();
+  const block_pool& pool = c.pool();
+  const dtype kv_type = c.type();
+  const detail::kernel_ops& ops = pick_ops(static_cast<int>(D));
+  const float qscale = (scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(D))) * kLog2e;
+  const int64_t qsz = static_cast<int64_t>(dtype_size(q.type)), osz = static_cast<int64_t>(dtype_size(out.type));
+  detail::parallel_for(B * Hkv * n_tiles, [&](int64_t task, int) {
+    const int64_t b = task / (Hkv * n_tiles), h = (task / n_tiles) % Hkv, tile = task % n_tiles;
+    const int64_t t0 = tile * kChunkTile, nt = std::min(kChunkTile, Tq - t0);
+    const int rows = static_cast<int>(nt * G);
+    const int R = (rows + 15) / 16 * 16;  // query rows padded for the vector kernels
+    const head_store& hs = c.store(layer, static_cast<int>(h), seqs[b]);
+    // per task: queries transposed [D][R], accumulators [R][D], softmax state [R] x 3, one
+    // block's scores [bs][R], and fp32 copies of a block's rows where they cannot be read in place
+    thread_local std::vector<float> buf;
+    const int64_t need = 2 * R * D + 3 * R + static_cast<int64_t>(bs) * R + 2 * static_cast<int64_t>(bs) * D;
+    if (static_cast<int64_t>(buf.size()) < need) buf.resize(static_cast<size_t>(need));
+    float* qt = buf.data();
+    float* acc = qt + R * D;
+    float* m = acc + R * D;
+    float* l = m + R;
+    float* alpha = l + R;
+    float* sc = alpha + R;
+    float* kf = sc + static_cast<int64_t>(bs) * R;
+    float* vf = kf + static_cast<int64_t>(bs) * D;
+    std::fill(qt, qt + R * D, 0.f);
+    for (int64_t j = 0; j < nt; ++j)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = j * G + g;
+        const char* src = static_cast<const char*>(q.data) +
+                          (b * q.strides[0] + (h * G + g) * q.strides[1] + (t0 + j) * q.strides[2]) * qsz;
+        for (int64_t d = 0; d < D; ++d)
+          qt[d * R + r] = load_as_f32(src, q.type, static_cast<size_t>(d * q.strides[3])) * qscale;
+      }
+    std::fill(m, m + R, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + R, 0.f);
+    std::fill(acc, acc + R * D, 0.f);
+    const int64_t first_ord = appended[b] - Tq + t0;  // ord of the tile's first query
+    const int64_t last_ord = first_ord + nt - 1;
+    const size_t esz = dtype_size(kv_type);
+    const float ninf = -std::numeric_limits<float>::infinity();
+    int32_t ords[4096];
+    const auto& table = hs.table();
+    for (size_t bi = 0; bi < table.size(); ++bi) {
+      if (table[bi] < 0 || hs.block_live()[bi] == 0) continue;
+      const char* kb = static_cast<const char*>(pool.block_keys(table[bi]));
+      const char* vb = static_cast<const char*>(pool.block_values(table[bi]));
+      // the block's keys this tile may see: live, and not after its last query
+      int n = 0;
+      bool in_place = kv_type == dtype::f32;
+      for (int r = 0; r < bs; ++r) {
+        const int64_t slot = static_cast<int64_t>(bi) * bs + r;
+        const bool use = hs.live(slot) && hs.ord(slot) <= last_ord;
+        in_place = in_place && use;
+        if (use) ords[n++] = hs.ord(slot);
+      }
+      if (n == 0) continue;
+      const float* K = reinterpret_cast<const float*>(kb);
+      const float* V = reinterpret_cast<const float*>(vb);
+      if (!in_place) {  // fp16/bf16 storage, or rows to skip: fp32 copies of the used rows
+        int k = 0;
+        for (int r = 0; r < bs; ++r) {
+          const int64_t slot = static_cast<int64_t>(bi) * bs + r;
+          if (!hs.live(slot) || hs.ord(slot) > last_ord) continue;
+          for (int64_t d = 0; d < D; ++d) {
+            kf[k * D + d] = load_as_f32(kb + static_cast<size_t>(r) * D * esz, kv_type, static_cast<size_t>(d));
+            vf[k * D + d] = load_as_f32(vb + static_cast<size_t>(r) * D * esz, kv_type, static_cast<size_t>(d));
+          }
+          ++k;
+        }
+        K = kf;
+        V = vf;
+      }
+      ops.chunk_scores(qt, R, static_cast<int>(D), K, D, n, sc);
+      int32_t max_ord = 0;
+      for (int k = 0; k < n; ++k) max_ord = std::max(max_ord, ords[k]);
+      if (mask || max_ord > first_ord) {  // causality inside the chunk, and the caller's mask
+        for (int k = 0; k < n; ++k) {
+          float* st = sc + static_cast<int64_t>(k) * R;
+          for (int r = 0; r < rows; ++r) {
+            const int64_t j = r / G;
+            if (ords[k] > first_ord + j || !mask_allows(mask, b, t0 + j, ords[k], threshold)) st[r] = ninf;
+          }
+        }
+      }
+      ops.chunk_softmax(sc, n, R, m, l, alpha);
+      ops.chunk_pv(acc, R, static_cast<int>(D), sc, n, V, D, alpha);
+    }
+    for (int64_t j = 0; j < nt; ++j)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = j * G + g;
+        char* dst = static_cast<char*>(out.data) + (b * out.strides[0] + (h * G + g) * out.strides[1] + (t0 + j) * out.strides[2]) * osz;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        for (int64_t d = 0; d < D; ++d)
+          store_from_f32(dst, out.type, static_cast<size_t>(d * out.strides[3]), acc[r * D + d] * inv);
+      }
+  });
+}
+
 void set_num_threads(int n) {
   if (n < 1) fail_value("num_threads must be >= 1, got " + std::to_string(n));
   detail::pool_resize(n);
@@ -355,7 +533,14 @@ namespace detail {
 const kernel_ops& select_ops(int D) { return pick_ops(D); }
 }  // namespace detail
 
-void force_generic_kernels(bool on) { g_force_generic.store(on); }
+void force_generic_kernels(bool on) { g_isa_cap.store(on ? 2 : 0); }
+
+void force_isa(const std::string& isa) {
+  if (isa == "auto") g_isa_cap.store(0);
+  else if (isa == "avx2") g_isa_cap.store(1);
+  else if (isa == "generic") g_isa_cap.store(2);
+  else fail_value("isa must be 'auto', 'avx2' or 'generic', got '" + isa + "'");
+}
 
 double read_probe(const void* data, size_t bytes) {
   const kernel_ops& ops = pick_ops(64);

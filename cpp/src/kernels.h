@@ -36,6 +36,14 @@ struct kernel_ops {
   void (*score_strip)(const float* q, int nq, int D, const float* panels, int64_t n_panels, float* s, int64_t lds);
   // s[i] = exp2(s[i] - max) over [0, n) (n >= 1, finite max); returns the sum.
   float (*exp2_row)(float* s, int64_t n);
+  // Chunk attention, key rows in place (no transposition of the cache): qt [D][R] holds R query
+  // rows transposed (R % 16 == 0); K holds n fp32 key rows with stride ks. s[t * R + r] = q_r . K_t.
+  void (*chunk_scores)(const float* qt, int R, int D, const float* K, int64_t ks, int n, float* s);
+  // Online softmax over n more keys of s [n][R] (masked entries -inf): updates the running max m
+  // and sum l [R], writes alpha[r] (the factor for the old accumulator) and turns s into p.
+  void (*chunk_softmax)(float* s, int n, int R, float* m, float* l, float* alpha);
+  // acc [R][D] = acc * alpha[r] + sum_{t < n} p[t * R + r] * V_t (n fp32 value rows, stride vs).
+  void (*chunk_pv)(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha);
 };
 
 // One (batch row, kv head) of a decode call with its chunks [c0, c1) in the flat chunk list.
@@ -48,11 +56,12 @@ constexpr int kPanel = 16;
 constexpr int kStripRows = 4;
 
 inline int64_t scratch_floats(int G, int n, int D) {
-  return static_cast<int64_t>(G) * n + 2 * static_cast<int64_t>(n) * D + 64 * static_cast<int64_t>(G) + 64;
+  return static_cast<int64_t>(G) * n + 2 * static_cast<int64_t>(n) * D + 256 * static_cast<int64_t>(G) + 64;
 }
 
 const kernel_ops& generic_ops();
-const kernel_ops* avx2_ops();  // null when not compiled in
+const kernel_ops* avx2_ops();    // null when not compiled in
+const kernel_ops* avx512_ops();  // null when not compiled in
 const kernel_ops& select_ops(int D);  // the fastest this CPU runs for head dim D
 
 }  // namespace detail

@@ -408,7 +408,89 @@ float exp2_row_avx2(float* s, int64_t n) {
   return sum;
 }
 
-const kernel_ops kAvx2 = {"avx2", attend_chunk_avx2, sum_floats_avx2, score_strip_avx2, exp2_row_avx2};
+// s[(t0+i)*R + r0 + 8j ..] = K row t0+i . the 8 query columns r0 + 8j.. of qt, i < KT, j < RV.
+template <int KT, int RV>
+inline void cs_tile(const float* qt, int R, int D, const float* K, int64_t ks, int t0, int r0, float* s) {
+  __m256 a[KT][RV];
+  for (int i = 0; i < KT; ++i)
+    for (int j = 0; j < RV; ++j) a[i][j] = _mm256_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    __m256 qv[RV];
+    for (int j = 0; j < RV; ++j) qv[j] = _mm256_loadu_ps(qt + static_cast<int64_t>(d) * R + r0 + 8 * j);
+    for (int i = 0; i < KT; ++i) {
+      const __m256 b = _mm256_broadcast_ss(K + (t0 + i) * ks + d);
+      for (int j = 0; j < RV; ++j) a[i][j] = _mm256_fmadd_ps(b, qv[j], a[i][j]);
+    }
+  }
+  for (int i = 0; i < KT; ++i)
+    for (int j = 0; j < RV; ++j) _mm256_storeu_ps(s + static_cast<int64_t>(t0 + i) * R + r0 + 8 * j, a[i][j]);
+}
+
+void chunk_scores_avx2(const float* qt, int R, int D, const float* K, int64_t ks, int n, float* s) {
+  for (int r0 = 0; r0 < R; r0 += 16) {
+    int t = 0;
+    for (; t + 4 <= n; t += 4) cs_tile<4, 2>(qt, R, D, K, ks, t, r0, s);
+    for (; t < n; ++t) cs_tile<1, 2>(qt, R, D, K, ks, t, r0, s);
+  }
+}
+
+void chunk_softmax_avx2(float* s, int n, int R, float* m, float* l, float* alpha) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int r = 0; r < R; r += 8) {
+    __m256 mx = ninf;
+    for (int t = 0; t < n; ++t) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + static_cast<int64_t>(t) * R + r));
+    const __m256 m_old = _mm256_loadu_ps(m + r);
+    const __m256 m_new = _mm256_max_ps(m_old, mx);
+    const __m256 none = _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ);  // rows that have seen no key yet
+    const __m256 m_safe = _mm256_andnot_ps(none, m_new);
+    const __m256 al = _mm256_blendv_ps(exp2_neg(_mm256_sub_ps(m_old, m_safe)), _mm256_set1_ps(1.f), none);
+    __m256 sum = _mm256_setzero_ps();
+    for (int t = 0; t < n; ++t) {
+      float* st = s + static_cast<int64_t>(t) * R + r;
+      const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(st), m_safe));
+      _mm256_storeu_ps(st, p);
+      sum = _mm256_add_ps(sum, p);
+    }
+    _mm256_storeu_ps(alpha + r, al);
+    _mm256_storeu_ps(l + r, _mm256_fmadd_ps(_mm256_loadu_ps(l + r), al, sum));
+    _mm256_storeu_ps(m + r, m_new);
+  }
+}
+
+// acc rows [r0, r0+QT) x vector columns [j0, j0+DT): scaled by alpha, then += p @ V with the
+// accumulators in registers over all n value rows.
+template <int QT, int DT>
+inline void cpv_tile(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha,
+                     int r0, int j0) {
+  __m256 a[QT][DT];
+  for (int i = 0; i < QT; ++i) {
+    const __m256 al = _mm256_broadcast_ss(alpha + r0 + i);
+    for (int j = 0; j < DT; ++j)
+      a[i][j] = _mm256_mul_ps(al, _mm256_loadu_ps(acc + static_cast<int64_t>(r0 + i) * D + 8 * (j0 + j)));
+  }
+  for (int t = 0; t < n; ++t) {
+    __m256 vv[DT];
+    for (int j = 0; j < DT; ++j) vv[j] = _mm256_loadu_ps(V + t * vs + 8 * (j0 + j));
+    for (int i = 0; i < QT; ++i) {
+      const __m256 pb = _mm256_broadcast_ss(p + static_cast<int64_t>(t) * R + r0 + i);
+      for (int j = 0; j < DT; ++j) a[i][j] = _mm256_fmadd_ps(pb, vv[j], a[i][j]);
+    }
+  }
+  for (int i = 0; i < QT; ++i)
+    for (int j = 0; j < DT; ++j) _mm256_storeu_ps(acc + static_cast<int64_t>(r0 + i) * D + 8 * (j0 + j), a[i][j]);
+}
+
+void chunk_pv_avx2(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha) {
+  const int nd = D / 8;
+  for (int r = 0; r < R; r += 4) {  // R % 16 == 0
+    int j = 0;
+    for (; j + 2 <= nd; j += 2) cpv_tile<4, 2>(acc, R, D, p, n, V, vs, alpha, r, j);
+    for (; j < nd; ++j) cpv_tile<4, 1>(acc, R, D, p, n, V, vs, alpha, r, j);
+  }
+}
+
+const kernel_ops kAvx2 = {"avx2", attend_chunk_avx2, sum_floats_avx2, score_strip_avx2, exp2_row_avx2,
+                          chunk_scores_avx2, chunk_softmax_avx2, chunk_pv_avx2};
 
 }  // namespace
 

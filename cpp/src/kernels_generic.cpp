@@ -76,7 +76,53 @@ float exp2_row_generic(float* s, int64_t n) {
   return sum;
 }
 
-const kernel_ops kGeneric = {"generic", attend_chunk_generic, sum_floats_generic, score_strip_generic, exp2_row_generic};
+void chunk_scores_generic(const float* qt, int R, int D, const float* K, int64_t ks, int n, float* s) {
+  for (int t = 0; t < n; ++t) {
+    float* st = s + static_cast<int64_t>(t) * R;
+    for (int r = 0; r < R; ++r) st[r] = 0.f;
+    for (int d = 0; d < D; ++d) {
+      const float kd = K[t * ks + d];
+      const float* qd = qt + static_cast<int64_t>(d) * R;
+      for (int r = 0; r < R; ++r) st[r] += kd * qd[r];
+    }
+  }
+}
+
+void chunk_softmax_generic(float* s, int n, int R, float* m, float* l, float* alpha) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int r = 0; r < R; ++r) {
+    float mx = ninf;
+    for (int t = 0; t < n; ++t) mx = std::fmax(mx, s[t * R + r]);
+    const float m_new = std::fmax(m[r], mx);
+    if (m_new == ninf) {  // this row has seen no key yet
+      alpha[r] = 1.f;
+      for (int t = 0; t < n; ++t) s[t * R + r] = 0.f;
+      continue;
+    }
+    alpha[r] = std::exp2(m[r] - m_new);
+    float sum = 0.f;
+    for (int t = 0; t < n; ++t) sum += (s[t * R + r] = std::exp2(s[t * R + r] - m_new));
+    l[r] = l[r] * alpha[r] + sum;
+    m[r] = m_new;
+  }
+}
+
+void chunk_pv_generic(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha) {
+  for (int r = 0; r < R; ++r) {
+    float* a = acc + static_cast<int64_t>(r) * D;
+    if (alpha[r] != 1.f)
+      for (int d = 0; d < D; ++d) a[d] *= alpha[r];
+    for (int t = 0; t < n; ++t) {
+      const float w = p[t * R + r];
+      if (w == 0.f) continue;
+      const float* vt = V + t * vs;
+      for (int d = 0; d < D; ++d) a[d] += w * vt[d];
+    }
+  }
+}
+
+const kernel_ops kGeneric = {"generic", attend_chunk_generic, sum_floats_generic, score_strip_generic, exp2_row_generic,
+                             chunk_scores_generic, chunk_softmax_generic, chunk_pv_generic};
 
 }  // namespace
 
@@ -84,6 +130,7 @@ const kernel_ops& generic_ops() { return kGeneric; }
 
 #ifndef KVLOOM_HAVE_AVX2_TU
 const kernel_ops* avx2_ops() { return nullptr; }
+const kernel_ops* avx512_ops() { return nullptr; }
 #endif
 
 }  // namespace detail

@@ -271,6 +271,24 @@ class KVCache:
         self._c.attend(layer, q, out, list(seqs), 0.0 if scale is None else _check_scale(scale), inv_freq)
         return out
 
+    def chunk_attention(self, layer: int, q, seqs: Sequence[int], *, mask=None, scale: Optional[float] = None):
+        """Attention of a chunk of query tokens over the cache at ``layer`` (chunked prefill, a
+        continued conversation): q [B, Hq, Tq, head_dim]; the chunk's Tq tokens must already be
+        appended to each ``seqs[b]``; query t sees the live keys up to its own position (causal
+        by token index, whatever was evicted) that ``mask`` allows: an optional [B, Tq, K]
+        bool/float attention mask indexed by token position (transformers' mask, without its
+        head dimension). Returns out [B, Hq, Tq, head_dim] in q's dtype (CPU caches)."""
+        from .ops import _check_scale
+
+        q = as_tensor(q, "q")
+        if q.dim() != 4:
+            raise ValueError(f"q must be [batch, q_heads, tokens, head_dim], got shape {tuple(q.shape)}")
+        if mask is not None:
+            mask = as_tensor(mask, "mask")
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        self._c.chunk_attend(layer, q, out, [int(s) for s in seqs], mask, 0.0 if scale is None else _check_scale(scale))
+        return out
+
     def accumulate_attention(self, layer: int, q, seqs: Sequence[int], *, scale: Optional[float] = None) -> None:
         """Adds to each live slot of (layer, seqs[b]) the attention it receives from q[b]
         [B, Hq, Tq, head_dim] (causal: query i is the (len - Tq + i)-th token), summed over

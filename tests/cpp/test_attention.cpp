@@ -65,8 +65,8 @@ TEST(half_conversions_round_trip) {
 TEST(dense_attention_matches_naive_all_dtypes_and_paths) {
   kvtest::lcg rng(42);
   const int shapes[][4] = {{8, 2, 300, 64}, {9, 3, 77, 80}, {32, 1, 1000, 128}, {4, 4, 5, 256}, {6, 3, 40, 36}};
-  for (bool generic : {false, true}) {
-    force_generic_kernels(generic);
+  for (const char* isa : {"auto", "avx2", "generic"}) {  // auto is AVX-512 where the CPU has it
+    force_isa(isa);
     for (const auto& sh : shapes) {
       const int Hq = sh[0], Hkv = sh[1], T = sh[2], D = sh[3];
       auto q = rng.vec(size_t(Hq * D)), k = rng.vec(size_t(Hkv * T * D)), v = rng.vec(k.size());
@@ -93,12 +93,12 @@ TEST(dense_attention_matches_naive_all_dtypes_and_paths) {
         dense_segment seg{view(kp, t, {1, Hkv, T, D}), view(vp, t, {1, Hkv, T, D}), nullptr};
         decode_attention_dense(view(qp, t, {1, Hq, D}), {seg}, view(out.data(), dtype::f32, {1, Hq, D}), 0.f, rope_spec{});
         const double err = max_err(out, naive(qr, kr, vr, Hq, Hkv, T, D));
-        if (err > 2e-5) std::printf("  shape %d/%d/%d/%d dtype %s generic %d: err %g\n", Hq, Hkv, T, D, dtype_name(t), generic, err);
+        if (err > 2e-5) std::printf("  shape %d/%d/%d/%d dtype %s isa %s: err %g\n", Hq, Hkv, T, D, dtype_name(t), isa, err);
         CHECK(err <= 2e-5);
       }
     }
   }
-  force_generic_kernels(false);
+  force_isa("auto");
 }
 
 TEST(cache_attention_skips_evicted_slots) {

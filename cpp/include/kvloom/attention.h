@@ -49,6 +49,17 @@ struct cache_segment {
 void decode_attention_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
                             const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope);
 
+// Attention of a chunk of Tq query tokens per row over the cache (chunked prefill, a continued
+// conversation, a side path's instruction): q [B, Hq, Tq, D] for `layer`; row b reads
+// (layer, seqs[b]), whose last Tq appended tokens are the chunk itself. Query t of row b is the
+// token at ord appended - Tq + t and sees the live keys with a smaller or equal ord (causal by
+// ord, whatever evictions left) that `mask` allows: an optional [B, Tq, K] view (K > every ord;
+// uint8/bool: nonzero = visible; float: an additive mask, visible where > half the dtype's
+// minimum) indexed by ord, i.e. transformers' attention mask. out [B, Hq, Tq, D] (any float
+// dtype and strides); a query that sees no key gets zeros. CPU caches only.
+void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q,
+                           const tensor_view* mask, const tensor_view& out, float scale);
+
 // Threads used by the kernels (default: hardware concurrency, or KVLOOM_NUM_THREADS).
 void set_num_threads(int n);
 int get_num_threads();

@@ -23,7 +23,7 @@ def summarize(raw: dict) -> dict:
             bandwidth = info["bytes"] / med
             continue
         by_case.setdefault(info["case"], {"shape": {k: info[k] for k in ("B", "Hq", "Hkv", "T", "D", "dtype")},
-                                          "kv_bytes": info["kv_bytes"]})[info["impl"]] = med
+                                          "kv_bytes": info["kv_bytes"], "Tq": info.get("Tq")})[info["impl"]] = med
     rows = []
     for name, c in by_case.items():
         if "kvloom" not in c or "sdpa" not in c:
@@ -32,6 +32,8 @@ def summarize(raw: dict) -> dict:
                    kvloom_us=c["kvloom"] * 1e6, sdpa_us=c["sdpa"] * 1e6,
                    speedup=c["sdpa"] / c["kvloom"],
                    kvloom_gbps=c["kv_bytes"] / c["kvloom"] / 1e9)
+        if "python" in c:  # a chunk row: also against the Python path kvloom used before
+            row.update(Tq=c["Tq"], python_us=c["python"] * 1e6, speedup_vs_python=c["python"] / c["kvloom"])
         if bandwidth:
             row["floor_us"] = c["kv_bytes"] / bandwidth * 1e6
             row["bw_fraction"] = c["kv_bytes"] / c["kvloom"] / bandwidth
@@ -99,14 +101,25 @@ class Attention(Benchmark):
                      "(marked ⚠); the machine was busy or the data was cached: rerun alone before using these "
                      "figures.\n\n")
         rows = []
+        chunk = [r for r in summary["rows"] if "python_us" in r]
         for r in summary["rows"]:
+            if "python_us" in r:
+                continue
             mark = "" if "target_met" not in r else (" ✓" if r["target_met"] else " ✗")
             mark += " ⚠" if r.get("noisy") else ""
             rows.append([f"{r['case']}{mark}", r["B"], f"{r['Hq']}/{r['Hkv']}", r["T"], r["D"], r["dtype"],
                          f"{r['kvloom_us']:.0f}", f"{r['sdpa_us']:.0f}", f"{r['speedup']:.1f}×", f"{r['kvloom_gbps']:.1f}",
                          f"{100 * r.get('bw_fraction', float('nan')):.0f}%", f"{r.get('floor_us', float('nan')):.0f}"])
-        return head + table(["case", "B", "Hq/Hkv", "T", "D", "dtype", "kvloom µs", "SDPA µs", "× SDPA", "kvloom GB/s",
-                             "% of read BW", "floor µs"], rows)
+        out = head + table(["case", "B", "Hq/Hkv", "T", "D", "dtype", "kvloom µs", "SDPA µs", "× SDPA", "kvloom GB/s",
+                            "% of read BW", "floor µs"], rows)
+        if chunk:
+            out += ("\nChunk attention (Tq new tokens over T cached, causal): kvloom's C++ path, the Python path it "
+                    "replaced, and SDPA over a dense cache:\n\n" + table(
+                        ["case", "Hq/Hkv", "T", "Tq", "kvloom µs", "Python path µs", "× Python path", "SDPA µs", "× SDPA"],
+                        [[r["case"], f"{r['Hq']}/{r['Hkv']}", r["T"], r["Tq"], f"{r['kvloom_us']:.0f}",
+                          f"{r['python_us']:.0f}", f"{r['speedup_vs_python']:.1f}×", f"{r['sdpa_us']:.0f}",
+                          f"{r['speedup']:.2f}×"] for r in chunk]))
+        return out
 
     def draw(self, summary: dict, plt):
         rows = summary["rows"]

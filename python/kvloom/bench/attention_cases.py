@@ -11,7 +11,7 @@ import torch
 
 import kvloom
 
-from kvloom.bench.grids import ATTENTION, PROBE_BYTES, QUICK
+from kvloom.bench.grids import ATTENTION, CHUNK, PROBE_BYTES, QUICK
 
 CASES = [c for c in ATTENTION if os.environ.get("KVLOOM_BENCH_QUICK") != "1" or c["name"] in QUICK]
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -52,6 +52,35 @@ def test_decode_attention(benchmark, case, impl):
                                                            enable_gqa=True).squeeze(2)
     torch.testing.assert_close(fn().float().reshape(ref.shape), ref, atol=2e-2, rtol=2e-2)
     benchmark.extra_info.update(case=case["name"], impl=impl, kv_bytes=_kv_bytes(case), **case)
+    benchmark.pedantic(fn, rounds=int(os.environ.get("KVLOOM_BENCH_ROUNDS", "30")), warmup_rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("impl", ["kvloom", "python", "sdpa"])
+@pytest.mark.parametrize("case", CHUNK, ids=[c["name"] for c in CHUNK])
+def test_chunk_attention(benchmark, case, impl):
+    """A chunk of Tq tokens over T cached ones: kvloom's C++ chunk attention, the Python path it
+    replaced (per-head gather, padded keys, a mask, torch SDPA), and SDPA over a dense cache."""
+    from types import SimpleNamespace
+
+    from kvloom.hf.attention import _chunk_over_cache
+
+    g = torch.Generator().manual_seed(0)
+    Hq, Hkv, T, Tq, D = case["Hq"], case["Hkv"], case["T"], case["Tq"], case["D"]
+    k, v = torch.randn(Hkv, T + Tq, D, generator=g), torch.randn(Hkv, T + Tq, D, generator=g)
+    q = torch.randn(1, Hq, Tq, D, generator=g)
+    cache = kvloom.KVCache(1, Hkv, D)
+    s = cache.add_sequence()
+    cache.append(0, s, k, v)
+    mask = torch.ones(Tq, T + Tq, dtype=torch.bool).tril(T)[None, None]  # [1, 1, Tq, T + Tq]: causal
+    if impl == "kvloom":
+        fn = lambda: cache.chunk_attention(0, q, [s], scale=D ** -0.5)  # noqa: E731
+    elif impl == "python":
+        fake = SimpleNamespace(kv=cache, seqs=[s])
+        fn = lambda: _chunk_over_cache(fake, 0, q, mask, T, D ** -0.5)  # noqa: E731
+    else:
+        kd, vd = k[None], v[None]
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, kd, vd, attn_mask=mask, enable_gqa=True)  # noqa: E731
+    benchmark.extra_info.update(case=case["name"], impl=impl, kv_bytes=2 * Hkv * (T + Tq) * D * 4, B=1, **case)
     benchmark.pedantic(fn, rounds=int(os.environ.get("KVLOOM_BENCH_ROUNDS", "30")), warmup_rounds=3, iterations=1)
 
 

@@ -18,6 +18,12 @@ ATTENTION = [
     dict(name="gqa-32/8-T4096-D128-fp16", B=1, Hq=32, Hkv=8, T=4096, D=128, dtype="float16"),
 ]
 
+# chunk attention: Tq new tokens over T cached ones (SmolLM2's shape, fp32)
+CHUNK = [
+    dict(name="chunk-64-over-1k", Hq=9, Hkv=3, T=1024, Tq=64, D=64, dtype="float32"),
+    dict(name="chunk-64-over-4k", Hq=9, Hkv=3, T=4096, Tq=64, D=64, dtype="float32"),
+]
+
 # the cases the README's targets are about, and the quick grid
 TARGETS = {"gqa-32/8-T4096-D128": dict(min_speedup=5.0, min_bw_fraction=0.6),
            "mha-32-T4096-D128": dict(min_bw_fraction=0.6)}

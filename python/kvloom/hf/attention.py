@@ -4,7 +4,7 @@ Decode steps (one new token per row) run kvloom's C++ kernel over the cache's he
 A prompt on an empty cache runs transformers' own SDPA path unchanged (so the ``Full``
 policy reproduces ``DynamicCache`` + sdpa); a prompt chunk on a non-empty cache (chunked
 prefill, a continued conversation) attends over the live cached tokens plus the chunk with
-torch SDPA. After attention, left-padding tokens are evicted and each head's policy runs:
+kvloom's C++ chunk attention (on CUDA caches: the live keys gathered, torch SDPA). After attention, left-padding tokens are evicted and each head's policy runs:
 the new tokens attend before anything is evicted.
 """
 from __future__ import annotations
@@ -44,7 +44,10 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
         if out is None:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
                                             sliding_window=sliding_window, **kwargs)
-    else:
+    elif cache.kv.device.type == "cpu":  # a chunk over a non-empty cache: the C++ chunk attention
+        mask = None if attention_mask is None else attention_mask[:, 0]
+        out = cache.kv.chunk_attention(layer, query, cache.seqs, mask=mask, scale=scaling).transpose(1, 2).contiguous()
+    else:  # on CUDA: the live keys gathered per head, torch SDPA
         out = _chunk_over_cache(cache, layer, query, attention_mask, past, scaling)
     if not cache.owns(layer):  # a CLA reader: its owner layer already did the bookkeeping
         return out, None

@@ -1,0 +1,378 @@
+// AVX-512 (F, BW, VL, DQ) kernels. This translation unit alone is compiled with the AVX-512
+// flags; attention.cpp calls into it only when the CPU and the OS support them and the head
+// dim is a multiple of 16, so the wheel stays portable (AVX2 and generic paths beside it).
+// Keep it free of shared inline templates (ODR: see kernels_avx2.cpp).
+//
+// Same algorithms as the AVX2 kernels with 16-lane vectors: the scores of one key row for
+// each query of the group are parked unreduced and reduced 16 rows at a time; prompt
+// statistics and chunk attention use keys in panels of 16 (one vector per head-dim element).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kernels.h"
+
+namespace kvloom {
+namespace detail {
+
+namespace {
+
+constexpr float kNinf = -std::numeric_limits<float>::infinity();
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+inline float hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
+
+// 2^x for x <= 0: the same degree-7 polynomial as the AVX2 path; x < -126 (and -inf) gives 0;
+// NaN stays NaN.
+inline __m512 exp2_neg(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-126.f);
+  const __m512 xc = _mm512_max_ps(x, lo);
+  const __m512 fl = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(xc, fl);
+  __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-4f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fl), _mm512_set1_epi32(127)), 23);
+  __m512 r = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), r);          // below -126 (or -inf): 0
+  return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);  // NaN stays NaN
+}
+
+inline float exp2_neg_scalar(float x) {
+  alignas(64) float buf[16] = {x};
+  _mm512_store_ps(buf, exp2_neg(_mm512_load_ps(buf)));
+  return buf[0];
+}
+
+// Row of D elements (D % 16 == 0) converted to fp32.
+inline void row_to_f32(const void* src, dtype t, int D, float* dst) {
+  if (t == dtype::f32) {
+    std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(D));
+  } else if (t == dtype::f16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int d = 0; d < D; d += 16)
+      _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + d))));
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int d = 0; d < D; d += 16) {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + d)));
+      _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+  }
+}
+
+// Lane j of the result = the sum of the 16 lanes of v[j] (v: 16 vectors, 256 floats).
+inline __m512 reduce16(const float* v) {
+  // fold every vector to 8 lanes, then 8 -> 4 -> 2 -> 1 with lane-interleaving adds
+  __m256 h[16];
+  for (int j = 0; j < 16; ++j) {
+    const __m512 x = _mm512_loadu_ps(v + 16 * j);
+    h[j] = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+  }
+  __m256 r[2];
+  for (int half = 0; half < 2; ++half) {
+    const __m256* g = h + 8 * half;
+    const __m256 t0 = _mm256_hadd_ps(g[0], g[1]), t1 = _mm256_hadd_ps(g[2], g[3]);
+    const __m256 t2 = _mm256_hadd_ps(g[4], g[5]), t3 = _mm256_hadd_ps(g[6], g[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    r[half] = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
+  return _mm512_insertf32x8(_mm512_castps256_ps512(r[0]), r[1], 1);
+}
+
+// park[(g0+i)*256 + 16*j ..] = unreduced lanes of q[g0+i] . K row, for i < QT.
+template <int QT>
+inline void qk_row_park(const float* q, int g0, int D, const float* kt, float* park, int j) {
+  __m512 a[QT][2];
+  for (int i = 0; i < QT; ++i) a[i][0] = a[i][1] = _mm512_setzero_ps();
+  const int nd = D / 16;
+  int c = 0;
+  for (; c + 2 <= nd; c += 2) {
+    const __m512 k0 = _mm512_loadu_ps(kt + 16 * c), k1 = _mm512_loadu_ps(kt + 16 * (c + 1));
+    for (int i = 0; i < QT; ++i) {
+      const float* qi = q + static_cast<int64_t>(g0 + i) * D + 16 * c;
+      a[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(qi), k0, a[i][0]);
+      a[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 16), k1, a[i][1]);
+    }
+  }
+  for (; c < nd; ++c) {
+    const __m512 k0 = _mm512_loadu_ps(kt + 16 * c);
+    for (int i = 0; i < QT; ++i)
+      a[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(q + static_cast<int64_t>(g0 + i) * D + 16 * c), k0, a[i][0]);
+  }
+  for (int i = 0; i < QT; ++i) _mm512_storeu_ps(park + (g0 + i) * 256 + 16 * j, _mm512_add_ps(a[i][0], a[i][1]));
+}
+
+// acc[g][16*c0 .. 16*(c0+NB)) += p[g][t] * V[t][same] for every g < G.
+template <int NB>
+inline void pv_row(float* acc, int G, int D, const float* p, int n, int t, const float* vt, int c0) {
+  __m512 v[NB];
+  for (int j = 0; j < NB; ++j) v[j] = _mm512_loadu_ps(vt + 16 * (c0 + j));
+  for (int g = 0; g < G; ++g) {
+    const __m512 pb = _mm512_set1_ps(p[g * n + t]);
+    float* a = acc + static_cast<int64_t>(g) * D + 16 * c0;
+    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(a + 16 * j, _mm512_fmadd_ps(pb, v[j], _mm512_loadu_ps(a + 16 * j)));
+  }
+}
+
+void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype kv_type, float* m, float* l, float* acc,
+                         float* scratch) {
+  const int n = c.n;
+  float* s = scratch;                                 // [G][n]
+  float* kf = scratch + static_cast<int64_t>(G) * n;  // [n][D]
+  float* vf = kf + static_cast<int64_t>(n) * D;       // [n][D]
+  float* park = vf + static_cast<int64_t>(n) * D;     // [G][16][16]
+  const float* K;
+  const float* V;
+  int64_t ks, vs;
+  const size_t esz = kv_type == dtype::f32 ? 4 : 2;
+  if (kv_type == dtype::f32) {
+    K = static_cast<const float*>(c.k);
+    V = static_cast<const float*>(c.v);
+    ks = c.k_stride;
+    vs = c.v_stride;
+  } else {
+    for (int t = 0; t < n; ++t) {
+      if (c.live && !c.live[t]) continue;  // dead rows are never read
+      row_to_f32(static_cast<const char*>(c.k) + t * c.k_stride * esz, kv_type, D, kf + static_cast<int64_t>(t) * D);
+      row_to_f32(static_cast<const char*>(c.v) + t * c.v_stride * esz, kv_type, D, vf + static_cast<int64_t>(t) * D);
+    }
+    K = kf;
+    V = vf;
+    ks = vs = D;
+  }
+  // scores, one key row at a time (streaming order), reduced 16 rows at a time
+  for (int t0 = 0; t0 < n; t0 += 16) {
+    const int rows = std::min(16, n - t0);
+    for (int j = 0; j < rows; ++j) {
+      const int t = t0 + j;
+      if (c.live && !c.live[t]) {
+        for (int g = 0; g < G; ++g) _mm512_storeu_ps(park + g * 256 + 16 * j, _mm512_setzero_ps());
+        continue;
+      }
+      const float* kt = K + t * ks;
+      int g = 0;
+      for (; g + 4 <= G; g += 4) qk_row_park<4>(q, g, D, kt, park, j);
+      for (; g + 2 <= G; g += 2) qk_row_park<2>(q, g, D, kt, park, j);
+      for (; g < G; ++g) qk_row_park<1>(q, g, D, kt, park, j);
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int j = rows; j < 16; ++j) _mm512_storeu_ps(park + g * 256 + 16 * j, _mm512_setzero_ps());
+      const __m512 r = reduce16(park + g * 256);
+      _mm512_mask_storeu_ps(s + g * n + t0, static_cast<__mmask16>((1u << rows) - 1u), r);
+    }
+  }
+  if (c.live)
+    for (int t = 0; t < n; ++t)
+      if (!c.live[t])
+        for (int g = 0; g < G; ++g) s[g * n + t] = kNinf;
+  // online softmax per query row; s becomes p
+  for (int g = 0; g < G; ++g) {
+    float* sg = s + g * n;
+    __m512 vmx = _mm512_set1_ps(kNinf);
+    int t = 0;
+    for (; t + 16 <= n; t += 16) vmx = _mm512_max_ps(_mm512_loadu_ps(sg + t), vmx);
+    float mx = hmax(vmx);
+    for (; t < n; ++t) mx = std::fmax(mx, sg[t]);
+    const float m_new = std::fmax(m[g], mx);
+    if (m_new == kNinf) {
+      for (t = 0; t < n; ++t) sg[t] = 0.f;
+      continue;
+    }
+    const float alpha = exp2_neg_scalar(m[g] - m_new);
+    if (alpha != 1.f) {
+      float* ag = acc + static_cast<int64_t>(g) * D;
+      const __m512 va = _mm512_set1_ps(alpha);
+      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ag + d, _mm512_mul_ps(_mm512_loadu_ps(ag + d), va));
+    }
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 vsum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= n; t += 16) {
+      const __m512 p = exp2_neg(_mm512_sub_ps(_mm512_loadu_ps(sg + t), vm));
+      _mm512_storeu_ps(sg + t, p);
+      vsum = _mm512_add_ps(vsum, p);
+    }
+    float sum = hsum(vsum);
+    for (; t < n; ++t) {
+      sg[t] = exp2_neg_scalar(sg[t] - m_new);
+      sum += sg[t];
+    }
+    l[g] = l[g] * alpha + sum;
+    m[g] = m_new;
+  }
+  // acc += p @ V, one value row at a time (dead rows skipped: p is 0 there)
+  const int nd = D / 16;
+  for (int t = 0; t < n; ++t) {
+    if (c.live && !c.live[t]) continue;
+    const float* vt = V + t * vs;
+    int j = 0;
+    for (; j + 4 <= nd; j += 4) pv_row<4>(acc, G, D, s, n, t, vt, j);
+    for (; j + 2 <= nd; j += 2) pv_row<2>(acc, G, D, s, n, t, vt, j);
+    for (; j < nd; ++j) pv_row<1>(acc, G, D, s, n, t, vt, j);
+  }
+}
+
+double sum_floats_avx512(const float* p, int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + i));
+    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + i + 16));
+    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + i + 32));
+    a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + i + 48));
+  }
+  double s = hsum(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+// Query rows x panels of 16 keys: one key vector per head-dim element feeds NQ FMAs.
+template <int NQ>
+void score_strip_t(const float* q, int D, const float* panels, int64_t n_panels, float* s, int64_t lds) {
+  for (int64_t b = 0; b < n_panels; ++b) {
+    const float* pb = panels + b * D * kPanel;
+    __m512 a[NQ][2];
+    for (int j = 0; j < NQ; ++j) a[j][0] = a[j][1] = _mm512_setzero_ps();
+    int d = 0;
+    for (; d + 2 <= D; d += 2) {  // two independent chains per query row
+      const __m512 k0 = _mm512_loadu_ps(pb + d * kPanel), k1 = _mm512_loadu_ps(pb + (d + 1) * kPanel);
+      for (int j = 0; j < NQ; ++j) {
+        a[j][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * D + d]), k0, a[j][0]);
+        a[j][1] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * D + d + 1]), k1, a[j][1]);
+      }
+    }
+    for (; d < D; ++d) {
+      const __m512 k0 = _mm512_loadu_ps(pb + d * kPanel);
+      for (int j = 0; j < NQ; ++j) a[j][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[j * D + d]), k0, a[j][0]);
+    }
+    for (int j = 0; j < NQ; ++j) _mm512_storeu_ps(s + j * lds + b * kPanel, _mm512_add_ps(a[j][0], a[j][1]));
+  }
+}
+
+void score_strip_avx512(const float* q, int nq, int D, const float* panels, int64_t n_panels, float* s, int64_t lds) {
+  switch (nq) {
+    case 1: return score_strip_t<1>(q, D, panels, n_panels, s, lds);
+    case 2: return score_strip_t<2>(q, D, panels, n_panels, s, lds);
+    case 3: return score_strip_t<3>(q, D, panels, n_panels, s, lds);
+    default: return score_strip_t<4>(q, D, panels, n_panels, s, lds);
+  }
+}
+
+float exp2_row_avx512(float* s, int64_t n) {
+  int64_t i = 0;
+  __m512 vm = _mm512_set1_ps(kNinf);
+  for (; i + 16 <= n; i += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(s + i));
+  float mx = hmax(vm);
+  for (; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
+  vm = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (i = 0; i + 16 <= n; i += 16) {
+    const __m512 p = exp2_neg(_mm512_sub_ps(_mm512_loadu_ps(s + i), vm));
+    _mm512_storeu_ps(s + i, p);
+    acc = _mm512_add_ps(acc, p);
+  }
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += (s[i] = exp2_neg_scalar(s[i] - mx));
+  return sum;
+}
+
+template <int KT, int RV>
+inline void cs_tile(const float* qt, int R, int D, const float* K, int64_t ks, int t0, int r0, float* s) {
+  __m512 a[KT][RV];
+  for (int i = 0; i < KT; ++i)
+    for (int j = 0; j < RV; ++j) a[i][j] = _mm512_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    __m512 qv[RV];
+    for (int j = 0; j < RV; ++j) qv[j] = _mm512_loadu_ps(qt + static_cast<int64_t>(d) * R + r0 + 16 * j);
+    for (int i = 0; i < KT; ++i) {
+      const __m512 b = _mm512_set1_ps(K[(t0 + i) * ks + d]);
+      for (int j = 0; j < RV; ++j) a[i][j] = _mm512_fmadd_ps(b, qv[j], a[i][j]);
+    }
+  }
+  for (int i = 0; i < KT; ++i)
+    for (int j = 0; j < RV; ++j) _mm512_storeu_ps(s + static_cast<int64_t>(t0 + i) * R + r0 + 16 * j, a[i][j]);
+}
+
+template <int RV>
+void cs_rows(const float* qt, int R, int D, const float* K, int64_t ks, int n, float* s, int r0) {
+  int t = 0;
+  for (; t + 4 <= n; t += 4) cs_tile<4, RV>(qt, R, D, K, ks, t, r0, s);
+  for (; t < n; ++t) cs_tile<1, RV>(qt, R, D, K, ks, t, r0, s);
+}
+
+void chunk_scores_avx512(const float* qt, int R, int D, const float* K, int64_t ks, int n, float* s) {
+  int r0 = 0;
+  for (; r0 + 32 <= R; r0 += 32) cs_rows<2>(qt, R, D, K, ks, n, s, r0);
+  for (; r0 < R; r0 += 16) cs_rows<1>(qt, R, D, K, ks, n, s, r0);
+}
+
+void chunk_softmax_avx512(float* s, int n, int R, float* m, float* l, float* alpha) {
+  const __m512 ninf = _mm512_set1_ps(kNinf);
+  for (int r = 0; r < R; r += 16) {
+    __m512 mx = ninf;
+    for (int t = 0; t < n; ++t) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + static_cast<int64_t>(t) * R + r));
+    const __m512 m_old = _mm512_loadu_ps(m + r);
+    const __m512 m_new = _mm512_max_ps(m_old, mx);
+    const __mmask16 none = _mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ);  // rows that have seen no key yet
+    const __m512 m_safe = _mm512_mask_mov_ps(m_new, none, _mm512_setzero_ps());
+    const __m512 al = _mm512_mask_mov_ps(exp2_neg(_mm512_sub_ps(m_old, m_safe)), none, _mm512_set1_ps(1.f));
+    __m512 sum = _mm512_setzero_ps();
+    for (int t = 0; t < n; ++t) {
+      float* st = s + static_cast<int64_t>(t) * R + r;
+      const __m512 p = exp2_neg(_mm512_sub_ps(_mm512_loadu_ps(st), m_safe));
+      _mm512_storeu_ps(st, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    _mm512_storeu_ps(alpha + r, al);
+    _mm512_storeu_ps(l + r, _mm512_fmadd_ps(_mm512_loadu_ps(l + r), al, sum));
+    _mm512_storeu_ps(m + r, m_new);
+  }
+}
+
+template <int QT, int DT>
+inline void cpv_tile(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha,
+                     int r0, int j0) {
+  __m512 a[QT][DT];
+  for (int i = 0; i < QT; ++i) {
+    const __m512 al = _mm512_set1_ps(alpha[r0 + i]);
+    for (int j = 0; j < DT; ++j)
+      a[i][j] = _mm512_mul_ps(al, _mm512_loadu_ps(acc + static_cast<int64_t>(r0 + i) * D + 16 * (j0 + j)));
+  }
+  for (int t = 0; t < n; ++t) {
+    __m512 vv[DT];
+    for (int j = 0; j < DT; ++j) vv[j] = _mm512_loadu_ps(V + t * vs + 16 * (j0 + j));
+    for (int i = 0; i < QT; ++i) {
+      const __m512 pb = _mm512_set1_ps(p[static_cast<int64_t>(t) * R + r0 + i]);
+      for (int j = 0; j < DT; ++j) a[i][j] = _mm512_fmadd_ps(pb, vv[j], a[i][j]);
+    }
+  }
+  for (int i = 0; i < QT; ++i)
+    for (int j = 0; j < DT; ++j) _mm512_storeu_ps(acc + static_cast<int64_t>(r0 + i) * D + 16 * (j0 + j), a[i][j]);
+}
+
+void chunk_pv_avx512(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha) {
+  const int nd = D / 16;
+  for (int r = 0; r < R; r += 4) {  // R % 16 == 0
+    int j = 0;
+    for (; j + 4 <= nd; j += 4) cpv_tile<4, 4>(acc, R, D, p, n, V, vs, alpha, r, j);
+    for (; j < nd; ++j) cpv_tile<4, 1>(acc, R, D, p, n, V, vs, alpha, r, j);
+  }
+}
+
+const kernel_ops kAvx512 = {"avx512", attend_chunk_avx512, sum_floats_avx512, score_strip_avx512, exp2_row_avx512,
+                            chunk_scores_avx512, chunk_softmax_avx512, chunk_pv_avx512};
+
+}  // namespace
+
+const kernel_ops* avx512_ops() { return &kAvx512; }
+
+}  // namespace detail
+}  // namespace kvloom
