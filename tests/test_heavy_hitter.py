@@ -20,7 +20,7 @@ pytestmark = pytest.mark.hf  # drives transformers: also run against the oldest 
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_accumulated_attention_matches_reference(heads, D, n, tq, evict, dtype, seed):
+def test_accumulated_attention_matches_reference(isa, heads, D, n, tq, evict, dtype, seed):
     Hq, Hkv = heads
     G = Hq // Hkv
     tq = min(tq, n)

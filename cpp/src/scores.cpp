@@ -105,6 +105,82 @@ void device_stats(const std::vector<const head_store*>& heads, const block_pool&
 }
 #endif
 
+// Accumulated attention for a few query rows (Tq * G <= kFewRows, e.g. a decode step): every
+// head's live keys are read once, in place, in block order (no sort, no panels): scores of all
+// rows for all keys, then each row's softmax, then the probabilities added to the slots.
+constexpr int64_t kFewRows = 64;
+
+void accumulate_few(const std::vector<head_store*>& heads, const block_pool& pool, const tensor_view& q, int64_t G,
+                    int64_t H, float scale) {
+  const int64_t Tq = q.shape[2], D = q.shape[3], rows = Tq * G;
+  const int R = static_cast<int>((rows + 15) / 16 * 16);
+  const int bs = pool.block_size();
+  const dtype kv_type = pool.type();
+  const size_t esz = dtype_size(kv_type);
+  const detail::kernel_ops& ops = detail::select_ops(static_cast<int>(D));
+  const float qscale = scale * 1.4426950408889634f;
+  const int64_t qsz = static_cast<int64_t>(dtype_size(q.type));
+  detail::parallel_for(static_cast<int64_t>(heads.size()), [&](int64_t bh, int) {
+    head_store& hs = *heads[static_cast<size_t>(bh)];
+    const int64_t b = bh / H, h = bh % H;
+    thread_local std::vector<float> qt, sc, kf;
+    thread_local std::vector<int64_t> slot_of;
+    if (hs.length() == 0) return;
+    qt.assign(static_cast<size_t>(R * D), 0.f);
+    for (int64_t t = 0; t < Tq; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        const char* src = static_cast<const char*>(q.data) + (b * q.strides[0] + (h * G + g) * q.strides[1] + t * q.strides[2]) * qsz;
+        for (int64_t d = 0; d < D; ++d)
+          qt[static_cast<size_t>(d * R + t * G + g)] = load_as_f32(src, q.type, static_cast<size_t>(d * q.strides[3])) * qscale;
+      }
+    sc.resize(static_cast<size_t>(hs.length() * R));
+    kf.resize(static_cast<size_t>(bs * D));
+    slot_of.clear();
+    int64_t n = 0;
+    for (size_t bi = 0; bi < hs.table().size(); ++bi) {
+      if (hs.table()[bi] < 0 || hs.block_live()[bi] == 0) continue;
+      const char* kb = static_cast<const char*>(pool.block_keys(hs.table()[bi]));
+      const float* K = reinterpret_cast<const float*>(kb);
+      const bool in_place = kv_type == dtype::f32 && hs.block_live()[bi] == bs;  // fp32 rows read where they are
+      int k = 0;
+      for (int r = 0; r < bs; ++r) {
+        const int64_t slot = static_cast<int64_t>(bi) * bs + r;
+        if (!hs.live(slot)) continue;
+        if (!in_place)
+          for (int64_t d = 0; d < D; ++d)
+            kf[static_cast<size_t>(k * D + d)] = load_as_f32(kb + r * D * esz, kv_type, static_cast<size_t>(d));
+        slot_of.push_back(slot);
+        ++k;
+      }
+      ops.chunk_scores(qt.data(), R, static_cast<int>(D), in_place ? K : kf.data(), D, k, sc.data() + n * R);
+      n += k;
+    }
+    // causal: query t is the token at appended - Tq + t (a decode step's single query sees every key)
+    const int64_t first = hs.appended() - Tq;
+    if (Tq > 1)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t o = hs.ord(slot_of[i]);
+        if (o <= first) continue;
+        for (int64_t r = 0; r < rows; ++r)
+          if (o > first + r / G) sc[static_cast<size_t>(i * R + r)] = -std::numeric_limits<float>::infinity();
+      }
+    thread_local std::vector<float> st;
+    st.assign(static_cast<size_t>(3 * R), 0.f);
+    float* m = st.data();
+    float* l = m + R;
+    float* alpha = l + R;
+    std::fill(m, m + R, -std::numeric_limits<float>::infinity());
+    ops.chunk_softmax(sc.data(), static_cast<int>(n), R, m, l, alpha);  // one pass: every key at once
+    for (int64_t r = 0; r < R; ++r) alpha[r] = r < rows && l[r] > 0.f ? 1.f / l[r] : 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* p = sc.data() + i * R;
+      float add = 0.f;
+      for (int64_t r = 0; r < rows; ++r) add += p[r] * alpha[r];
+      hs.score_[slot_of[i]] += add;
+    }
+  });
+}
+
 // q as a host tensor: itself on the host; a host copy (same contiguous layout) for a CUDA q.
 struct host_query {
   tensor_view view;
@@ -232,6 +308,10 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
 #endif
   const host_query hq = query_on_host(q_in);
   const tensor_view& q = hq.view;
+  if (q.shape[2] * G <= kFewRows) {  // a decode step (or a few tokens): straight from the blocks
+    accumulate_few(heads, *pool_, q, G, H, sc);
+    return;
+  }
   const std::vector<key_panels> keys = layer_panels(cheads, *pool_);
   const int W = detail::pool_threads();
   std::vector<std::vector<float>> add(static_cast<size_t>(W) * heads.size());  // per worker, per head
@@ -254,7 +334,7 @@ std::vector<char> top_by_score(const head_store& hs, const std::vector<int64_t>&
   for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int64_t>(i);
   const int64_t keep = std::min<int64_t>(static_cast<int64_t>(idx.size()),
                                          static_cast<int64_t>(std::ceil(ratio * static_cast<double>(n_base))));
-  std::partial_sort(idx.begin(), idx.begin() + keep, idx.end(), [&](int64_t a, int64_t b) {
+  std::nth_element(idx.begin(), idx.begin() + keep, idx.end(), [&](int64_t a, int64_t b) {
     const float sa = hs.score(slots[a]), sb = hs.score(slots[b]);
     if (sa != sb) return sa > sb;
     return hs.ord(slots[a]) < hs.ord(slots[b]);
