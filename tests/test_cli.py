@@ -29,7 +29,8 @@ def test_generate_fastgen_policy(capsys):
 
 def test_bench_e2e_on_default_model_small(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["bench", "e2e", "--lengths", "32", "--new-tokens", "2", "--repeats", "1", "--out", str(out)]) == 0
+    assert cli.main(["bench", "e2e", "--lengths", "32", "--new-tokens", "2", "--repeats", "1",
+                     "--policies", "full,window", "--out", str(out)]) == 0
     data = json.loads((out / "e2e.json").read_text())
     names = {r["cache"] for r in data["rows"]}
     assert names == {"dynamic+sdpa", "kvloom full", "kvloom window 50%"}

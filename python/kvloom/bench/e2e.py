@@ -8,7 +8,7 @@ from typing import Dict
 import torch
 
 from ..hf.compat import cache_kwargs
-from .harness import Benchmark, add_common_options, ints, table
+from .harness import Benchmark, add_common_options, ints, table, words
 
 
 def essay_ids(tok, n: int) -> torch.Tensor:
@@ -60,6 +60,8 @@ class E2E(Benchmark):
         p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per run")
         p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (best kept)")
         p.add_argument("--window-keep", type=float, default=0.5, help="fraction of the prompt Window keeps")
+        p.add_argument("--policies", type=words, default=["full", "window", "h2o", "fastgen", "taskkv"],
+                       help="kvloom rows (full, window, h2o, fastgen, taskkv; default: all)")
 
     def run(self, args) -> dict:
         from transformers import DynamicCache
@@ -70,10 +72,18 @@ class E2E(Benchmark):
         model, tok = models.load(args.model)
         kvloom.hf.register()
         pct = int(args.window_keep * 100)
-        makers = {"dynamic+sdpa": ("sdpa", lambda n: DynamicCache()),
-                  "kvloom full": ("kvloom", lambda n: kvloom.Cache(model)),
-                  f"kvloom window {pct}%": ("kvloom", lambda n: kvloom.Cache(
-                      model, policy=kvloom.Window(4, max(8, int(n * args.window_keep)) - 4)))}
+        kinds = {"full": ("kvloom full", lambda n: None),
+                 "window": (f"kvloom window {pct}%", lambda n: kvloom.Window(4, max(8, int(n * args.window_keep)) - 4)),
+                 "h2o": ("kvloom h2o 30%", lambda n: kvloom.HeavyHitter(0.3, 64)),
+                 "fastgen": ("kvloom fastgen 0.95", lambda n: kvloom.FastGen(0.95)),
+                 "taskkv": ("kvloom taskkv 40%", lambda n: kvloom.TaskKV(beta=0.0, m=0, sinks=4, recent=32, budget=0.4))}
+        unknown = [name for name in args.policies if name not in kinds]
+        if unknown:
+            raise ValueError(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(kinds)}")
+        makers = {"dynamic+sdpa": ("sdpa", lambda n: DynamicCache())}
+        for name in args.policies:
+            label, pol = kinds[name]
+            makers[label] = ("kvloom", lambda n, pol=pol: kvloom.Cache(model, policy=pol(n), tokenizer=tok))
         # interleave repeats so slow drifts of the machine hit every case alike; keep the best
         cases = [(n, name) for _ in range(args.repeats) for n in args.lengths for name in makers]
 
