@@ -252,6 +252,13 @@ class cuda_device_ops final : public detail::device_ops {
     KV_CUDA(cudaStreamSynchronize(s));
   }
 
+  void from_host(int device_id, void* dst, const void* host_src, size_t bytes) const override {
+    device_scope ds(device_id);
+    const cudaStream_t s = stream();
+    KV_CUDA(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, s));
+    KV_CUDA(cudaStreamSynchronize(s));  // the caller may free host_src right away
+  }
+
   void rows_to_host_f32(int device_id, const std::vector<const void*>& rows, dtype src_type, int64_t D,
                         float* host_out) const override {
     if (rows.empty()) return;
@@ -409,8 +416,9 @@ __global__ void decode_split_kernel(decode_args a) {
       const int g = e / D, d = e % D;
       float x = acc[e] * corr[g];
       for (int r = 0; r < ch.n; ++r) {
+        if (live && !live[r]) continue;  // evicted rows are never read
         const float p = s[g * a.max_n + r];
-        if (p != 0.f) x += p * load_as_f32(ch.v, a.kv_type, static_cast<size_t>(r * ch.v_stride + d));
+        x += p * load_as_f32(ch.v, a.kv_type, static_cast<size_t>(r * ch.v_stride + d));
       }
       acc[e] = x;
     }
@@ -425,16 +433,26 @@ __global__ void decode_split_kernel(decode_args a) {
 }
 
 // Merges the items of one (row, kv head) and writes out = acc / l in the output dtype (zeros
-// for a head with no live key).
+// for a head with no live key, the zero-weighted sum of values where every score is -inf; NaN
+// where a score was NaN).
 __global__ void decode_merge_kernel(decode_args a) {
   const dtask t = a.tasks[blockIdx.x];
   const int G = a.G, D = a.D, state = G * (D + 2);
   for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
     const int g = e / D, d = e % D;
     float M = kNegInf;
-    for (int i = 0; i < t.n_items; ++i) M = fmaxf(M, a.partial[static_cast<size_t>(t.first_item + i) * state + g]);
+    bool poisoned = false;  // a NaN score made an item's l NaN
+    for (int i = 0; i < t.n_items; ++i) {
+      const float* st = a.partial + static_cast<size_t>(t.first_item + i) * state;
+      M = fmaxf(M, st[g]);
+      poisoned = poisoned || st[G + g] != st[G + g];
+    }
     float L = 0.f, o = 0.f;
-    if (M != kNegInf) {
+    if (poisoned) {
+      o = __int_as_float(0x7fc00000);  // NaN
+    } else if (M == kNegInf) {  // no live key or only -inf scores: the zero-weighted sum
+      for (int i = 0; i < t.n_items; ++i) o += a.partial[static_cast<size_t>(t.first_item + i) * state + 2 * G + e];
+    } else {
       for (int i = 0; i < t.n_items; ++i) {
         const float* st = a.partial + static_cast<size_t>(t.first_item + i) * state;
         const float w = st[g] == kNegInf ? 0.f : exp2f(st[g] - M);

@@ -31,3 +31,13 @@ def isa(request):
     kvloom._core.force_isa(request.param)
     yield request.param
     kvloom._core.force_isa("auto")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="long fuzzing runs (state machine: 2,000 examples; snapshot mutations: 100,000)")
+
+
+@pytest.fixture
+def long_run(request) -> bool:
+    return bool(request.config.getoption("--long"))

@@ -34,12 +34,37 @@ void bind_structure(cache_class& c) {
       .def("set_layer_sharing", &cache::set_layer_sharing, py::arg("store_of"))
       .def_property_readonly("layer_sharing", &cache::layer_sharing)
       .def("seq_add", &cache::seq_add)
-      .def("seq_fork", &cache::seq_fork, py::arg("seq"))
-      .def("seq_drop", &cache::seq_drop, py::arg("seq"))
-      .def("seq_rollback", &cache::seq_rollback, py::arg("seq"), py::arg("n_tokens"))
+      // the GIL is released where an operation may wait for others (structural ones) or move
+      // memory (rollback, policies), so other Python threads keep running meanwhile
+      .def("seq_fork", &cache::seq_fork, py::arg("seq"), py::call_guard<py::gil_scoped_release>())
+      .def("seq_drop", &cache::seq_drop, py::arg("seq"), py::call_guard<py::gil_scoped_release>())
+      .def("seq_rollback", &cache::seq_rollback, py::arg("seq"), py::arg("n_tokens"),
+           py::call_guard<py::gil_scoped_release>())
       .def("seq_exists", &cache::seq_exists, py::arg("seq"))
       .def("seq_ids", &cache::seq_ids)
-      .def("seq_length", &cache::seq_length, py::arg("seq"));
+      .def("seq_length", &cache::seq_length, py::arg("seq"))
+      .def(
+          "export_sequences",
+          [](const cache& c, const std::vector<int64_t>& seqs) {
+            std::vector<uint8_t> blob;
+            {
+              py::gil_scoped_release nogil;
+              blob = c.export_sequences(seqs);
+            }
+            return py::bytes(reinterpret_cast<const char*>(blob.data()), blob.size());
+          },
+          py::arg("seqs"))
+      .def(
+          "import_sequences",
+          [](cache& c, py::buffer data, bool keep_ids) {
+            py::buffer_info info = data.request();
+            if (info.ndim != 1 || info.itemsize != 1) throw std::invalid_argument("snapshot data must be bytes");
+            const auto* p = static_cast<const uint8_t*>(info.ptr);
+            const size_t n = static_cast<size_t>(info.size);
+            py::gil_scoped_release nogil;
+            return c.import_sequences(p, n, keep_ids);
+          },
+          py::arg("data"), py::arg("keep_ids") = false);
 }
 
 void bind_tokens(cache_class& c) {
@@ -62,7 +87,8 @@ void bind_tokens(cache_class& c) {
             c.evict(layer, head, seq, s.data(), static_cast<int64_t>(s.size()));
           },
           py::arg("layer"), py::arg("head"), py::arg("seq"), py::arg("slots"))
-      .def("apply_policy", &cache::apply_policy, py::arg("layer"), py::arg("seq"))
+      .def("apply_policy", &cache::apply_policy, py::arg("layer"), py::arg("seq"),
+           py::call_guard<py::gil_scoped_release>())
       .def(
           "accumulate_attention",
           [](cache& c, int layer, std::vector<int64_t> seqs, py::handle q, float scale) {
@@ -142,8 +168,8 @@ void bind_inspect(cache_class& c) {
           },
           py::arg("layer"), py::arg("head"), py::arg("seq"), py::arg("k_out"), py::arg("v_out"),
           py::arg("ord_out") = py::none(), py::arg("pos_out") = py::none())
-      .def("memory_bytes", &cache::memory_bytes)
-      .def("blocks_held", &cache::blocks_held);
+      .def("memory_bytes", &cache::memory_bytes, py::call_guard<py::gil_scoped_release>())
+      .def("blocks_held", &cache::blocks_held, py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace

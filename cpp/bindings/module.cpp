@@ -11,6 +11,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "kvloom C++ core: block pool, paged per-head KV cache, eviction plans, CPU decode attention";
   m.attr("__version__") = KVLOOM_VERSION_STRING;
   py::register_exception<capacity_error>(m, "CapacityError", PyExc_RuntimeError);
+  py::register_exception<concurrent_use_error>(m, "ConcurrencyError", PyExc_RuntimeError);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

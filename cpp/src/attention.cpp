@@ -190,19 +190,32 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
     const head_task& t = tasks[ti];
     const int64_t i0 = task_first_item[ti], i1 = task_first_item[ti + 1];
     for (int g = 0; g < G; ++g) {
-      float M = -std::numeric_limits<float>::infinity();
-      for (int64_t i = i0; i < i1; ++i) M = std::fmax(M, partial[i * state + g]);
+      const float ninf = -std::numeric_limits<float>::infinity();
+      float M = ninf;
+      bool poisoned = false;  // a split saw a NaN score (kernels.h: poison_if_nan)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float mi = partial[i * state + g];
+        poisoned = poisoned || mi != mi;
+        M = std::fmax(M, mi);
+      }
       float L = 0.f;
       char* dst = static_cast<char*>(out.data) + (t.b * out.strides[0] + (t.h * G + g) * out.strides[1]) * osz;
-      if (M == -std::numeric_limits<float>::infinity()) {  // no live key: defined as zeros
-        for (int d = 0; d < D; ++d) store_from_f32(dst, out.type, static_cast<size_t>(d * out.strides[2]), 0.f);
+      if (poisoned) {  // a NaN score
+        for (int d = 0; d < D; ++d)
+          store_from_f32(dst, out.type, static_cast<size_t>(d * out.strides[2]), std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      if (M == ninf) {  // no live key, or only -inf scores: the zero-weighted sum (zeros, or NaN)
+        std::fill(o.begin(), o.end(), 0.f);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int d = 0; d < D; ++d) o[d] += partial[i * state + 2 * G + g * D + d];
+        for (int d = 0; d < D; ++d) store_from_f32(dst, out.type, static_cast<size_t>(d * out.strides[2]), o[d]);
         continue;
       }
       std::fill(o.begin(), o.end(), 0.f);
       for (int64_t i = i0; i < i1; ++i) {
         const float* st = partial.data() + i * state;
         const float w = std::exp2(st[g] - M);
-        if (w == 0.f) continue;
         L += st[G + g] * w;
         const float* a = st + 2 * G + g * D;
         for (int d = 0; d < D; ++d) o[d] += a[d] * w;
@@ -277,6 +290,8 @@ void decode_attention_dense(const tensor_view& q, const std::vector<dense_segmen
   if (Hkv < 1 || Hq % Hkv != 0)
     fail_value("query heads (" + std::to_string(Hq) + ") must be a multiple of kv heads (" + std::to_string(Hkv) + ")");
   if (total_T < 1) fail_value("decode attention needs at least one key (k has length 0)");
+  if (total_T > std::numeric_limits<int32_t>::max())
+    fail_value("decode attention over " + std::to_string(total_T) + " keys: at most 2^31 - 1 are supported");
   if (B == 0) return;
 
   const int n_seg = static_cast<int>(segments.size());
@@ -324,6 +339,10 @@ void decode_attention_cache(const cache& c, int layer, const std::vector<std::ve
     fail_value("query heads (" + std::to_string(Hq) + ") must be a multiple of the cache's kv heads (" + std::to_string(Hkv) + ")");
   if (static_cast<int64_t>(views.size()) != B)
     fail_value("need one view per batch row: " + std::to_string(views.size()) + " views for batch " + std::to_string(B));
+  std::vector<int64_t> seen;
+  for (const auto& vw : views)
+    for (const auto& sg : vw) seen.push_back(sg.seq);
+  cache::use_scope scope(c, seen, false, "decode attention");
   int n_seg = 0;
   for (const auto& vw : views) {
     if (vw.empty()) fail_value("every batch row needs at least one sequence to attend to");
@@ -378,6 +397,12 @@ inline bool mask_allows(const tensor_view* mask, int64_t b, int64_t t, int64_t o
 
 constexpr int64_t kChunkTile = 16;  // query tokens per task
 
+bool all_finite(const float* x, int n, int64_t D) {
+  for (int64_t i = 0; i < n * D; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+
 }  // namespace
 
 void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q,
@@ -398,6 +423,7 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
     fail_value("query heads (" + std::to_string(Hq) + ") must be a multiple of kv heads (" + std::to_string(Hkv) + ")");
   if (static_cast<int64_t>(seqs.size()) != B)
     fail_value("need one sequence per batch row: " + std::to_string(seqs.size()) + " for batch " + std::to_string(B));
+  cache::use_scope scope(c, seqs, false, "chunk attention");
   std::vector<int64_t> appended(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
     appended[b] = c.store(layer, 0, seqs[b]).appended();  // validates layer and sequence
@@ -497,23 +523,46 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
       ops.chunk_scores(qt, R, static_cast<int>(D), K, D, n, sc);
       int32_t max_ord = 0;
       for (int k = 0; k < n; ++k) max_ord = std::max(max_ord, ords[k]);
-      if (mask || max_ord > first_ord) {  // causality inside the chunk, and the caller's mask
+      auto hidden = [&](int k, int r) {  // causality inside the chunk, and the caller's mask
+        const int64_t j = r / G;
+        return ords[k] > first_ord + j || !mask_allows(mask, b, t0 + j, ords[k], threshold);
+      };
+      bool some_hidden = false;
+      if (mask || max_ord > first_ord) {
         for (int k = 0; k < n; ++k) {
           float* st = sc + static_cast<int64_t>(k) * R;
           for (int r = 0; r < rows; ++r) {
-            const int64_t j = r / G;
-            if (ords[k] > first_ord + j || !mask_allows(mask, b, t0 + j, ords[k], threshold)) st[r] = ninf;
+            if (hidden(k, r)) {
+              st[r] = ninf;
+              some_hidden = true;
+            }
           }
         }
       }
       ops.chunk_softmax(sc, n, R, m, l, alpha);
-      ops.chunk_pv(acc, R, static_cast<int>(D), sc, n, V, D, alpha);
+      if (some_hidden && !all_finite(V, n, D)) {
+        // a hidden row's NaN/inf value must not reach the queries that do not see it (p = 0
+        // there, and 0 * inf is NaN): the exact loop skips hidden pairs (rare: non-finite V)
+        for (int r = 0; r < rows; ++r) {
+          float* a = acc + static_cast<int64_t>(r) * D;
+          for (int64_t d = 0; d < D; ++d) a[d] *= alpha[r];
+          for (int k = 0; k < n; ++k) {
+            if (hidden(k, r)) continue;
+            const float w = sc[static_cast<int64_t>(k) * R + r];
+            for (int64_t d = 0; d < D; ++d) a[d] += w * V[k * D + d];
+          }
+        }
+      } else {
+        ops.chunk_pv(acc, R, static_cast<int>(D), sc, n, V, D, alpha);
+      }
     }
     for (int64_t j = 0; j < nt; ++j)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = j * G + g;
         char* dst = static_cast<char*>(out.data) + (b * out.strides[0] + (h * G + g) * out.strides[1] + (t0 + j) * out.strides[2]) * osz;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        // no visible key or only -inf scores (l == 0): the zero-weighted sum acc (zeros, or NaN
+        // where a value is not finite); a NaN score (l NaN): NaN
+        const float inv = l[r] == 0.f ? 1.f : 1.f / l[r];
         for (int64_t d = 0; d < D; ++d)
           store_from_f32(dst, out.type, static_cast<size_t>(d * out.strides[3]), acc[r * D + d] * inv);
       }

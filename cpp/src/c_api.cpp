@@ -2,6 +2,9 @@
 // codes and a thread-local message.
 #include "kvloom/c_api.h"
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <new>
 #include <stdexcept>
@@ -32,6 +35,9 @@ kvloom_status guarded(F&& f) {
   } catch (const kvloom::capacity_error& e) {
     g_error = e.what();
     return KVLOOM_ERR_CAPACITY;
+  } catch (const kvloom::concurrent_use_error& e) {
+    g_error = e.what();
+    return KVLOOM_ERR_CONCURRENT;
   } catch (const kvloom::type_error& e) {
     g_error = e.what();
     return KVLOOM_ERR_TYPE;
@@ -220,6 +226,46 @@ kvloom_status kvloom_head_length(const kvloom_cache* cache, int layer, int head,
     *out = cache->cache->length(layer, head, seq);
   });
 }
+
+kvloom_status kvloom_seq_export(const kvloom_cache* cache, const int64_t* seqs, int64_t n, void** out_data,
+                                size_t* out_size) {
+  return guarded([&] {
+    need(cache, "cache");
+    need(out_data, "out_data");
+    need(out_size, "out_size");
+    if (n < 0) kvloom::fail_value("n must be >= 0");
+    if (n > 0) need(seqs, "seqs");
+    const std::vector<uint8_t> blob = cache->cache->export_sequences(std::vector<int64_t>(seqs, seqs + n));
+    void* p = std::malloc(blob.empty() ? 1 : blob.size());
+    if (!p) throw std::bad_alloc();
+    std::memcpy(p, blob.data(), blob.size());
+    *out_data = p;
+    *out_size = blob.size();
+  });
+}
+
+kvloom_status kvloom_seq_import(kvloom_cache* cache, const void* data, size_t size, int keep_ids, int64_t* out_seqs,
+                                int64_t capacity, int64_t* out_count) {
+  return guarded([&] {
+    need(cache, "cache");
+    need(out_count, "out_count");
+    if (size > 0) need(data, "data");
+    if (capacity > 0) need(out_seqs, "out_seqs");
+    const auto* bytes = static_cast<const uint8_t*>(data);
+    // the sequence count sits after the header; import checks it, but the caller's room for
+    // ids must be known first: import into a scratch list, then copy (all or nothing)
+    const std::vector<int64_t> ids = cache->cache->import_sequences(bytes, size, keep_ids != 0);
+    *out_count = static_cast<int64_t>(ids.size());
+    if (static_cast<int64_t>(ids.size()) > capacity) {
+      for (int64_t id : ids) cache->cache->seq_drop(id);
+      kvloom::fail_value("out_seqs has room for " + std::to_string(capacity) + " ids, the snapshot holds " +
+                         std::to_string(ids.size()) + "; nothing was imported");
+    }
+    std::copy(ids.begin(), ids.end(), out_seqs);
+  });
+}
+
+void kvloom_free(void* p) { std::free(p); }
 
 kvloom_status kvloom_memory_bytes(const kvloom_cache* cache, size_t* out) {
   return guarded([&] {

@@ -9,13 +9,47 @@
 
 #include "device.h"
 #include "head_store.h"
+#include "sequence.h"
 #include "plans/plan_impl.h"
 
 namespace kvloom {
 
-struct cache::sequence {
-  std::vector<head_store> heads;  // [n_layers * n_kv_heads]
-};
+cache::use_scope::use_scope(const cache& c, std::vector<int64_t> seqs, bool write, const char* op)
+    : lock_(c.seqs_mu_), write_(write) {
+  std::sort(seqs.begin(), seqs.end());
+  seqs.erase(std::unique(seqs.begin(), seqs.end()), seqs.end());
+  try {
+    for (int64_t id : seqs) {
+      sequence& s = const_cast<sequence&>(c.seq_ref(id));
+      int32_t cur = s.users.load(std::memory_order_acquire);
+      for (;;) {
+        if (cur < 0 || (write && cur > 0)) {
+          const char* other = s.op.load(std::memory_order_relaxed);
+          throw concurrent_use_error(std::string(op) + " on sequence " + std::to_string(id) + " collided with " +
+                                     (other ? other : "another operation") + " running on it in another thread (" +
+                                     (cur < 0 ? "a write" : "a read") + "); operations on one sequence must not overlap "
+                                     "with a write to it (different sequences may run concurrently); nothing was done");
+        }
+        if (s.users.compare_exchange_weak(cur, write ? -1 : cur + 1, std::memory_order_acq_rel)) break;
+      }
+      s.op.store(op, std::memory_order_relaxed);
+      marked_.push_back(&s.users);
+    }
+  } catch (...) {
+    for (auto* m : marked_) {
+      if (write) m->store(0, std::memory_order_release);
+      else m->fetch_sub(1, std::memory_order_acq_rel);
+    }
+    throw;
+  }
+}
+
+cache::use_scope::~use_scope() {
+  for (auto* m : marked_) {
+    if (write_) m->store(0, std::memory_order_release);
+    else m->fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
 
 namespace {
 
@@ -45,6 +79,7 @@ cache::cache(std::shared_ptr<block_pool> pool, int n_layers, int n_kv_heads, std
 }
 
 void cache::set_layer_sharing(const std::vector<int>& store_of) {
+  std::unique_lock<std::shared_mutex> lock(seqs_mu_);
   if (static_cast<int>(store_of.size()) != n_layers_)
     fail_value("layer sharing needs one entry per layer (" + std::to_string(n_layers_) + "), got " +
                std::to_string(store_of.size()));
@@ -69,11 +104,13 @@ cache::~cache() {
 }
 
 void cache::set_plan(std::shared_ptr<const head_plan> plan) {
+  std::unique_lock<std::shared_mutex> lock(seqs_mu_);
   if (!plan) fail_value("cache: plan must not be null");
   plan_ = std::move(plan);
 }
 
 void cache::set_layer_plan(int layer, std::shared_ptr<const head_plan> plan) {
+  std::unique_lock<std::shared_mutex> lock(seqs_mu_);
   check_layer(layer);
   layer_plan_[layer] = std::move(plan);
 }
@@ -99,10 +136,12 @@ const cache::sequence& cache::seq_ref(int64_t seq) const {
 }
 
 bool cache::seq_exists(int64_t seq) const {
+  std::shared_lock<std::shared_mutex> lock(seqs_mu_);
   return seq >= 0 && seq < static_cast<int64_t>(seqs_.size()) && seqs_[seq];
 }
 
 std::vector<int64_t> cache::seq_ids() const {
+  std::shared_lock<std::shared_mutex> lock(seqs_mu_);
   std::vector<int64_t> out;
   for (size_t i = 0; i < seqs_.size(); ++i)
     if (seqs_[i]) out.push_back(static_cast<int64_t>(i));
@@ -110,6 +149,7 @@ std::vector<int64_t> cache::seq_ids() const {
 }
 
 int64_t cache::seq_add() {
+  std::unique_lock<std::shared_mutex> lock(seqs_mu_);
   auto s = std::make_unique<sequence>();
   s->heads.resize(static_cast<size_t>(n_layers_) * n_kv_heads_);
   const int64_t id = static_cast<int64_t>(seqs_.size());
@@ -120,6 +160,7 @@ int64_t cache::seq_add() {
 }
 
 int64_t cache::seq_fork(int64_t seq) {
+  std::unique_lock<std::shared_mutex> lock(seqs_mu_);  // no operation is in progress on any sequence
   const sequence& src = seq_ref(seq);
   auto s = std::make_unique<sequence>(src);  // copies tables and metadata
   std::vector<block_id> ids;
@@ -149,12 +190,16 @@ void cache::release(head_store& hs) {
 }
 
 void cache::seq_drop(int64_t seq) {
+  std::unique_lock<std::shared_mutex> lock(seqs_mu_);
   sequence& s = seq_ref(seq);
   for (auto& hs : s.heads) release(hs);
   seqs_[seq].reset();
 }
 
-int64_t cache::seq_length(int64_t seq) const { return seq_ref(seq).heads[0].n_appended_; }
+int64_t cache::seq_length(int64_t seq) const {
+  use_scope scope(*this, {seq}, false, "seq_length");
+  return seq_ref(seq).heads[0].n_appended_;
+}
 
 const head_store& cache::store(int layer, int head, int64_t seq) const {
   check_layer(layer);
@@ -166,9 +211,13 @@ head_store& cache::mutable_store(int layer, int head, int64_t seq) {
   return const_cast<head_store&>(store(layer, head, seq));
 }
 
-int64_t cache::length(int layer, int head, int64_t seq) const { return store(layer, head, seq).length(); }
+int64_t cache::length(int layer, int head, int64_t seq) const {
+  use_scope scope(*this, {seq}, false, "length");
+  return store(layer, head, seq).length();
+}
 
 std::vector<slot_info> cache::live_slots(int layer, int head, int64_t seq) const {
+  use_scope scope(*this, {seq}, false, "live_slots");
   const head_store& hs = store(layer, head, seq);
   std::vector<slot_info> out;
   out.reserve(static_cast<size_t>(hs.length()));
@@ -177,9 +226,13 @@ std::vector<slot_info> cache::live_slots(int layer, int head, int64_t seq) const
   return out;
 }
 
-std::vector<block_id> cache::block_table(int layer, int head, int64_t seq) const { return store(layer, head, seq).table(); }
+std::vector<block_id> cache::block_table(int layer, int head, int64_t seq) const {
+  use_scope scope(*this, {seq}, false, "block_table");
+  return store(layer, head, seq).table();
+}
 
 std::string cache::plan_name(int layer, int head, int64_t seq) const {
+  use_scope scope(*this, {seq}, false, "plan_name");
   const head_plan* p = store(layer, head, seq).plan();
   return p ? p->name() : std::string("none");
 }
@@ -265,6 +318,7 @@ void cache::compact(head_store& hs) {
 }
 
 void cache::seq_rollback(int64_t seq, int64_t n) {
+  use_scope scope(*this, {seq}, true, "rollback");
   sequence& s = seq_ref(seq);
   if (n < 0) fail_value("rollback: n_tokens must be >= 0, got " + std::to_string(n));
   auto owned = [&](size_t i) { return layer_store_[i / n_kv_heads_] == static_cast<int>(i / n_kv_heads_); };
@@ -327,6 +381,7 @@ append_plan plan_append(const head_store& hs, const block_pool& pool, int64_t n)
 
 void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_view& v, const tensor_view* positions,
                    const tensor_view* classes) {
+  use_scope scope(*this, {seq}, true, "append");
   check_layer(layer);
   if (layer_store_[layer] != layer)
     fail_value("layer " + std::to_string(layer) + " reads the KV of layer " + std::to_string(layer_store_[layer]) +
@@ -437,6 +492,11 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
 }
 
 void cache::evict(int layer, int head, int64_t seq, const int32_t* slots, int64_t n) {
+  use_scope scope(*this, {seq}, true, "evict");
+  evict_unlocked(layer, head, seq, slots, n);
+}
+
+void cache::evict_unlocked(int layer, int head, int64_t seq, const int32_t* slots, int64_t n) {
   head_store& hs = mutable_store(layer, head, seq);
   if (n < 0) fail_value("evict: negative count");
   std::vector<int32_t> sorted(slots, slots + n);
@@ -453,6 +513,7 @@ void cache::evict(int layer, int head, int64_t seq, const int32_t* slots, int64_
 }
 
 int64_t cache::apply_policy(int layer, int64_t seq) {
+  use_scope scope(*this, {seq}, true, "apply_policy");
   check_layer(layer);
   sequence& s = seq_ref(seq);
   if (layer_store_[layer] != layer) return 0;  // the owner layer's policy runs on the shared store
@@ -462,7 +523,7 @@ int64_t cache::apply_policy(int layer, int64_t seq) {
     const head_store& hs = s.heads[hidx(layer, h)];
     victims.clear();
     if (hs.plan_) hs.plan_->select_evictions(hs, victims);
-    if (!victims.empty()) evict(layer, h, seq, victims.data(), static_cast<int64_t>(victims.size()));
+    if (!victims.empty()) evict_unlocked(layer, h, seq, victims.data(), static_cast<int64_t>(victims.size()));
     // also when nothing was evicted now: blocks shared with a since-dropped fork may have
     // become exclusive, hence compactable
     compact(s.heads[hidx(layer, h)]);
@@ -472,6 +533,7 @@ int64_t cache::apply_policy(int layer, int64_t seq) {
 }
 
 void cache::set_head_plan(int layer, int head, int64_t seq, std::shared_ptr<const head_plan> plan) {
+  use_scope scope(*this, {seq}, true, "set_head_plan");
   head_store& hs = mutable_store(layer, head, seq);
   if (!plan) fail_value("set_head_plan: plan must not be null");
   hs.plan_ = std::move(plan);
@@ -479,6 +541,7 @@ void cache::set_head_plan(int layer, int head, int64_t seq, std::shared_ptr<cons
 
 void cache::gather(int layer, int head, int64_t seq, const tensor_view& k_out, const tensor_view& v_out,
                    const tensor_view* ord_out, const tensor_view* pos_out) const {
+  use_scope scope(*this, {seq}, false, "gather");
   const head_store& hs = store(layer, head, seq);
   const int64_t L = hs.length(), D = pool_->head_dim();
   for (const tensor_view* t : {&k_out, &v_out}) {
@@ -513,6 +576,11 @@ void cache::gather(int layer, int head, int64_t seq, const tensor_view& k_out, c
 }
 
 int64_t cache::blocks_held() const {
+  std::unique_lock<std::shared_mutex> lock(seqs_mu_);  // waits for the operations in progress
+  return blocks_held_unlocked();
+}
+
+int64_t cache::blocks_held_unlocked() const {
   std::vector<block_id> ids;
   for (const auto& s : seqs_)
     if (s)

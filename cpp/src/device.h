@@ -57,6 +57,8 @@ class device_ops {
                          const tensor_view& k_out, const tensor_view& v_out) const = 0;
   // Copies device bytes to host memory and waits for them (statistics that run on the host).
   virtual void to_host(int device_id, void* host_dst, const void* src, size_t bytes) const = 0;
+  // Copies host bytes to device memory; the host buffer may be reused when it returns.
+  virtual void from_host(int device_id, void* dst, const void* host_src, size_t bytes) const = 0;
   // Block rows of `src_type` (D elements each) converted to fp32 into host memory [rows, D];
   // waits for them (the prompt statistics run on the host from these).
   virtual void rows_to_host_f32(int device_id, const std::vector<const void*>& rows, dtype src_type, int64_t D,

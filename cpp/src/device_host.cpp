@@ -62,6 +62,7 @@ class host_device_ops final : public detail::device_ops {
     }
   }
   void to_host(int, void* host_dst, const void* src, size_t bytes) const override { std::memcpy(host_dst, src, bytes); }
+  void from_host(int, void* dst, const void* host_src, size_t bytes) const override { std::memcpy(dst, host_src, bytes); }
   void rows_to_host_f32(int, const std::vector<const void*>& rows, dtype src_type, int64_t D,
                         float* host_out) const override {
     for (size_t i = 0; i < rows.size(); ++i)

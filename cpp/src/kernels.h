@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "kvloom/common.h"
 
@@ -51,6 +52,21 @@ struct head_task {
   int64_t b, h;
   int64_t c0, c1;
 };
+
+// Non-finite inputs follow torch's math SDPA in fp32 (softmax(q k^T) v, with its "safe" softmax):
+// a NaN score makes the row's output NaN, +inf scores give NaN, -inf scores weight 0 (and 0 times
+// a NaN or inf value is NaN), and a row whose scores are all -inf gives the sum of those zero-
+// weighted values (zeros for finite ones), like a row that sees no key. A row whose scores so far
+// are all -inf or NaN has no finite running max; when one of them is NaN the running max
+// becomes NaN, which poisons every later rescale (exp2(NaN - m) is NaN) and the merge.
+// (Cold and out of line: the softmax loops around its call site stay as tight as without it.)
+[[gnu::cold, gnu::noinline]] inline void poison_if_nan(const float* s, int n, float* m) {
+  for (int t = 0; t < n; ++t)
+    if (s[t] != s[t]) {
+      *m = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
+}
 
 constexpr int kPanel = 16;
 constexpr int kStripRows = 4;

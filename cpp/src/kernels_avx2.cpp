@@ -286,7 +286,8 @@ void attend_chunk_t(const float* q, int G, int D_arg, const kv_chunk& c, dtype k
     float mx = hmax(vmx);
     for (; t < n; ++t) mx = std::fmax(mx, sg[t]);
     const float m_new = std::fmax(m[g], mx);
-    if (m_new == ninf) {  // nothing live in this row yet
+    if (m_new == ninf) {  // nothing live in this row yet, or only -inf / NaN scores
+      poison_if_nan(sg, n, &m[g]);
       for (t = 0; t < n; ++t) sg[t] = 0.f;
       continue;
     }

@@ -183,7 +183,8 @@ void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype 
     float mx = hmax(vmx);
     for (; t < n; ++t) mx = std::fmax(mx, sg[t]);
     const float m_new = std::fmax(m[g], mx);
-    if (m_new == kNinf) {
+    if (m_new == kNinf) {  // nothing live in this row yet, or only -inf / NaN scores
+      poison_if_nan(sg, n, &m[g]);
       for (t = 0; t < n; ++t) sg[t] = 0.f;
       continue;
     }

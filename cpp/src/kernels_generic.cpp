@@ -33,7 +33,14 @@ void attend_chunk_generic(const float* q, int G, int D, const kv_chunk& c, dtype
     float mx = ninf;
     for (int t = 0; t < n; ++t) mx = std::fmax(mx, sg[t]);
     const float m_new = std::fmax(m[g], mx);
-    if (m_new == ninf) continue;  // nothing live yet
+    if (m_new == ninf) {  // nothing live yet, or only -inf / NaN scores
+      poison_if_nan(sg, n, &m[g]);
+      float* ag = acc + static_cast<int64_t>(g) * D;
+      for (int t = 0; t < n; ++t)  // weight 0, but 0 * (NaN or inf) is NaN, as in p @ v
+        if (!c.live || c.live[t])
+          for (int d = 0; d < D; ++d) ag[d] += 0.f * load_as_f32(c.v, kv_type, static_cast<size_t>(t * c.v_stride + d));
+      continue;
+    }
     const float alpha = std::exp2(m[g] - m_new);
     float* ag = acc + static_cast<int64_t>(g) * D;
     if (alpha != 1.f) {
@@ -41,8 +48,8 @@ void attend_chunk_generic(const float* q, int G, int D, const kv_chunk& c, dtype
     }
     float sum = 0.f;
     for (int t = 0; t < n; ++t) {
+      if (c.live && !c.live[t]) continue;  // evicted rows are never read (they may hold anything)
       const float p = std::exp2(sg[t] - m_new);
-      if (p == 0.f) continue;
       sum += p;
       for (int d = 0; d < D; ++d) ag[d] += p * load_as_f32(c.v, kv_type, static_cast<size_t>(t * c.v_stride + d));
     }
@@ -94,9 +101,11 @@ void chunk_softmax_generic(float* s, int n, int R, float* m, float* l, float* al
     float mx = ninf;
     for (int t = 0; t < n; ++t) mx = std::fmax(mx, s[t * R + r]);
     const float m_new = std::fmax(m[r], mx);
-    if (m_new == ninf) {  // this row has seen no key yet
+    if (m_new == ninf) {  // no finite score yet: -inf gives p = 0, NaN stays NaN (in l)
       alpha[r] = 1.f;
-      for (int t = 0; t < n; ++t) s[t * R + r] = 0.f;
+      float sum = 0.f;
+      for (int t = 0; t < n; ++t) sum += (s[t * R + r] = s[t * R + r] == ninf ? 0.f : s[t * R + r]);
+      l[r] += sum;
       continue;
     }
     alpha[r] = std::exp2(m[r] - m_new);
@@ -114,7 +123,6 @@ void chunk_pv_generic(float* acc, int R, int D, const float* p, int n, const flo
       for (int d = 0; d < D; ++d) a[d] *= alpha[r];
     for (int t = 0; t < n; ++t) {
       const float w = p[t * R + r];
-      if (w == 0.f) continue;
       const float* vt = V + t * vs;
       for (int d = 0; d < D; ++d) a[d] += w * vt[d];
     }

@@ -83,6 +83,9 @@ std::shared_ptr<const head_plan> make_plan(const std::string& name, const plan_p
   plan_params p = params;  // readers mark keys as used on this copy
   auto plan = e->make(p);
   p.check_all_used(name);
+  head_plan& fresh = const_cast<head_plan&>(*plan);  // not shared yet: this is its only reference
+  fresh.origin_name_ = name;
+  fresh.origin_params_ = params;
   return plan;
 }
 
@@ -95,5 +98,7 @@ std::vector<std::string> plan_names() {
 
 std::string plan_describe(const head_plan& plan) { return plan.describe(); }
 std::string plan_short_name(const head_plan& plan) { return plan.name(); }
+const std::string& plan_origin_name(const head_plan& plan) { return plan.origin_name_; }
+const plan_params& plan_origin_params(const head_plan& plan) { return plan.origin_params_; }
 
 }  // namespace kvloom

@@ -66,6 +66,7 @@ key_panels load_panels(const head_store& hs, const block_pool& pool) {
   return kp;
 }
 
+#ifdef KVLOOM_WITH_CUDA
 // A head's live slots in ord order.
 std::vector<int64_t> slots_by_ord(const head_store& hs) {
   std::vector<int64_t> slots;
@@ -75,7 +76,6 @@ std::vector<int64_t> slots_by_ord(const head_store& hs) {
   return slots;
 }
 
-#ifdef KVLOOM_WITH_CUDA
 // The device statistics: keys described on the host (row address, ord, FastGen level), summed
 // on the GPU. levels(bh, slots) gives the FastGen level of each key (mode 1 only).
 template <class Levels>
@@ -281,6 +281,7 @@ int64_t cache::check_query_rows(int layer, const std::vector<int64_t>& seqs, con
 }
 
 void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, const tensor_view& q_in, float scale) {
+  use_scope scope(*this, seqs, true, "accumulate_attention");
   const int64_t G = check_query_rows(layer, seqs, q_in);
   const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(head_dim()));
   const int64_t B = q_in.shape[0], H = n_kv_heads_;
@@ -357,6 +358,7 @@ std::vector<char> fastgen_levels(const head_store& hs, const std::vector<int64_t
 
 void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q_in, float scale,
                      double r_frequent, int64_t local_window, double* out) {
+  cache::use_scope scope(c, seqs, false, "hybrid_recovery");
   const int64_t G = c.check_query_rows(layer, seqs, q_in);
   if (!(r_frequent >= 0.0 && r_frequent <= 1.0)) fail_value("r_frequent must be in [0, 1]");
   if (local_window < 0) fail_value("local_window must be >= 0");

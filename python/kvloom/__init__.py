@@ -12,8 +12,9 @@ import importlib
 
 from ._version import __version__
 from . import _core
-from ._core import CapacityError
+from ._core import CapacityError, ConcurrencyError
 from .cache import BlockPool, KVCache, default_capacity_bytes, make_policy
+from .snapshot import SnapshotError
 from . import ops, policies
 from .policies import FastGen, Full, HeavyHitter, NAtS, Policy, TaskKV, Window
 
@@ -45,7 +46,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "__version__", "CapacityError", "BlockPool", "KVCache", "make_policy", "policies", "Policy", "Full", "Window",
+    "__version__", "CapacityError", "ConcurrencyError", "SnapshotError", "BlockPool", "KVCache", "make_policy", "policies", "Policy", "Full", "Window",
     "HeavyHitter", "FastGen", "TaskKV", "NAtS", "ops", "set_num_threads", "get_num_threads", "kernel_isa",
     "default_capacity_bytes", *_LAZY,
 ]

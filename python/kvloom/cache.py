@@ -1,6 +1,7 @@
 """Python face of the C++ paged KV cache."""
 from __future__ import annotations
 
+import operator
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -52,6 +53,68 @@ def make_policy(policy) -> Policy:
 
 
 View = Union[int, Sequence[Union[int, Tuple[int, int]]]]
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _int(x, what: str) -> int:
+    """An index argument (layer, head, sequence id, count) as a Python int; bools, floats and
+    other non-integers are refused rather than silently converted."""
+    if type(x) is int:  # the common case, first
+        return x
+    if isinstance(x, (bool, np.bool_)) or (isinstance(x, (torch.Tensor, np.ndarray)) and x.dtype in (torch.bool, np.bool_)):
+        raise TypeError(f"{what} must be an integer, got a bool ({x!r})")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {type(x).__name__} ({x!r})") from None
+
+
+def _int_list(xs, what: str) -> List[int]:
+    """A 1-D list of integers from a tensor, array or sequence; bool masks and floats are
+    refused (``[False, True]`` is not a list of slots)."""
+    if isinstance(xs, torch.Tensor):
+        if xs.dtype == torch.bool or xs.dtype.is_floating_point or xs.dtype.is_complex:
+            raise TypeError(f"{what} must hold integers, got a {xs.dtype} tensor")
+        return [int(x) for x in xs.reshape(-1).tolist()]
+    if isinstance(xs, np.ndarray):
+        if xs.dtype.kind not in "iu":
+            raise TypeError(f"{what} must hold integers, got a {xs.dtype} array")
+        return [int(x) for x in xs.reshape(-1).tolist()]
+    if isinstance(xs, (str, bytes)) or not hasattr(xs, "__iter__"):
+        raise TypeError(f"{what} must be a sequence of integers, got {type(xs).__name__}")
+    return [_int(x, what) for x in xs]
+
+
+def _int_list_or_views(seqs) -> list:
+    if type(seqs) is list:
+        return seqs
+    if isinstance(seqs, (str, bytes)) or not hasattr(seqs, "__iter__"):
+        raise TypeError(f"seqs must be a list (one sequence id or segment list per batch row), got {type(seqs).__name__}")
+    return list(seqs)
+
+
+def _view(x, b: int):
+    """seqs[b] of attend(): a sequence id, or a list of segments (seq, rope_delta) or seq."""
+    if isinstance(x, (list, tuple)):
+        segs = []
+        for seg in x:
+            if isinstance(seg, (list, tuple)):
+                if len(seg) != 2:
+                    raise ValueError(f"seqs[{b}]: a segment is seq or (seq, rope_delta), got {seg!r}")
+                segs.append((_int(seg[0], f"seqs[{b}] sequence"), _int(seg[1], f"seqs[{b}] rope delta")))
+            else:
+                segs.append((_int(seg, f"seqs[{b}] sequence"), 0))
+        return segs
+    return _int(x, f"seqs[{b}]")
+
+
+def _int_tensor(t: torch.Tensor, what: str, lo: int, hi: int) -> torch.Tensor:
+    """Checks an integer metadata tensor lies in [lo, hi] before it is narrowed."""
+    if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
+        raise TypeError(f"{what} must be an integer tensor, got {t.dtype}")
+    if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
+        raise ValueError(f"{what} must lie in [{lo}, {hi}], got values in [{int(t.min())}, {int(t.max())}]")
+    return t
 
 
 class KVCache:
@@ -78,15 +141,20 @@ class KVCache:
             runs on torch's current stream.
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, dtype=torch.float32, policy=None,
-                 block_size: int = 16, capacity_bytes: Optional[int] = None, pool: Optional[BlockPool] = None,
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, dtype=None, policy=None,
+                 block_size: Optional[int] = None, capacity_bytes: Optional[int] = None, pool: Optional[BlockPool] = None,
                  layer_store: Optional[Sequence[int]] = None, device=None):
+        n_layers, n_kv_heads, head_dim = _int(n_layers, "n_layers"), _int(n_kv_heads, "n_kv_heads"), _int(head_dim, "head_dim")
+        if pool is not None:
+            self._check_pool(pool, dtype, block_size, capacity_bytes, device)
         dev = parse_device(device)
         if pool is None:
-            name = kv_dtype_name(dtype)
+            name = kv_dtype_name(torch.float32 if dtype is None else dtype)
             if capacity_bytes is None:
                 capacity_bytes = default_capacity_bytes(dev)
-            if int(block_size) <= 0:
+            capacity_bytes = _int(capacity_bytes, "capacity_bytes")
+            block_size = 16 if block_size is None else _int(block_size, "block_size")
+            if block_size <= 0:
                 raise ValueError(f"block_size must be >= 1, got {block_size}")
             elt = 4 if name == "float32" else 2
             block_bytes = 2 * int(block_size) * int(head_dim) * elt
@@ -103,9 +171,24 @@ class KVCache:
         self._device = torch.device(pool.device)
         self._policy = make_policy(policy)
         self._layer_policy: dict = {}  # layer -> Policy overriding self._policy
+        self._layer_window: dict = {}  # layer -> recent tokens kept (set_layer_window)
         self._c = _core.Cache(pool, int(n_layers), int(n_kv_heads), self._policy.plan())
         if layer_store is not None:
             self._c.set_layer_sharing([int(x) for x in layer_store])
+
+    @staticmethod
+    def _check_pool(pool, dtype, block_size, capacity_bytes, device) -> None:
+        """With pool=, the storage settings are the pool's: given ones must agree with it."""
+        if not isinstance(pool, BlockPool):
+            raise TypeError(f"pool must be a kvloom.BlockPool, got {type(pool).__name__}")
+        if dtype is not None and kv_dtype_name(dtype) != pool.dtype:
+            raise ValueError(f"dtype={dtype} conflicts with the pool's {pool.dtype} (with pool=, leave dtype out)")
+        if block_size is not None and _int(block_size, "block_size") != pool.block_size:
+            raise ValueError(f"block_size={block_size} conflicts with the pool's {pool.block_size} (with pool=, leave it out)")
+        if capacity_bytes is not None:
+            raise ValueError("capacity_bytes is the pool's (fixed when the BlockPool was made); with pool=, leave it out")
+        if device is not None and parse_device(device) != torch.device(pool.device):
+            raise ValueError(f"device={device} conflicts with the pool's {pool.device}")
 
     # --- geometry ---------------------------------------------------------------------
     @property
@@ -155,7 +238,8 @@ class KVCache:
     def set_layer_policy(self, layer: int, policy) -> None:
         """Policy of one layer for sequences added from now on (None: the cache-wide one)."""
         pol = None if policy is None else make_policy(policy)
-        self._c.set_layer_plan(layer, None if pol is None else pol.plan())
+        self._c.set_layer_plan(_int(layer, "layer"), None if pol is None else pol.plan())
+        self._layer_window.pop(int(layer), None)
         if pol is None:
             self._layer_policy.pop(int(layer), None)
         else:
@@ -164,8 +248,9 @@ class KVCache:
     def set_layer_window(self, layer: int, recent: int) -> None:
         """Keeps only the ``recent`` newest tokens of one layer (a model's own sliding-window
         layers), whatever the cache-wide policy; for sequences added from now on."""
-        self._c.set_layer_plan(layer, _core.make_plan("window", {"sinks": 0, "recent": int(recent)}))
+        self._c.set_layer_plan(_int(layer, "layer"), _core.make_plan("window", {"sinks": 0, "recent": _int(recent, "recent")}))
         self._layer_policy.pop(int(layer), None)
+        self._layer_window[int(layer)] = int(recent)
 
     def set_policy(self, policy) -> None:
         """Policy for sequences added from now on (existing heads keep their plans)."""
@@ -180,22 +265,22 @@ class KVCache:
 
     def fork(self, seq: int) -> int:
         """A new sequence sharing every block of ``seq`` (copy-on-write); returns its id."""
-        return self._c.seq_fork(seq)
+        return self._c.seq_fork(_int(seq, "seq"))
 
     def drop(self, seq: int) -> None:
         """Releases every block of ``seq``; its id is never reused."""
-        self._c.seq_drop(seq)
+        self._c.seq_drop(_int(seq, "seq"))
 
     def rollback(self, seq: int, n_tokens: int) -> None:
         """Forgets the last ``n_tokens`` appended tokens of ``seq`` in every head."""
-        self._c.seq_rollback(seq, int(n_tokens))
+        self._c.seq_rollback(_int(seq, "seq"), _int(n_tokens, "n_tokens"))
 
     def sequences(self) -> List[int]:
         return list(self._c.seq_ids())
 
     def seq_length(self, seq: int) -> int:
         """Logical length: tokens appended to ``seq`` (layer 0), evicted ones included."""
-        return self._c.seq_length(seq)
+        return self._c.seq_length(_int(seq, "seq"))
 
     # --- tokens -------------------------------------------------------------------------
     def append(self, layer: int, seq: int, k, v, positions=None, classes=None) -> None:
@@ -205,43 +290,48 @@ class KVCache:
         punctuation; FastGen uses them)."""
         k = as_tensor(k, "k")
         v = as_tensor(v, "v")
-        if positions is not None:
-            positions = host(as_tensor(positions, "positions"))
-            if positions.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+        if positions is not None:  # stored as int32: wider values are refused, not wrapped
+            positions = _int_tensor(host(as_tensor(positions, "positions")), "positions", *_INT32)
             positions = positions.to(torch.int32).contiguous()
-        if classes is not None:
-            classes = host(as_tensor(classes, "classes")).to(torch.uint8).contiguous()
+        if classes is not None:  # one byte of class bits per token
+            classes = host(as_tensor(classes, "classes"))
+            if classes.dtype != torch.bool:
+                classes = _int_tensor(classes, "classes", 0, 255)
+            classes = classes.to(torch.uint8).contiguous()
         use_stream(self._device)
-        self._c.append(layer, seq, k, v, positions, classes)
+        self._c.append(_int(layer, "layer"), _int(seq, "seq"), k, v, positions, classes)
 
     def evict(self, layer: int, head: int, seq: int, slots) -> None:
         """Frees the given live slots of one head (see :meth:`slots`)."""
-        if isinstance(slots, torch.Tensor):
-            slots = slots.tolist()
-        self._c.evict(layer, head, seq, np.asarray(slots, dtype=np.int64).reshape(-1).tolist())
+        slots = _int_list(slots, "slots")
+        bad = [x for x in slots if not 0 <= x <= _INT32[1]]
+        if bad:
+            raise IndexError(f"evict: slot {bad[0]} out of range (slots are >= 0; see slots())")
+        self._c.evict(_int(layer, "layer"), _int(head, "head"), _int(seq, "seq"), slots)
 
     def apply_policy(self, layer: int, seq: int) -> int:
         """Runs the policy of every head of (layer, seq) (the policy's Python ``evict`` hook,
         then each head's C++ plan and compaction); returns the number of slots freed."""
+        layer, seq = _int(layer, "layer"), _int(seq, "seq")
         freed = self._layer_policy.get(layer, self._policy).evict(self, layer, seq)
         use_stream(self._device)  # compaction moves rows on the device
         return freed + self._c.apply_policy(layer, seq)
 
     def length(self, layer: int, head: int, seq: int) -> int:
         """Live tokens of one head."""
-        return self._c.length(layer, head, seq)
+        return self._c.length(_int(layer, "layer"), _int(head, "head"), _int(seq, "seq"))
 
     def lengths(self, seq: int) -> List[List[int]]:
         """Live tokens per [layer][kv head]."""
-        return self._c.lengths(seq)
+        return self._c.lengths(_int(seq, "seq"))
 
     def slots(self, layer: int, head: int, seq: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(slot, ord, pos) int32 arrays of the live slots of one head, in slot order."""
-        return self._c.live_slots(layer, head, seq)[:3]
+        return self._c.live_slots(_int(layer, "layer"), _int(head, "head"), _int(seq, "seq"))[:3]
 
     def gather(self, layer: int, head: int, seq: int, dtype=None):
         """(k, v, ord, pos) of one head's live tokens in append order: k, v [len, head_dim]."""
+        layer, head, seq = _int(layer, "layer"), _int(head, "head"), _int(seq, "seq")
         n = self.length(layer, head, seq)
         dt = self.dtype if dtype is None else dtype
         k = torch.empty(n, self.head_dim, dtype=dt, device=self._device)
@@ -249,7 +339,15 @@ class KVCache:
         ords = torch.empty(n, dtype=torch.int32)
         pos = torch.empty(n, dtype=torch.int32)
         use_stream(self._device)
-        self._c.gather(layer, head, seq, k, v, ords, pos)
+        try:
+            self._c.gather(layer, head, seq, k, v, ords, pos)
+        except ValueError:
+            now = self.length(layer, head, seq)
+            if now != n:  # a write between sizing and reading: another thread's, i.e. misuse
+                raise _core.ConcurrencyError(
+                    f"gather on sequence {seq}: another thread changed it while it was read ({n} -> {now} live "
+                    "tokens); operations on one sequence must not overlap with a write to it") from None
+            raise
         return k, v, ords, pos
 
     def attend(self, layer: int, q, seqs: Sequence[View], *, scale: Optional[float] = None, inv_freq=None):
@@ -262,13 +360,15 @@ class KVCache:
         from .ops import _check_q, _check_scale
         from ._tensors import kernel_ready
 
-        q = kernel_ready(as_tensor(q, "q"))
-        _check_q(q)
+        q = as_tensor(q, "q")
+        _check_q(q)  # before any copy
+        views = [x if type(x) is int else _view(x, b) for b, x in enumerate(_int_list_or_views(seqs))]
+        q = kernel_ready(q)
         if inv_freq is not None:
             inv_freq = host(as_tensor(inv_freq, "inv_freq")).float().contiguous()
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         use_stream(self._device)
-        self._c.attend(layer, q, out, list(seqs), 0.0 if scale is None else _check_scale(scale), inv_freq)
+        self._c.attend(_int(layer, "layer"), q, out, views, 0.0 if scale is None else _check_scale(scale), inv_freq)
         return out
 
     def chunk_attention(self, layer: int, q, seqs: Sequence[int], *, mask=None, scale: Optional[float] = None):
@@ -280,13 +380,15 @@ class KVCache:
         head dimension). Returns out [B, Hq, Tq, head_dim] in q's dtype (CPU caches)."""
         from .ops import _check_scale
 
+        from .ops import _check_q
+
         q = as_tensor(q, "q")
-        if q.dim() != 4:
-            raise ValueError(f"q must be [batch, q_heads, tokens, head_dim], got shape {tuple(q.shape)}")
+        _check_q(q, rank=4)  # before the output is allocated
         if mask is not None:
             mask = as_tensor(mask, "mask")
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        self._c.chunk_attend(layer, q, out, [int(s) for s in seqs], mask, 0.0 if scale is None else _check_scale(scale))
+        self._c.chunk_attend(_int(layer, "layer"), q, out, _int_list(seqs, "seqs"), mask,
+                             0.0 if scale is None else _check_scale(scale))
         return out
 
     def accumulate_attention(self, layer: int, q, seqs: Sequence[int], *, scale: Optional[float] = None) -> None:
@@ -295,26 +397,111 @@ class KVCache:
         each kv head's query group: H2O's accumulated-attention statistic."""
         from .ops import _check_scale
 
+        from .ops import _check_q
+
         q = as_tensor(q, "q")
-        if q.dim() != 4:
-            raise ValueError(f"q must be [batch, q_heads, tokens, head_dim], got shape {tuple(q.shape)}")
+        _check_q(q, rank=4)
         if q.device.type == "cuda":
             q = q.contiguous()  # the statistic runs on the host from one copy of q
         use_stream(self._device)
-        self._c.accumulate_attention(layer, [int(s) for s in seqs], q, 0.0 if scale is None else _check_scale(scale))
+        self._c.accumulate_attention(_int(layer, "layer"), _int_list(seqs, "seqs"), q,
+                                     0.0 if scale is None else _check_scale(scale))
 
     def set_head_plan(self, layer: int, head: int, seq: int, plan) -> None:
         """Replaces one head's eviction plan (a ``kvloom._core.make_plan(...)``, e.g. the hybrid
         ``FastGen.hybrid_plan(...)`` chose)."""
-        self._c.set_head_plan(layer, head, seq, plan)
+        self._c.set_head_plan(_int(layer, "layer"), _int(head, "head"), _int(seq, "seq"), plan)
 
     def classes(self, layer: int, head: int, seq: int) -> np.ndarray:
         """Class bytes of the live slots of one head, in slot order."""
-        return self._c.live_slots(layer, head, seq)[3]
+        return self._c.live_slots(_int(layer, "layer"), _int(head, "head"), _int(seq, "seq"))[3]
 
     def scores(self, layer: int, head: int, seq: int) -> np.ndarray:
         """Accumulated attention of the live slots of one head, in slot order (see :meth:`slots`)."""
-        return self._c.live_slots(layer, head, seq)[4]
+        return self._c.live_slots(_int(layer, "layer"), _int(head, "head"), _int(seq, "seq"))[4]
+
+    # --- snapshots ----------------------------------------------------------------------
+    def save(self, path, seqs: Optional[Sequence[int]] = None) -> int:
+        """Writes ``seqs`` (default: every sequence) to a snapshot file, atomically (see
+        :mod:`kvloom.snapshot`); returns the file's size. Concurrent writes to those sequences
+        raise :class:`kvloom.ConcurrencyError` (the file is then not written)."""
+        from . import snapshot
+
+        seqs = self.sequences() if seqs is None else _int_list(seqs, "seqs")
+        blob = self._c.export_sequences(seqs)
+        return snapshot.write(path, "kvcache", {**self._snapshot_meta(), "sequences": seqs}, {"kv": blob})
+
+    @classmethod
+    def load(cls, path, *, device=None, capacity_bytes: Optional[int] = None, pool: Optional[BlockPool] = None) -> "KVCache":
+        """A cache rebuilt from a snapshot file: the saved geometry, dtype, block size, layer
+        sharing and policies, holding the saved sequences under their saved ids, each exactly as
+        it was (tokens, slots, metadata, per-head plans; forks still share blocks). ``device``,
+        ``capacity_bytes`` and ``pool`` are chosen anew. Raises :class:`kvloom.SnapshotError`
+        for a file that cannot be loaded."""
+        from . import snapshot
+
+        meta, sections = snapshot.read(path, "kvcache")
+        return cls._from_parsed(meta, sections, f"snapshot {path}", device=device, capacity_bytes=capacity_bytes,
+                                pool=pool)
+
+    @classmethod
+    def _from_parsed(cls, meta: dict, sections, where: str, **kw) -> "KVCache":
+        from .snapshot import SnapshotError
+
+        cache = cls._from_snapshot_meta(meta, where, **kw)
+        ids = cache._import(sections, where, keep_ids=True)
+        if ids != meta.get("sequences"):
+            raise SnapshotError(f"{where}: the header's sequence list does not match its KV")
+        return cache
+
+    def restore(self, path) -> List[int]:
+        """Adds the sequences of a snapshot file to this cache (same geometry, dtype, block size
+        and layer sharing) under fresh ids, returned in the file's order."""
+        from . import snapshot
+
+        meta, sections = snapshot.read(path, "kvcache")
+        return self._import(sections, f"snapshot {path}", keep_ids=False)
+
+    def _snapshot_meta(self) -> dict:
+        def pol(p):
+            return {"name": p.name, "values": p.saved_values()}
+
+        return {"n_layers": self.n_layers, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
+                "dtype": self._c.dtype, "block_size": self.block_size, "layer_store": self.layer_store,
+                "policy": pol(self._policy), "layer_policies": {str(k): pol(v) for k, v in self._layer_policy.items()},
+                "layer_windows": {str(k): v for k, v in self._layer_window.items()}}
+
+    @classmethod
+    def _from_snapshot_meta(cls, meta: dict, where: str, **kw) -> "KVCache":
+        from .snapshot import SnapshotError, need, policy_from
+
+        def policy(d):
+            return policy_from(d, where)
+
+        try:
+            geo = [need(meta, k, int, where) for k in ("n_layers", "n_kv_heads", "head_dim", "block_size")]
+            layer_store = need(meta, "layer_store", list, where)
+            cache = cls(geo[0], geo[1], geo[2], dtype=need(meta, "dtype", str, where), block_size=geo[3],
+                        policy=policy(meta.get("policy")), layer_store=layer_store, **kw)
+            for k, v in need(meta, "layer_policies", dict, where).items():
+                cache.set_layer_policy(int(k), policy(v))
+            for k, v in need(meta, "layer_windows", dict, where).items():
+                cache.set_layer_window(int(k), v)
+        except SnapshotError:
+            raise
+        except (ValueError, TypeError, IndexError) as e:
+            raise SnapshotError(f"{where}: its cache settings are invalid: {e}") from None
+        return cache
+
+    def _import(self, sections, where: str, keep_ids: bool) -> List[int]:
+        from .snapshot import SnapshotError
+
+        if "kv" not in sections:
+            raise SnapshotError(f"{where}: no KV section")
+        try:
+            return list(self._c.import_sequences(sections["kv"], keep_ids))
+        except ValueError as e:
+            raise SnapshotError(f"{where}: {e}") from None
 
     # --- memory -------------------------------------------------------------------------
     def memory_bytes(self) -> int:
@@ -325,7 +512,7 @@ class KVCache:
         return self._c.blocks_held()
 
     def block_table(self, layer: int, head: int, seq: int) -> List[int]:
-        return self._c.block_table(layer, head, seq)
+        return self._c.block_table(_int(layer, "layer"), _int(head, "head"), _int(seq, "seq"))
 
     def stats(self) -> dict:
         """Memory and per-sequence, per-layer, per-head live lengths and plans."""

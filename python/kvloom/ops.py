@@ -16,11 +16,21 @@ from ._tensors import as_tensor, host, kernel_ready, use_stream
 __all__ = ["decode_attention", "decode_attention_segments"]
 
 
-def _check_q(q: torch.Tensor) -> None:
-    if q.dim() != 3:
-        raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {tuple(q.shape)}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_TOKENS = 2**31 - 1  # token indices are int32 in the kernels
+
+
+def _check_float(t: torch.Tensor, what: str) -> None:
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{what} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_q(q: torch.Tensor, rank: int = 3) -> None:
+    """Shape and dtype of a query, checked before anything is copied or allocated."""
+    if q.dim() != rank:
+        shape = "[batch, q_heads, head_dim]" if rank == 3 else "[batch, q_heads, tokens, head_dim]"
+        raise ValueError(f"q must be {shape}, got shape {tuple(q.shape)}")
+    _check_float(q, "q")
 
 
 def decode_attention(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
@@ -44,18 +54,25 @@ def decode_attention_segments(q, segments: Sequence[Tuple[object, object, Option
     per segment (angles delta * inv_freq, rotate-half convention) instead of re-rotating
     keys. inv_freq is the model's RoPE inverse frequencies [D_rot / 2].
     """
-    q = kernel_ready(as_tensor(q, "q"))
-    _check_q(q)
+    q = as_tensor(q, "q")
+    _check_q(q)  # every check before any copy (kernel_ready may copy)
     segs = []
     for i, seg in enumerate(segments):
         if not isinstance(seg, (tuple, list)) or len(seg) != 3:
             raise ValueError(f"segment {i} must be (k, v, delta)")
         k, v, delta = seg
-        k = kernel_ready(as_tensor(k, "k"))
-        v = kernel_ready(as_tensor(v, "v"))
+        k, v = as_tensor(k, "k"), as_tensor(v, "v")
+        for t, what in ((k, "k"), (v, "v")):
+            _check_float(t, f"segment {i} {what}")
+            if t.dim() != 4:
+                raise ValueError(f"segment {i}: {what} must have 4 dimensions [batch, kv_heads, tokens, head_dim], got {tuple(t.shape)}")
+            if t.shape[2] > _MAX_TOKENS:
+                raise ValueError(f"segment {i} {what} has {t.shape[2]} tokens; at most {_MAX_TOKENS} are supported")
         if delta is not None:
             delta = [int(d) for d in (delta.tolist() if hasattr(delta, "tolist") else delta)]
         segs.append((k, v, delta))
+    q = kernel_ready(q)
+    segs = [(kernel_ready(k), kernel_ready(v), d) for k, v, d in segs]
     if inv_freq is not None:
         inv_freq = host(as_tensor(inv_freq, "inv_freq")).float().contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

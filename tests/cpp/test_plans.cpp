@@ -100,3 +100,33 @@ TEST(c_api_round_trip_and_errors) {
   CHECK(kvloom_policy_name(-1) == nullptr);
   kvloom_cache_destroy(c);
 }
+
+TEST(c_api_snapshot_export_import) {
+  kvloom_pool* pool = nullptr;
+  kvloom_cache *c = nullptr, *d = nullptr;
+  CHECK_EQ(kvloom_pool_create(KVLOOM_F32, 8, 4, 256, &pool), KVLOOM_OK);
+  const char* keys[] = {"sinks", "recent"};
+  const double vals[] = {1, 3};
+  CHECK_EQ(kvloom_cache_create(pool, 1, 2, "window", keys, vals, 2, &c), KVLOOM_OK);
+  CHECK_EQ(kvloom_cache_create(pool, 1, 2, nullptr, nullptr, nullptr, 0, &d), KVLOOM_OK);
+  int64_t s = -1;
+  CHECK_EQ(kvloom_seq_add(c, &s), KVLOOM_OK);
+  std::vector<float> k(2 * 5 * 8, 1.5f);
+  CHECK_EQ(kvloom_append(c, 0, s, k.data(), k.data(), KVLOOM_F32, 5), KVLOOM_OK);
+  void* blob = nullptr;
+  size_t size = 0;
+  CHECK_EQ(kvloom_seq_export(c, &s, 1, &blob, &size), KVLOOM_OK);
+  int64_t ids[1] = {-1}, count = 0;
+  CHECK_EQ(kvloom_seq_import(d, blob, size, 0, ids, 0, &count), KVLOOM_ERR_VALUE);  // no room
+  CHECK_EQ(kvloom_seq_import(d, blob, size - 3, 0, ids, 1, &count), KVLOOM_ERR_VALUE);  // truncated
+  CHECK(std::string(kvloom_last_error()).find("snapshot") != std::string::npos);
+  CHECK_EQ(kvloom_seq_import(d, blob, size, 0, ids, 1, &count), KVLOOM_OK);
+  CHECK_EQ(count, int64_t(1));
+  int64_t n = 0;
+  CHECK_EQ(kvloom_seq_length(d, ids[0], &n), KVLOOM_OK);
+  CHECK_EQ(n, int64_t(5));
+  kvloom_free(blob);
+  kvloom_cache_destroy(c);
+  kvloom_cache_destroy(d);
+  kvloom_pool_release(pool);
+}

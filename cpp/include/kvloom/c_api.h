@@ -35,6 +35,7 @@ typedef enum kvloom_status {
   KVLOOM_ERR_TYPE = 3,     /* a dtype the call does not take */
   KVLOOM_ERR_CAPACITY = 4, /* the pool is full: nothing was changed */
   KVLOOM_ERR_INTERNAL = 5, /* anything else (e.g. out of system memory) */
+  KVLOOM_ERR_CONCURRENT = 6, /* another thread was using the same sequence: nothing was done */
   KVLOOM_STATUS_MAX_ENUM = 0x7fffffff
 } kvloom_status;
 
@@ -92,6 +93,18 @@ kvloom_status kvloom_attend(const kvloom_cache* cache, int layer, const int64_t*
 kvloom_status kvloom_head_length(const kvloom_cache* cache, int layer, int head, int64_t seq, int64_t* out);
 /* Exact bytes of KV held by the cache (live blocks x block bytes). */
 kvloom_status kvloom_memory_bytes(const kvloom_cache* cache, size_t* out);
+
+/* Snapshots (format: README "Snapshots"; the blob has no checksum: store it with one).
+ * kvloom_seq_export: *out_data (free it with kvloom_free) and *out_size = the n sequences.
+ * kvloom_seq_import: checks the whole blob against the cache before changing anything, then
+ * adds its sequences; their ids go to out_seqs (room for `capacity` ids; *out_count = how
+ * many the blob holds; KVLOOM_ERR_VALUE, nothing imported, if capacity is too small).
+ * keep_ids != 0 reuses the saved ids (they must be beyond every id the cache has given). */
+kvloom_status kvloom_seq_export(const kvloom_cache* cache, const int64_t* seqs, int64_t n, void** out_data,
+                                size_t* out_size);
+kvloom_status kvloom_seq_import(kvloom_cache* cache, const void* data, size_t size, int keep_ids, int64_t* out_seqs,
+                                int64_t capacity, int64_t* out_count);
+void kvloom_free(void* p);
 
 #ifdef __cplusplus
 }

@@ -19,19 +19,27 @@
 // needs before touching anything, so an exception (bad input, capacity_error) leaves the
 // cache exactly as it was.
 //
-// Thread safety: structural operations (seq_add, seq_fork, seq_drop, set_plan,
-// set_layer_plan, set_layer_sharing) need exclusive access to the cache. Other operations on
-// *different* sequences may run concurrently (the block pool locks its own state);
-// operations on the same sequence, or attention over a sequence while it is being written,
-// must be serialised by the caller. Hogwild!-style use: one sequence per segment (a shared
-// prompt, finished steps, one current step per worker); workers append into their own
-// segments from any threads without a global lock (copy-on-write of a block shared by forks
-// is safe: the pool's reference counts decide who copies), then attend over views (segment
-// lists with a RoPE delta each) once every append of the step has returned.
+// Thread safety (enforced): operations on *different* sequences run concurrently from any
+// threads (the block pool locks its own state; the sequence table is shared, not locked, by
+// them). On one sequence, writers (append, evict, apply_policy, rollback, set_head_plan,
+// accumulate_attention) exclude every other use, readers (attention, gather, inspection) may
+// overlap each other: a collision throws concurrent_use_error, naming both operations, from
+// the operation that noticed it, which did nothing; memory is never corrupted. Structural
+// operations (seq_add, seq_fork, seq_drop, set_plan, set_layer_plan, set_layer_sharing,
+// memory_bytes, blocks_held) wait for the operations in progress and run alone, so a fork
+// racing with appends to its source sees the source before or after an append, never half
+// of it. Hogwild!-style use: one sequence per segment (a shared prompt, finished steps, one
+// current step per worker); workers append into their own segments from any threads (copy-
+// on-write of a block shared by forks is safe: the pool's reference counts decide who
+// copies), then attend over views (segment lists with a RoPE delta each) once every append
+// of the step has returned.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -121,17 +129,47 @@ class cache {
   void gather(int layer, int head, int64_t seq, const tensor_view& k_out, const tensor_view& v_out,
               const tensor_view* ord_out, const tensor_view* pos_out) const;
 
+  // Snapshots. export_sequences: the sequences' live blocks (in the storage format, shared
+  // blocks once) with all slot metadata and plans, as bytes (format: src/snapshot.cpp, README);
+  // a reader of each sequence. import_sequences: validates the whole blob against this cache
+  // (geometry, layer sharing, every count, index and plan) before it changes anything, takes
+  // every block at once (capacity_error: nothing taken), then adds the sequences and returns
+  // their ids in the blob's order: fresh ids, or with keep_ids the saved ones (which must be
+  // beyond every id this cache has given out). Bad blobs throw std::invalid_argument; the
+  // blob carries no checksum (the Python snapshot file adds one). Structural (runs alone).
+  std::vector<uint8_t> export_sequences(const std::vector<int64_t>& seqs) const;
+  std::vector<int64_t> import_sequences(const uint8_t* data, size_t size, bool keep_ids = false);
+
   // Exact bytes held: distinct live blocks referenced by this cache x block bytes.
   size_t memory_bytes() const;
   int64_t blocks_held() const;
 
-  // For kvloom's own kernels (the head_store type is internal).
+  // Marks sequences as used by `op` for a scope (and shares the sequence table): readers may
+  // overlap each other, a writer excludes everything; throws concurrent_use_error (marking
+  // nothing) when another thread's use collides. kvloom's kernels read head stores inside one.
+  class use_scope {
+   public:
+    use_scope(const cache& c, std::vector<int64_t> seqs, bool write, const char* op);
+    ~use_scope();
+    use_scope(const use_scope&) = delete;
+    use_scope& operator=(const use_scope&) = delete;
+
+   private:
+    std::shared_lock<std::shared_mutex> lock_;
+    std::vector<std::atomic<int32_t>*> marked_;
+    bool write_;
+  };
+
+  // For kvloom's own kernels, inside a use_scope (the head_store type is internal).
   const head_store& store(int layer, int head, int64_t seq) const;
   // Validates q [B, Hq, Tq, D] against seqs for the statistics functions; returns Hq / Hkv.
+  // (Inside a use_scope.)
   int64_t check_query_rows(int layer, const std::vector<int64_t>& seqs, const tensor_view& q) const;
 
  private:
   struct sequence;
+  void evict_unlocked(int layer, int head, int64_t seq, const int32_t* slots, int64_t n);
+  int64_t blocks_held_unlocked() const;
   sequence& seq_ref(int64_t seq);
   const sequence& seq_ref(int64_t seq) const;
   head_store& mutable_store(int layer, int head, int64_t seq);
@@ -151,6 +189,7 @@ class cache {
   std::vector<std::shared_ptr<const head_plan>> layer_plan_;  // [n_layers], null = plan_
   std::vector<int> layer_store_;                              // [n_layers]: the layer whose store it reads
   std::vector<std::unique_ptr<sequence>> seqs_;               // index = sequence id; null once dropped
+  mutable std::shared_mutex seqs_mu_;  // shared by per-sequence operations, exclusive for structural ones
 };
 
 }  // namespace kvloom

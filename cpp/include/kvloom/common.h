@@ -46,13 +46,19 @@ inline const char* dtype_name(dtype t) {
 inline bool dtype_is_float(dtype t) { return t == dtype::f32 || t == dtype::f16 || t == dtype::bf16; }
 
 // Errors. The bindings map them to Python exceptions:
-//   capacity_error -> kvloom.CapacityError, type_error -> TypeError,
+//   capacity_error -> kvloom.CapacityError, concurrent_use_error -> kvloom.ConcurrencyError,
+//   type_error -> TypeError,
 //   std::invalid_argument -> ValueError, std::out_of_range -> IndexError.
 struct capacity_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 struct type_error : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
+};
+// Two threads used one sequence at once where that is not allowed (see cache.h); the
+// operation that noticed it did nothing.
+struct concurrent_use_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 [[noreturn]] inline void fail_value(const std::string& m) { throw std::invalid_argument(m); }

@@ -52,6 +52,11 @@ class plan_params {
   // Throws std::invalid_argument naming the first key no reader asked for.
   void check_all_used(const std::string& plan) const;
 
+  // Everything set, by kind (snapshots write these to re-make a plan).
+  const std::map<std::string, double>& numbers() const { return numbers_; }
+  const std::map<std::string, std::vector<int32_t>>& lists() const { return lists_; }
+  const std::map<std::string, std::string>& texts() const { return texts_; }
+
  private:
   std::map<std::string, double> numbers_;
   std::map<std::string, std::vector<int32_t>> lists_;
@@ -67,5 +72,8 @@ std::vector<std::string> plan_names();
 std::string plan_describe(const head_plan& plan);
 // "window": the short name shown per head in statistics (FastGen: the chosen hybrid).
 std::string plan_short_name(const head_plan& plan);
+// The name and parameters make_plan made `plan` from (make_plan(name, params) makes an equal one).
+const std::string& plan_origin_name(const head_plan& plan);
+const plan_params& plan_origin_params(const head_plan& plan);
 
 }  // namespace kvloom

@@ -25,6 +25,14 @@ class head_plan {
   virtual std::string describe() const { return name(); }
   // Appends to `out` the live slots of `hs` this plan frees now (each at most once).
   virtual void select_evictions(const head_store& hs, std::vector<int32_t>& out) const = 0;
+
+ private:
+  // What make_plan made it from (snapshots re-make plans from these).
+  friend std::shared_ptr<const head_plan> make_plan(const std::string&, const plan_params&);
+  friend const std::string& plan_origin_name(const head_plan&);
+  friend const plan_params& plan_origin_params(const head_plan&);
+  std::string origin_name_;
+  plan_params origin_params_;
 };
 
 namespace detail {

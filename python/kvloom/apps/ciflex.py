@@ -226,6 +226,60 @@ class Conversation(_Path):
             self._sync(_render(self.tokenizer, self.messages, False))  # the fork point holds every turn
         return super().side_path(instruction, role=role)
 
+    # --- snapshots ----------------------------------------------------------------------
+    def save(self, path) -> int:
+        """Writes the conversation (its turns, the tokens its cache holds, the cache itself and
+        the next-token logits) to a snapshot file, atomically; returns its size. Side paths
+        are not part of it. :meth:`load` continues exactly where this one stands."""
+        from .. import snapshot
+
+        meta, sections = self.cache._snapshot_parts()
+        logits = None if self._logits is None else self._logits.float().contiguous()
+        state = {"messages": self.messages, "ids": self._ids, "prefill_tokens": self.prefill_tokens,
+                 "generated": self.generated, "logits": None if logits is None else int(logits.numel())}
+        if logits is not None:
+            sections["logits"] = logits.numpy().tobytes()
+        return snapshot.write(path, "conversation", {"cache": meta, "conversation": state}, sections)
+
+    @classmethod
+    def load(cls, path, model, tokenizer, *, capacity_bytes: Optional[int] = None) -> "Conversation":
+        """The conversation saved by :meth:`save`, on `model` (the same model: checked) and its
+        tokenizer. Raises :class:`kvloom.SnapshotError` for a file that cannot be loaded."""
+        import kvloom
+        from ..snapshot import SnapshotError, need, read
+
+        meta, sections = read(path, "conversation")
+        where = f"snapshot {path}"
+        state = need(meta, "conversation", dict, where)
+        try:
+            messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in state["messages"]]
+            ids = [int(t) for t in state["ids"]]
+            generated = [int(t) for t in state["generated"]]
+            prefill = int(state["prefill_tokens"])
+            n_logits = state["logits"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotError(f"{where}: unreadable conversation state ({e})") from None
+        logits = None
+        if n_logits is not None:
+            raw = sections.get("logits")
+            if not isinstance(n_logits, int) or raw is None or len(raw) != 4 * n_logits:
+                raise SnapshotError(f"{where}: the logits section does not match its header")
+            logits = torch.frombuffer(bytearray(raw), dtype=torch.float32)
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("kvloom.Conversation needs a tokenizer with a chat template")
+        if getattr(getattr(model, "config", None), "_attn_implementation", None) != "kvloom":
+            kvloom.enable(model)
+        cache = kvloom.Cache._from_snapshot_parts(need(meta, "cache", dict, where), sections, model, where, tokenizer,
+                                                  capacity_bytes)
+        if cache.get_seq_length() != len(ids):
+            cache.close()
+            raise SnapshotError(f"{where}: the cache holds {cache.get_seq_length()} tokens, the conversation {len(ids)}")
+        conv = cls.__new__(cls)
+        _Path.__init__(conv, model, tokenizer)
+        conv.cache, conv.messages, conv._ids, conv._logits = cache, messages, ids, logits
+        conv.prefill_tokens, conv.generated = prefill, generated
+        return conv
+
 
 class SidePath(_Path):
     """A sub-task on a fork of a path's cache; use it as a context manager::

@@ -61,7 +61,7 @@ def attention_case(B: int, T: int, Hq: int = 32, Hkv: int = 8, D: int = 128, rep
     q4 = q[:, :, None]
     t_sdpa = _cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True), reps)
     nbytes = 2 * B * Hkv * T * D * 2
-    del kv, k, v
+    kv = k = v = None  # (the lambdas above hold them as cells)
     torch.cuda.empty_cache()
     return {"B": B, "T": T, "Hq": Hq, "Hkv": Hkv, "D": D, "kv_bytes": nbytes, "kvloom_us": t_kv * 1e6,
             "sdpa_us": t_sdpa * 1e6, "speedup": t_sdpa / t_kv, "kvloom_gbps": nbytes / t_kv / 1e9, "max_abs_err": err}

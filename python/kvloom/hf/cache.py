@@ -1,7 +1,9 @@
 """`kvloom.Cache`: a `transformers.Cache` backed by kvloom's C++ paged cache."""
 from __future__ import annotations
 
+import hashlib
 import threading
+import warnings
 import weakref
 from typing import List, Optional
 
@@ -77,6 +79,18 @@ class LoomLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices) -> None:
         raise NotImplementedError("call batch_select_indices on the kvloom.Cache itself")
+
+
+def model_fingerprint(model) -> dict:
+    """What a snapshot records about its model: the KV geometry and a digest of a few weights
+    (enough to tell two checkpoints of one architecture apart)."""
+    geo = arch.geometry(model)
+    h = hashlib.sha256()
+    emb = model.get_input_embeddings().weight
+    for t in (emb[:4], list(model.parameters())[-1]):
+        h.update(t.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
+    return {"model_type": geo.model_type, "n_layers": geo.n_layers, "n_kv_heads": geo.n_kv_heads,
+            "head_dim": geo.head_dim, "vocab": int(emb.shape[0]), "weights": h.hexdigest()[:32]}
 
 
 class LoomCache(_HFCache):
@@ -183,6 +197,8 @@ class LoomCache(_HFCache):
             self.seqs = [self.kv.add_sequence() for _ in range(B)]
         elif layer_idx == 0:
             self._check_capacity(B, n)
+        if layer_idx == 0:
+            self._warn_past_max_positions(self.layers[0].cumulative_length + n)
         classes = self.policy.append_classes(self, layer_idx, B, n)
         if classes is None:
             classes = self._classes(B, n)
@@ -235,6 +251,15 @@ class LoomCache(_HFCache):
         except Exception:  # interpreter shutdown
             pass
 
+    def _warn_past_max_positions(self, total: int) -> None:
+        """Warns once when the sequence grows past the model's trained positions."""
+        limit = getattr(self._config, "max_position_embeddings", None)
+        if isinstance(limit, int) and total > limit and not getattr(self, "_warned_positions", False):
+            self._warned_positions = True
+            warnings.warn(f"the sequence reaches {total} tokens, past the model's max_position_embeddings={limit}; "
+                          "the model was not trained on these positions, so what follows is unreliable",
+                          UserWarning, stacklevel=4)
+
     def _check_capacity(self, batch: int, n_tokens: int) -> None:
         """Refuses a forward pass the pool cannot hold before any layer is touched, so a
         too-long prompt leaves the cache intact (upper bound: one extra block per head)."""
@@ -249,7 +274,7 @@ class LoomCache(_HFCache):
 
     # --- transformers Cache API -----------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        if layer_idx >= len(self.layers):
+        if self._closed or layer_idx >= len(self.layers):
             return 0
         return self.layers[layer_idx].cumulative_length
 
@@ -351,6 +376,8 @@ class LoomCache(_HFCache):
                 self.kv.drop(s)
         self.seqs = None
         self._closed = True
+        for layer in self.layers:
+            layer.cumulative_length = 0
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -371,9 +398,66 @@ class LoomCache(_HFCache):
         """The policy and its parameters, e.g. ``window(sinks=4, recent=1024)``."""
         return self.policy.label
 
+    # --- snapshots ----------------------------------------------------------------------
+    def save(self, path) -> int:
+        """Writes this cache (its sequences, per-head plans, statistics and logical length) to a
+        snapshot file, atomically; returns the file's size. :meth:`load` continues from it
+        exactly: the same attention outputs and the same greedy tokens as this cache."""
+        from .. import snapshot
+
+        meta, sections = self._snapshot_parts()
+        return snapshot.write(path, "cache", meta, sections)
+
+    @classmethod
+    def load(cls, path, model, *, tokenizer=None, capacity_bytes: Optional[int] = None) -> "LoomCache":
+        """A cache rebuilt from :meth:`save`'s file for `model` (the same model: its geometry
+        and a digest of its weights are checked). ``tokenizer`` as for the constructor (FastGen
+        needs it). Raises :class:`kvloom.SnapshotError` for a file that cannot be loaded."""
+        from .. import snapshot
+
+        meta, sections = snapshot.read(path, "cache")
+        return cls._from_snapshot_parts(meta, sections, model, f"snapshot {path}", tokenizer, capacity_bytes)
+
+    def _snapshot_parts(self):
+        self._check_open()
+        seqs = list(self.seqs or [])
+        meta = {"model": model_fingerprint(self._model()), "kv": self.kv._snapshot_meta(), "seqs": seqs,
+                "lengths": [layer.cumulative_length for layer in self.layers]}
+        return meta, {"kv": self.kv._c.export_sequences(seqs)}
+
+    @classmethod
+    def _from_snapshot_parts(cls, meta, sections, model, where, tokenizer, capacity_bytes) -> "LoomCache":
+        from ..snapshot import SnapshotError, need, policy_from
+        from .._tensors import torch_dtype
+
+        saved = need(meta, "model", dict, where)
+        here = model_fingerprint(model)
+        if saved != here:
+            diff = ", ".join(f"{k} {saved.get(k)!r} vs {here[k]!r}" for k in here if saved.get(k) != here[k])
+            raise SnapshotError(f"{where}: made for another model ({diff})")
+        kvm = need(meta, "kv", dict, where)
+        lengths = need(meta, "lengths", list, where)
+        seqs = need(meta, "seqs", list, where)
+        if len(lengths) != len(arch.geometry(model).windows) or not all(isinstance(n, int) and n >= 0 for n in lengths):
+            raise SnapshotError(f"{where}: bad layer lengths")
+        policy = policy_from(kvm.get("policy"), where)
+        try:
+            cache = cls(model, policy, tokenizer=tokenizer, dtype=torch_dtype(kvm["dtype"]),
+                        block_size=kvm["block_size"], capacity_bytes=capacity_bytes)
+        except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+            raise SnapshotError(f"{where}: its cache settings cannot be used here: {e}") from None
+        ids = cache.kv._import(sections, where, keep_ids=True)
+        if ids != seqs:
+            raise SnapshotError(f"{where}: the header's sequence list does not match its KV")
+        cache.seqs = ids or None
+        for layer, n in zip(cache.layers, lengths):
+            layer.cumulative_length = n
+            layer.is_initialized = n > 0
+        return cache
+
     def memory_bytes(self) -> int:
-        """Exact bytes of KV held (live blocks x block bytes)."""
-        return self.kv.memory_bytes()
+        """Exact bytes of KV held (live blocks x block bytes); 0 once closed."""
+        return 0 if self._closed else self.kv.memory_bytes()
 
     def stats(self) -> dict:
         """Logical length, bytes, and per sequence the live tokens and plan per [layer][kv head]."""

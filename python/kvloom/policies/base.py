@@ -100,6 +100,16 @@ class Policy:
     def check(self) -> None:
         """Checks that involve several parameters (single-parameter ranges come from the schema)."""
 
+    def saved_values(self) -> Dict[str, Any]:
+        """The parameters as JSON values, for snapshots: ``make(name, **saved_values())``
+        re-makes the policy. Raises ValueError for a parameter that has no such form."""
+        out = {}
+        for k, v in self.values().items():
+            if v is not None and not isinstance(v, (bool, int, float, str)):
+                raise ValueError(f"{self.label}: parameter {k} ({type(v).__name__}) cannot be written to a snapshot")
+            out[k] = v
+        return out
+
     @property
     def label(self) -> str:
         """``window(sinks=4, recent=1024)``: the name and every parameter."""

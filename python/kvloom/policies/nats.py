@@ -85,6 +85,7 @@ class Scorer(nn.Module):
         s = cls(blob["n_layers"], blob["hidden"], blob["n_kv_heads"], blob["window"])
         s.load_state_dict({k: v.float() for k, v in blob["state"].items()})
         s.meta = dict(blob.get("meta", {}))
+        s.source = None if path == DEFAULT_SCORER else str(path.resolve())  # what snapshots record
         return s.eval()
 
     def check_model(self, model) -> None:
@@ -166,6 +167,13 @@ class NAtS(Policy):
     @property
     def label(self) -> str:
         return f"nats(window={self.window})"
+
+    def saved_values(self):
+        src = getattr(self.scorer, "source", False)
+        if src is False:
+            raise ValueError("NAtS with an in-memory scorer cannot be written to a snapshot: save the scorer "
+                             "(Scorer.save(path)) and make the policy with NAtS(scorer=path)")
+        return {"scorer": src, "window": self.window}
 
     def plan(self):
         from .. import _core
