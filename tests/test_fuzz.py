@@ -122,6 +122,7 @@ def test_state_machine(tmp_path, long_run):
 
 # --- byte mutations of snapshots ----------------------------------------------------------------
 def sample_snapshot() -> bytes:
+    torch.manual_seed(0)
     cache = kvloom.KVCache(2, 2, 8, dtype=torch.float16, block_size=4, policy=kvloom.Window(1, 6))
     a = cache.add_sequence()
     for layer in range(2):
