@@ -102,7 +102,7 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
   const bool inline_run = total_rows * G * D < (int64_t(1) << 19);
   const int threads = inline_run ? 1 : detail::pool_threads();
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
-  const int64_t want_items = std::max<int64_t>(n_tasks, 4 * threads);
+  const int64_t want_items = std::max<int64_t>(n_tasks, 8 * threads);  // many items: dynamic scheduling balances them
   std::vector<work_item> items;
   std::vector<int64_t> task_first_item(static_cast<size_t>(n_tasks) + 1, 0);
   for (int64_t ti = 0; ti < n_tasks; ++ti) {
