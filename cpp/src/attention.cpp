@@ -65,6 +65,10 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Asks the memory system for the next chunk's rows while the current one is computed:
 // decode attention streams each key/value once, so hiding memory latency is most of the game.
 inline void prefetch_chunk(const kv_chunk& c, int64_t esz, int64_t row_bytes) {
+  if (c.quant) {  // one run of bytes
+    for (size_t off = 0; off < c.quant->bytes; off += 64) __builtin_prefetch(static_cast<const char*>(c.k) + off);
+    return;
+  }
   const char* k = static_cast<const char*>(c.k);
   const char* v = static_cast<const char*>(c.v);
   for (int t = 0; t < c.n; ++t) {
@@ -128,7 +132,7 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
     const head_task& t = tasks[it.task];
     int max_n = kDenseChunk;
     for (int64_t c = it.c0; c < it.c1; ++c) max_n = std::max(max_n, chunks[c].n);
-    const int64_t need = 2 * static_cast<int64_t>(G) * D + state + 16 + detail::scratch_floats(G, max_n, D);
+    const int64_t need = 2 * static_cast<int64_t>(G) * D + state + 16 + detail::quant_scratch_floats(G, max_n, D);
     if (static_cast<int64_t>(buf.size()) < need) buf.resize(static_cast<size_t>(need));
     float* qbase = buf.data();      // [G][D] scaled queries
     float* qrot = qbase + G * D;    // [G][D] rotated for the current segment
@@ -171,6 +175,11 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
           }
           qcur = qrot;
         }
+      }
+      if (ch.quant) {  // a quantized block
+        if (c + 1 < it.c1) prefetch_chunk(chunks[c + 1], kv_esz, row_bytes);
+        ops.attend_quant(qcur, G, D, *ch.quant, ch.k, ch.live, ch.n, m, l, acc, scratch);
+        continue;
       }
       if (c + 1 < it.c1) prefetch_chunk(chunks[c + 1], kv_esz, row_bytes);
       ops.attend_chunk(qcur, G, D, ch, kv_type, m, l, acc, scratch);
@@ -325,6 +334,41 @@ void decode_attention_dense(const tensor_view& q, const std::vector<dense_segmen
       tasks.push_back(t);
     }
   run_decode(q, out, Hkv, kv_type, chunks, tasks, n_seg, deltas, scale, rope);
+}
+
+void decode_attention_quantized(const tensor_view& q, const tensor_view& blocks, int64_t T, const quant_layout& L,
+                                const tensor_view& out, float scale) {
+  check_q_out(q, out);
+  check_cpu(q, "q");
+  check_rank(blocks, 4, "blocks");
+  check_dtype(blocks, dtype::u8, "blocks");
+  check_cpu(blocks, "blocks");
+  const int64_t B = q.shape[0], Hq = q.shape[1], D = q.shape[2];
+  if (D != L.head_dim) fail_value("q head_dim " + std::to_string(D) + " != the blocks' head_dim " + std::to_string(L.head_dim));
+  const int64_t Hkv = blocks.shape[1], nb = blocks.shape[2];
+  if (blocks.shape[0] != B) fail_value("blocks batch " + std::to_string(blocks.shape[0]) + " != q batch " + std::to_string(B));
+  if (blocks.shape[3] != static_cast<int64_t>(L.bytes) || blocks.strides[3] != 1)
+    fail_value("blocks must be [B, Hkv, n_blocks, " + std::to_string(L.bytes) + "] with contiguous blocks, got " + blocks.describe());
+  if (Hkv < 1 || Hq % Hkv != 0)
+    fail_value("query heads (" + std::to_string(Hq) + ") must be a multiple of kv heads (" + std::to_string(Hkv) + ")");
+  if (T < 1 || T > nb * L.block_size)
+    fail_value("T = " + std::to_string(T) + " tokens, the blocks hold 1.." + std::to_string(nb * L.block_size));
+  std::vector<kv_chunk> chunks;
+  std::vector<head_task> tasks;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h) {
+      head_task t{b, h, static_cast<int64_t>(chunks.size()), 0};
+      for (int64_t bi = 0; bi * L.block_size < T; ++bi) {
+        kv_chunk c{};
+        c.k = static_cast<const uint8_t*>(blocks.data) + b * blocks.strides[0] + h * blocks.strides[1] + bi * blocks.strides[2];
+        c.n = static_cast<int32_t>(std::min<int64_t>(L.block_size, T - bi * L.block_size));
+        c.quant = &L;
+        chunks.push_back(c);
+      }
+      t.c1 = static_cast<int64_t>(chunks.size());
+      tasks.push_back(t);
+    }
+  run_decode_host(q, out, Hkv, dtype::f32, chunks, tasks, 1, {}, scale, rope_spec{});
 }
 
 void decode_attention_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "kvloom/common.h"
+#include "kvloom/quant.h"
 
 namespace kvloom {
 namespace detail {
@@ -22,6 +23,7 @@ struct kv_chunk {
   const uint8_t* live; // [n] or null: slot t is attended only where live[t] != 0
   int32_t n;
   int32_t seg;         // index of the segment (query rotation) this chunk belongs to
+  const quant_layout* quant = nullptr;  // set: k is a quantized block (kvloom/quant.h), v unused
 };
 
 struct kernel_ops {
@@ -45,7 +47,15 @@ struct kernel_ops {
   void (*chunk_softmax)(float* s, int n, int R, float* m, float* l, float* alpha);
   // acc [R][D] = acc * alpha[r] + sum_{t < n} p[t * R + r] * V_t (n fp32 value rows, stride vs).
   void (*chunk_pv)(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha);
+  // Rows [0, n) of a quantized block (kvloom/quant.h) as fp32 [n][D]; bit-exact on every path.
+  void (*dequant)(const quant_layout& L, const void* block, int n, float* k_out, float* v_out);
+  // attend_chunk over rows [0, n) of a quantized block (live: null or [n] flags); scratch: at
+  // least quant_scratch_floats(G, n, D) floats. The vector paths dequantize in registers.
+  void (*attend_quant)(const float* q, int G, int D, const quant_layout& L, const void* block, const uint8_t* live,
+                       int n, float* m, float* l, float* acc, float* scratch);
 };
+
+void dequantize_block_generic(const quant_layout& L, const void* block, int n, float* k_out, float* v_out);
 
 // One (batch row, kv head) of a decode call with its chunks [c0, c1) in the flat chunk list.
 struct head_task {
@@ -73,6 +83,13 @@ constexpr int kStripRows = 4;
 
 inline int64_t scratch_floats(int G, int n, int D) {
   return static_cast<int64_t>(G) * n + 2 * static_cast<int64_t>(n) * D + 256 * static_cast<int64_t>(G) + 64;
+}
+
+// Covers the fused kernels' needs (scores, scaled queries, partial sums, per-group sums) and
+// the portable fallback's (a dequantized tile of 2 n D floats at the end, after scratch_floats).
+inline int64_t quant_scratch_floats(int G, int n, int D) {
+  return scratch_floats(G, n, D) + 2 * static_cast<int64_t>(n) * D + static_cast<int64_t>(G) * D + 32 * static_cast<int64_t>(G) +
+         16 * static_cast<int64_t>(G) * n + 32 * static_cast<int64_t>(n) + 64;
 }
 
 const kernel_ops& generic_ops();

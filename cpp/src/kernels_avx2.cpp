@@ -490,8 +490,67 @@ void chunk_pv_avx2(float* acc, int R, int D, const float* p, int n, const float*
   }
 }
 
+// 8 codes of a packed row starting at element e0 (a multiple of 8), as fp32.
+inline __m256 codes8(const uint8_t* row, int bits, int e0) {
+  __m128i b;
+  if (bits == 8) {
+    b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + e0));
+  } else if (bits == 4) {
+    uint32_t w;
+    std::memcpy(&w, row + e0 / 2, 4);
+    const __m128i x = _mm_cvtsi32_si128(static_cast<int>(w));
+    const __m128i lo = _mm_and_si128(x, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), _mm_set1_epi8(0x0F));
+    b = _mm_unpacklo_epi8(lo, hi);
+  } else {
+    uint16_t w;
+    std::memcpy(&w, row + e0 / 4, 2);
+    const __m256i x = _mm256_cvtepu8_epi32(
+        _mm_shuffle_epi8(_mm_cvtsi32_si128(w), _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)));
+    const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(x, sh), _mm256_set1_epi32(3)));
+  }
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+}
+
+void dequant_avx2(const quant_layout& L, const void* src, int n, float* k_out, float* v_out) {
+  const int D = L.head_dim, bits = L.bits;
+  if (D > 512) return detail::dequantize_block_generic(L, src, n, k_out, v_out);
+  const auto* base = static_cast<const uint8_t*>(src);
+  const size_t rb = L.code_row_bytes();
+  const auto* kp = reinterpret_cast<const uint16_t*>(base + L.key_params);
+  const auto* vp = reinterpret_cast<const uint16_t*>(base + L.value_params);
+  const int ng = L.value_groups();
+  const auto* vstep = vp + static_cast<size_t>(L.block_size) * ng;
+  alignas(32) float kmin[512], kstep[512];
+  for (int d = 0; d < D; d += 8) {  // the block's key ranges, once
+    _mm256_store_ps(kmin + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kp + d))));
+    _mm256_store_ps(kstep + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kp + D + d))));
+  }
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* kr = base + j * rb;
+    const uint8_t* vr = base + L.value_codes + j * rb;
+    for (int d = 0; d < D; d += 8) {
+      _mm256_storeu_ps(k_out + j * D + d, _mm256_fmadd_ps(codes8(kr, bits, d), _mm256_load_ps(kstep + d), _mm256_load_ps(kmin + d)));
+      const int g = (d / L.value_group) * L.block_size + j;
+      const __m256 mn = _mm256_set1_ps(f16_to_f32(vp[g])), st = _mm256_set1_ps(f16_to_f32(vstep[g]));
+      _mm256_storeu_ps(v_out + j * D + d, _mm256_fmadd_ps(codes8(vr, bits, d), st, mn));
+    }
+  }
+}
+
+// A quantized block through a dequantized tile of n rows (L1-sized), then the fp32 kernel.
+void attend_quant_avx2(const float* q, int G, int D, const quant_layout& L, const void* block, const uint8_t* live,
+                  int n, float* m, float* l, float* acc, float* scratch) {
+  float* kf = scratch + quant_scratch_floats(G, n, D) - 2 * static_cast<int64_t>(n) * D;
+  dequant_avx2(L, block, n, kf, kf + static_cast<int64_t>(n) * D);
+  const kv_chunk f{kf, kf + static_cast<int64_t>(n) * D, D, D, live, n, 0};
+  attend_chunk_avx2(q, G, D, f, dtype::f32, m, l, acc, scratch);
+}
+
 const kernel_ops kAvx2 = {"avx2", attend_chunk_avx2, sum_floats_avx2, score_strip_avx2, exp2_row_avx2,
-                          chunk_scores_avx2, chunk_softmax_avx2, chunk_pv_avx2};
+                          chunk_scores_avx2, chunk_softmax_avx2, chunk_pv_avx2, dequant_avx2,
+                          attend_quant_avx2};
 
 }  // namespace
 

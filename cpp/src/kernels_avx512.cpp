@@ -123,6 +123,45 @@ inline void pv_row(float* acc, int G, int D, const float* p, int n, int t, const
   }
 }
 
+// Online softmax of the chunk's scores s [G][n] for every query row: updates m and l, rescales
+// acc by the change of the running max, and turns s into p.
+void softmax_rows(float* s, int G, int n, int D, float* m, float* l, float* acc) {
+  for (int g = 0; g < G; ++g) {
+    float* sg = s + g * n;
+    __m512 vmx = _mm512_set1_ps(kNinf);
+    int t = 0;
+    for (; t + 16 <= n; t += 16) vmx = _mm512_max_ps(_mm512_loadu_ps(sg + t), vmx);
+    float mx = hmax(vmx);
+    for (; t < n; ++t) mx = std::fmax(mx, sg[t]);
+    const float m_new = std::fmax(m[g], mx);
+    if (m_new == kNinf) {  // nothing live in this row yet, or only -inf / NaN scores
+      poison_if_nan(sg, n, &m[g]);
+      for (t = 0; t < n; ++t) sg[t] = 0.f;
+      continue;
+    }
+    const float alpha = exp2_neg_scalar(m[g] - m_new);
+    if (alpha != 1.f) {
+      float* ag = acc + static_cast<int64_t>(g) * D;
+      const __m512 va = _mm512_set1_ps(alpha);
+      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ag + d, _mm512_mul_ps(_mm512_loadu_ps(ag + d), va));
+    }
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 vsum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= n; t += 16) {
+      const __m512 p = exp2_neg(_mm512_sub_ps(_mm512_loadu_ps(sg + t), vm));
+      _mm512_storeu_ps(sg + t, p);
+      vsum = _mm512_add_ps(vsum, p);
+    }
+    float sum = hsum(vsum);
+    for (; t < n; ++t) {
+      sg[t] = exp2_neg_scalar(sg[t] - m_new);
+      sum += sg[t];
+    }
+    l[g] = l[g] * alpha + sum;
+    m[g] = m_new;
+  }
+}
+
 void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype kv_type, float* m, float* l, float* acc,
                          float* scratch) {
   const int n = c.n;
@@ -174,41 +213,7 @@ void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype 
     for (int t = 0; t < n; ++t)
       if (!c.live[t])
         for (int g = 0; g < G; ++g) s[g * n + t] = kNinf;
-  // online softmax per query row; s becomes p
-  for (int g = 0; g < G; ++g) {
-    float* sg = s + g * n;
-    __m512 vmx = _mm512_set1_ps(kNinf);
-    int t = 0;
-    for (; t + 16 <= n; t += 16) vmx = _mm512_max_ps(_mm512_loadu_ps(sg + t), vmx);
-    float mx = hmax(vmx);
-    for (; t < n; ++t) mx = std::fmax(mx, sg[t]);
-    const float m_new = std::fmax(m[g], mx);
-    if (m_new == kNinf) {  // nothing live in this row yet, or only -inf / NaN scores
-      poison_if_nan(sg, n, &m[g]);
-      for (t = 0; t < n; ++t) sg[t] = 0.f;
-      continue;
-    }
-    const float alpha = exp2_neg_scalar(m[g] - m_new);
-    if (alpha != 1.f) {
-      float* ag = acc + static_cast<int64_t>(g) * D;
-      const __m512 va = _mm512_set1_ps(alpha);
-      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ag + d, _mm512_mul_ps(_mm512_loadu_ps(ag + d), va));
-    }
-    const __m512 vm = _mm512_set1_ps(m_new);
-    __m512 vsum = _mm512_setzero_ps();
-    for (t = 0; t + 16 <= n; t += 16) {
-      const __m512 p = exp2_neg(_mm512_sub_ps(_mm512_loadu_ps(sg + t), vm));
-      _mm512_storeu_ps(sg + t, p);
-      vsum = _mm512_add_ps(vsum, p);
-    }
-    float sum = hsum(vsum);
-    for (; t < n; ++t) {
-      sg[t] = exp2_neg_scalar(sg[t] - m_new);
-      sum += sg[t];
-    }
-    l[g] = l[g] * alpha + sum;
-    m[g] = m_new;
-  }
+  softmax_rows(s, G, n, D, m, l, acc);
   // acc += p @ V, one value row at a time (dead rows skipped: p is 0 there)
   const int nd = D / 16;
   for (int t = 0; t < n; ++t) {
@@ -368,8 +373,221 @@ void chunk_pv_avx512(float* acc, int R, int D, const float* p, int n, const floa
   }
 }
 
+// 16 codes of a packed row starting at element e0 (a multiple of 16), as fp32.
+template <int BITS>
+inline __m512 codes16_t(const uint8_t* row, int e0) {
+  __m128i b;
+  if constexpr (BITS == 8) {
+    b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + e0));
+  } else if constexpr (BITS == 4) {
+    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + e0 / 2));
+    const __m128i lo = _mm_and_si128(x, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), _mm_set1_epi8(0x0F));
+    b = _mm_unpacklo_epi8(lo, hi);
+  } else {
+    uint32_t w;
+    std::memcpy(&w, row + e0 / 4, 4);
+    const __m512i x = _mm512_cvtepu8_epi32(
+        _mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(w)), _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)));
+    const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(x, sh), _mm512_set1_epi32(3)));
+  }
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+}
+
+inline __m512 codes16(const uint8_t* row, int bits, int e0) {
+  return bits == 8 ? codes16_t<8>(row, e0) : bits == 4 ? codes16_t<4>(row, e0) : codes16_t<2>(row, e0);
+}
+
+void dequant_avx512(const quant_layout& L, const void* src, int n, float* k_out, float* v_out) {
+  const int D = L.head_dim, bits = L.bits;
+  if (D % 16 != 0 || D > 512) return detail::dequantize_block_generic(L, src, n, k_out, v_out);
+  const auto* base = static_cast<const uint8_t*>(src);
+  const size_t rb = L.code_row_bytes();
+  const auto* kp = reinterpret_cast<const uint16_t*>(base + L.key_params);
+  const auto* vp = reinterpret_cast<const uint16_t*>(base + L.value_params);
+  const int ng = L.value_groups();
+  const auto* vstep = vp + static_cast<size_t>(L.block_size) * ng;
+  alignas(64) float kmin[512], kstep[512];
+  for (int d = 0; d < D; d += 16) {  // the block's key ranges, once
+    _mm512_store_ps(kmin + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + d))));
+    _mm512_store_ps(kstep + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + D + d))));
+  }
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* kr = base + j * rb;
+    const uint8_t* vr = base + L.value_codes + j * rb;
+    for (int d = 0; d < D; d += 16) {
+      _mm512_storeu_ps(k_out + j * D + d, _mm512_fmadd_ps(codes16(kr, bits, d), _mm512_load_ps(kstep + d), _mm512_load_ps(kmin + d)));
+      const int g = (d / L.value_group) * L.block_size + j;
+      const __m512 mn = _mm512_set1_ps(f16_to_f32(vp[g])), st = _mm512_set1_ps(f16_to_f32(vstep[g]));
+      _mm512_storeu_ps(v_out + j * D + d, _mm512_fmadd_ps(codes16(vr, bits, d), st, mn));
+    }
+  }
+}
+
+// park[(g0+i)*256 + 16*j ..] = unreduced lanes of qs[g0+i] . codes of key row kr, for i < QT:
+// each 16 codes are widened to fp32 once and feed QT FMAs.
+template <int BITS, int QT>
+inline void qk_codes_park(const float* qs, int g0, int D, const uint8_t* kr, float* park, int j) {
+  __m512 a[QT][2];
+  for (int i = 0; i < QT; ++i) a[i][0] = a[i][1] = _mm512_setzero_ps();
+  int d = 0;
+  for (; d + 32 <= D; d += 32) {
+    const __m512 c0 = codes16_t<BITS>(kr, d), c1 = codes16_t<BITS>(kr, d + 16);
+    for (int i = 0; i < QT; ++i) {
+      const float* qi = qs + static_cast<int64_t>(g0 + i) * D + d;
+      a[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(qi), c0, a[i][0]);
+      a[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 16), c1, a[i][1]);
+    }
+  }
+  for (; d < D; d += 16) {
+    const __m512 c0 = codes16_t<BITS>(kr, d);
+    for (int i = 0; i < QT; ++i)
+      a[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(qs + static_cast<int64_t>(g0 + i) * D + d), c0, a[i][0]);
+  }
+  for (int i = 0; i < QT; ++i) _mm512_storeu_ps(park + (g0 + i) * 256 + 16 * j, _mm512_add_ps(a[i][0], a[i][1]));
+}
+
+// acc[g][d0 .. d0 + 16 NB) += sum over live rows t of pw[(group(d) * G + g) * n + t] * code[t][d]
+// for the qt (1..4) query rows from g0: the accumulators stay in registers over the rows.
+template <int BITS, int QT, int NB>
+inline void pv_codes_tile(float* acc, int g0, int G, int D, const float* pw, int n, const uint8_t* vcodes,
+                          size_t rb, const uint8_t* live, int gv, int d0) {
+  __m512 a[QT][NB];
+  const float* w[QT][NB];
+  for (int i = 0; i < QT; ++i)
+    for (int j = 0; j < NB; ++j) {
+      w[i][j] = pw + (static_cast<int64_t>((d0 + 16 * j) / gv) * G + g0 + i) * n;
+      a[i][j] = _mm512_loadu_ps(acc + static_cast<int64_t>(g0 + i) * D + d0 + 16 * j);
+    }
+  for (int t = 0; t < n; ++t) {
+    if (live && !live[t]) continue;
+    const uint8_t* vr = vcodes + t * rb;
+    __m512 c[NB];
+    for (int j = 0; j < NB; ++j) c[j] = codes16_t<BITS>(vr, d0 + 16 * j);
+    for (int i = 0; i < QT; ++i)
+      for (int j = 0; j < NB; ++j) a[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(w[i][j][t]), c[j], a[i][j]);
+  }
+  for (int i = 0; i < QT; ++i)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(acc + static_cast<int64_t>(g0 + i) * D + d0 + 16 * j, a[i][j]);
+}
+
+// Attention over one quantized block, dequantizing in registers. With a key k = kmin + c * kstep
+// (per channel) the score is q . kmin + (q * kstep) . c, so the codes meet pre-scaled queries;
+// with a value v = vmin + c * vstep (per token and channel group) the output gains
+// (p * vstep) * c per channel plus p * vmin per group, summed once per chunk.
+template <int BITS>
+void attend_quant_t(const float* q, int G, int D, const quant_layout& L, const void* block, const uint8_t* live, int n,
+                    float* m, float* l, float* acc, float* scratch) {
+  const int ng = L.value_groups(), gv = L.value_group;
+  const auto* base = static_cast<const uint8_t*>(block);
+  const size_t rb = L.code_row_bytes();
+  const auto* kp = reinterpret_cast<const uint16_t*>(base + L.key_params);
+  const auto* vp = reinterpret_cast<const uint16_t*>(base + L.value_params);
+  const auto* vst = vp + static_cast<size_t>(L.block_size) * ng;  // [ng][block_size] each
+  const uint8_t* vcodes = base + L.value_codes;
+  float* s = scratch;                                  // [G][n]
+  float* qs = s + static_cast<int64_t>(G) * n;         // [G][D] queries times the key steps
+  float* park = qs + static_cast<int64_t>(G) * D;      // [G][16][16]
+  float* cm = park + 256 * static_cast<int64_t>(G);    // [G][ng] sum of p * vmin
+  float* kb = cm + static_cast<int64_t>(G) * ng;       // [G] q . kmin
+  for (int g = 0; g < G; ++g) {
+    __m512 b = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 16) {
+      const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + d)));
+      const __m512 st = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + D + d)));
+      const __m512 qg = _mm512_loadu_ps(q + static_cast<int64_t>(g) * D + d);
+      _mm512_storeu_ps(qs + static_cast<int64_t>(g) * D + d, _mm512_mul_ps(qg, st));
+      b = _mm512_fmadd_ps(qg, mn, b);
+    }
+    kb[g] = hsum(b);
+  }
+  for (int t0 = 0; t0 < n; t0 += 16) {
+    const int rows = std::min(16, n - t0);
+    for (int j = 0; j < rows; ++j) {
+      const int t = t0 + j;
+      if (live && !live[t]) {
+        for (int g = 0; g < G; ++g) _mm512_storeu_ps(park + g * 256 + 16 * j, _mm512_setzero_ps());
+        continue;
+      }
+      const uint8_t* kr = base + t * rb;
+      int g = 0;
+      for (; g + 4 <= G; g += 4) qk_codes_park<BITS, 4>(qs, g, D, kr, park, j);
+      for (; g + 2 <= G; g += 2) qk_codes_park<BITS, 2>(qs, g, D, kr, park, j);
+      for (; g < G; ++g) qk_codes_park<BITS, 1>(qs, g, D, kr, park, j);
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int j = rows; j < 16; ++j) _mm512_storeu_ps(park + g * 256 + 16 * j, _mm512_setzero_ps());
+      const __m512 r = _mm512_add_ps(reduce16(park + g * 256), _mm512_set1_ps(kb[g]));
+      _mm512_mask_storeu_ps(s + g * n + t0, static_cast<__mmask16>((1u << rows) - 1u), r);
+    }
+  }
+  if (live)
+    for (int t = 0; t < n; ++t)
+      if (!live[t])
+        for (int g = 0; g < G; ++g) s[g * n + t] = kNinf;
+  softmax_rows(s, G, n, D, m, l, acc);
+  // pw[(gi * G + g) * n + t] = p * vstep of row t's channel group gi; cm = sum over t of p * vmin
+  // (p is 0 on dead rows)
+  float* pw = kb + G;
+  const int bs = L.block_size;
+  for (int gi = 0; gi < ng; ++gi)
+    for (int g = 0; g < G; ++g) {
+      const float* pg = s + g * n;
+      float* out = pw + (static_cast<int64_t>(gi) * G + g) * n;
+      __m512 c = _mm512_setzero_ps();
+      for (int t = 0; t < n; t += 16) {
+        const __mmask16 k = n - t >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - t)) - 1u);
+        const __m512 p = _mm512_maskz_loadu_ps(k, pg + t);
+        const __m512 mn = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, vp + gi * bs + t));
+        const __m512 st = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, vst + gi * bs + t));
+        _mm512_mask_storeu_ps(out + t, k, _mm512_mul_ps(p, st));
+        c = _mm512_fmadd_ps(p, mn, c);
+      }
+      cm[g * ng + gi] = hsum(c);
+    }
+  // acc += sum_t pw * codes, accumulators held in registers over the block's rows
+  for (int g0 = 0; g0 < G;) {
+    const int qt = std::min(4, G - g0);
+    for (int d = 0; d < D;) {
+      const bool wide = d + 64 <= D;
+#define KVLOOM_PV(Q) (wide ? pv_codes_tile<BITS, Q, 4>(acc, g0, G, D, pw, n, vcodes, rb, live, gv, d) \
+                           : pv_codes_tile<BITS, Q, 1>(acc, g0, G, D, pw, n, vcodes, rb, live, gv, d))
+      switch (qt) {
+        case 4: KVLOOM_PV(4); break;
+        case 3: KVLOOM_PV(3); break;
+        case 2: KVLOOM_PV(2); break;
+        default: KVLOOM_PV(1); break;
+      }
+#undef KVLOOM_PV
+      d += wide ? 64 : 16;
+    }
+    g0 += qt;
+  }
+  for (int g = 0; g < G; ++g)
+    for (int gi = 0; gi < ng; ++gi) {
+      const __m512 add = _mm512_set1_ps(cm[g * ng + gi]);
+      float* a = acc + static_cast<int64_t>(g) * D + gi * gv;
+      for (int d = 0; d < gv; d += 16) _mm512_storeu_ps(a + d, _mm512_add_ps(_mm512_loadu_ps(a + d), add));
+    }
+}
+
+void attend_quant_avx512(const float* q, int G, int D, const quant_layout& L, const void* block, const uint8_t* live,
+                         int n, float* m, float* l, float* acc, float* scratch) {
+  if (D % 16 != 0 || D > 512) {
+    float* kf = scratch + quant_scratch_floats(G, n, D) - 2 * static_cast<int64_t>(n) * D;
+    dequantize_block_generic(L, block, n, kf, kf + static_cast<int64_t>(n) * D);
+    kv_chunk f{kf, kf + static_cast<int64_t>(n) * D, D, D, live, n, 0};
+    return attend_chunk_avx512(q, G, D, f, dtype::f32, m, l, acc, scratch);
+  }
+  if (L.bits == 8) attend_quant_t<8>(q, G, D, L, block, live, n, m, l, acc, scratch);
+  else if (L.bits == 4) attend_quant_t<4>(q, G, D, L, block, live, n, m, l, acc, scratch);
+  else attend_quant_t<2>(q, G, D, L, block, live, n, m, l, acc, scratch);
+}
+
 const kernel_ops kAvx512 = {"avx512", attend_chunk_avx512, sum_floats_avx512, score_strip_avx512, exp2_row_avx512,
-                            chunk_scores_avx512, chunk_softmax_avx512, chunk_pv_avx512};
+                            chunk_scores_avx512, chunk_softmax_avx512, chunk_pv_avx512, dequant_avx512,
+                            attend_quant_avx512};
 
 }  // namespace
 

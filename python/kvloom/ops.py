@@ -6,6 +6,7 @@ tensor of the query's type on its device. CUDA work runs on torch's current stre
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from . import _core
 from ._tensors import as_tensor, host, kernel_ready, use_stream
 
-__all__ = ["decode_attention", "decode_attention_segments"]
+__all__ = ["decode_attention", "decode_attention_segments", "QuantizedKV", "quantize_kv", "dequantize_kv"]
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,15 +34,78 @@ def _check_q(q: torch.Tensor, rank: int = 3) -> None:
     _check_float(q, "q")
 
 
-def decode_attention(q, k, v, scale: Optional[float] = None) -> torch.Tensor:
+def decode_attention(q, k, v=None, scale: Optional[float] = None) -> torch.Tensor:
     """Single-token decode attention with grouped KV heads.
 
     q: [B, Hq, D]; k, v: [B, Hkv, T, D] with Hq a multiple of Hkv (GQA/MQA; Hq == Hkv is
     MHA); returns out [B, Hq, D] = softmax(q k^T * scale) v, with query head i reading kv
     head i // (Hq // Hkv). scale defaults to 1/sqrt(D). Accumulation is fp32 whatever the
-    storage dtype.
+    storage dtype. ``k`` may instead be a :class:`QuantizedKV` (then ``v`` is left out): the
+    kernel reads the quantized blocks, dequantizing each right before use (CPU).
     """
+    if isinstance(k, QuantizedKV):
+        if v is not None:
+            raise TypeError("with a QuantizedKV, leave v out (it holds keys and values)")
+        return _decode_quantized(q, k, scale)
+    if v is None:
+        raise TypeError("decode_attention needs v (or a QuantizedKV as k)")
     return decode_attention_segments(q, [(k, v, None)], scale=scale)
+
+
+@dataclass(frozen=True)
+class QuantizedKV:
+    """Keys and values [B, Hkv, T, D] in kvloom's quantized block format (``kvloom/quant.h``:
+    KIVI's scheme, keys per channel and values per token, ``bits`` of 8, 4 or 2, an fp16 minimum
+    and step per group): ``blocks`` is uint8 [B, Hkv, ceil(T / block_size), block_bytes]."""
+
+    blocks: torch.Tensor
+    tokens: int
+    head_dim: int
+    bits: int
+    block_size: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, scales included."""
+        return self.blocks.numel()
+
+
+def quantize_kv(k, v, bits: int = 4, block_size: int = 32) -> QuantizedKV:
+    """k, v [B, Hkv, T, D] (any float dtype, finite, |x| <= 65504; D a multiple of 8) in the
+    quantized block format."""
+    k, v = as_tensor(k, "k"), as_tensor(v, "v")
+    for t, what in ((k, "k"), (v, "v")):
+        _check_float(t, what)
+        if t.dim() != 4 or t.device.type != "cpu":
+            raise ValueError(f"{what} must be a CPU tensor [batch, kv_heads, tokens, head_dim], got {tuple(t.shape)} on {t.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, H, T, D = k.shape
+    nbytes = _core.quant_block_bytes(int(bits), int(block_size), int(D))  # validates bits, block size, D
+    blocks = torch.empty(B, H, -(-T // block_size), nbytes, dtype=torch.uint8)
+    _core.quantize_blocks(k.float().contiguous(), v.float().contiguous(), blocks, int(bits), int(block_size))
+    return QuantizedKV(blocks, int(T), int(D), int(bits), int(block_size))
+
+
+def dequantize_kv(qkv: QuantizedKV) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 keys and values a :class:`QuantizedKV` stands for."""
+    B, H = qkv.blocks.shape[:2]
+    k = torch.empty(B, H, qkv.tokens, qkv.head_dim)
+    v = torch.empty_like(k)
+    _core.dequantize_blocks(qkv.blocks, k, v, qkv.bits, qkv.block_size)
+    return k, v
+
+
+def _decode_quantized(q, qkv: QuantizedKV, scale) -> torch.Tensor:
+    q = as_tensor(q, "q")
+    _check_q(q)
+    if q.shape[2] != qkv.head_dim:
+        raise ValueError(f"q head_dim {q.shape[2]} != the quantized K/V's head_dim {qkv.head_dim}")
+    q = kernel_ready(q)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _core.decode_attention_quantized(q, qkv.blocks, qkv.tokens, qkv.bits, qkv.block_size, out,
+                                     0.0 if scale is None else _check_scale(scale))
+    return out
 
 
 def decode_attention_segments(q, segments: Sequence[Tuple[object, object, Optional[Sequence[int]]]],

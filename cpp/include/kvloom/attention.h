@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kvloom/cache.h"
+#include "kvloom/quant.h"
 #include "kvloom/tensor_view.h"
 
 namespace kvloom {
@@ -38,6 +39,12 @@ struct dense_segment {
 // q [B, Hq, D], out [B, Hq, D]; scale <= 0 means 1/sqrt(D).
 void decode_attention_dense(const tensor_view& q, const std::vector<dense_segment>& segments,
                             const tensor_view& out, float scale, const rope_spec& rope);
+
+// Decode attention over quantized K/V (kvloom/quant.h): blocks uint8 [B, Hkv, n_blocks, L.bytes]
+// holding T tokens per (row, kv head); q [B, Hq, D], out [B, Hq, D]; CPU. Each block is
+// dequantized into a cache-sized scratch right before the fp32 kernel reads it.
+void decode_attention_quantized(const tensor_view& q, const tensor_view& blocks, int64_t T, const quant_layout& L,
+                                const tensor_view& out, float scale);
 
 // One segment of a sequence's view over the cache: sequence `seq` seen at angle offset delta.
 struct cache_segment {

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from .grids import TARGETS
+from .grids import QUANT_TARGET, TARGETS
 from .harness import Benchmark, add_common_options, table
 
 
@@ -22,10 +22,21 @@ def summarize(raw: dict) -> dict:
         if info["impl"] == "probe":
             bandwidth = info["bytes"] / med
             continue
-        by_case.setdefault(info["case"], {"shape": {k: info[k] for k in ("B", "Hq", "Hkv", "T", "D", "dtype")},
-                                          "kv_bytes": info["kv_bytes"], "Tq": info.get("Tq")})[info["impl"]] = med
+        c = by_case.setdefault(info["case"], {"shape": {k: info[k] for k in ("B", "Hq", "Hkv", "T", "D", "dtype")},
+                                              "kv_bytes": info["kv_bytes"], "Tq": info.get("Tq")})
+        c[info["impl"]] = med
+        c.setdefault("bytes_by_impl", {})[info["impl"]] = info["kv_bytes"]
     rows = []
+    quant = []
     for name, c in by_case.items():
+        if "fp32" in c and "kvloom" in c:  # a quantized row: against the fp32 kernel on the same values
+            r = dict(case=name, **c["shape"], quant_us=c["kvloom"] * 1e6, fp32_us=c["fp32"] * 1e6,
+                     speedup_vs_fp32=c["fp32"] / c["kvloom"], quant_bytes=c["bytes_by_impl"]["kvloom"],
+                     fp32_bytes=c["bytes_by_impl"]["fp32"])
+            if c["shape"]["dtype"] in ("int8", "int4"):
+                r["target_met"] = bool(r["speedup_vs_fp32"] >= QUANT_TARGET)
+            quant.append(r)
+            continue
         if "kvloom" not in c or "sdpa" not in c:
             continue
         row = dict(case=name, **c["shape"], kv_bytes=c["kv_bytes"],
@@ -58,6 +69,7 @@ def summarize(raw: dict) -> dict:
         "cpu": machine.get("cpu", {}).get("brand_raw"),
         "datetime": raw.get("datetime"),
         "rows": rows,
+        "quantized": quant,
     }
 
 
@@ -119,6 +131,14 @@ class Attention(Benchmark):
                         [[r["case"], f"{r['Hq']}/{r['Hkv']}", r["T"], r["Tq"], f"{r['kvloom_us']:.0f}",
                           f"{r['python_us']:.0f}", f"{r['speedup_vs_python']:.1f}×", f"{r['sdpa_us']:.0f}",
                           f"{r['speedup']:.2f}×"] for r in chunk]))
+        quant = summary.get("quantized") or []
+        if quant:
+            out += ("\nQuantized blocks (kvloom/quant.h, 32 tokens a block; ✓/✗: int8/int4 at least "
+                    f"{QUANT_TARGET}× the fp32 kernel over the same values):\n\n" + table(
+                        ["case", "Hq/Hkv", "T", "D", "bytes vs fp32", "quantized µs", "fp32 µs", "× fp32"],
+                        [[r["case"] + ("" if "target_met" not in r else (" ✓" if r["target_met"] else " ✗")),
+                          f"{r['Hq']}/{r['Hkv']}", r["T"], r["D"], f"{r['quant_bytes'] / r['fp32_bytes']:.3f}",
+                          f"{r['quant_us']:.0f}", f"{r['fp32_us']:.0f}", f"{r['speedup_vs_fp32']:.2f}×"] for r in quant]))
         return out
 
     def draw(self, summary: dict, plt):

@@ -11,7 +11,7 @@ import torch
 
 import kvloom
 
-from kvloom.bench.grids import ATTENTION, CHUNK, PROBE_BYTES, QUICK
+from kvloom.bench.grids import ATTENTION, CHUNK, PROBE_BYTES, QUANT, QUICK
 
 CASES = [c for c in ATTENTION if os.environ.get("KVLOOM_BENCH_QUICK") != "1" or c["name"] in QUICK]
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -52,6 +52,27 @@ def test_decode_attention(benchmark, case, impl):
                                                            enable_gqa=True).squeeze(2)
     torch.testing.assert_close(fn().float().reshape(ref.shape), ref, atol=2e-2, rtol=2e-2)
     benchmark.extra_info.update(case=case["name"], impl=impl, kv_bytes=_kv_bytes(case), **case)
+    benchmark.pedantic(fn, rounds=int(os.environ.get("KVLOOM_BENCH_ROUNDS", "30")), warmup_rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("impl", ["kvloom", "fp32"])
+@pytest.mark.parametrize("case", QUANT, ids=[c["name"] for c in QUANT])
+def test_quantized_attention(benchmark, case, impl):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(case["B"], case["Hq"], case["D"], generator=g)
+    k = torch.randn(case["B"], case["Hkv"], case["T"], case["D"], generator=g)
+    v = torch.randn(case["B"], case["Hkv"], case["T"], case["D"], generator=g)
+    qkv = kvloom.ops.quantize_kv(k, v, case["bits"], case["block_size"])
+    if impl == "kvloom":
+        fn = lambda: kvloom.ops.decode_attention(q, qkv)  # noqa: E731
+        nbytes = qkv.nbytes
+    else:
+        k, v = kvloom.ops.dequantize_kv(qkv)  # the same values in fp32
+        fn = lambda: kvloom.ops.decode_attention(q, k, v)  # noqa: E731
+        nbytes = 2 * k.numel() * 4
+    kk, vv = kvloom.ops.dequantize_kv(qkv)
+    torch.testing.assert_close(fn(), kvloom.ops.decode_attention(q, kk, vv), atol=1e-5, rtol=1e-4)
+    benchmark.extra_info.update(case=case["name"], impl=impl, kv_bytes=nbytes, **case)
     benchmark.pedantic(fn, rounds=int(os.environ.get("KVLOOM_BENCH_ROUNDS", "30")), warmup_rounds=3, iterations=1)
 
 

@@ -24,6 +24,12 @@ CHUNK = [
     dict(name="chunk-64-over-4k", Hq=9, Hkv=3, T=4096, Tq=64, D=64, dtype="float32"),
 ]
 
+# decode attention over quantized blocks (kvloom/quant.h) against the fp32 kernel on the same K/V
+QUANT = [dict(name=f"{base}-int{bits}", B=1, Hq=hq, Hkv=hkv, T=4096, D=d, bits=bits, block_size=32, dtype=f"int{bits}")
+         for base, hq, hkv, d in (("smollm2-9/3-T4096-D64", 9, 3, 64), ("gqa-32/8-T4096-D128", 32, 8, 128))
+         for bits in (8, 4, 2)]
+QUANT_TARGET = 1.5  # issue 15: int8 and int4 at least 1.5x the fp32 store's speed at T = 4096
+
 # the cases the README's targets are about (issue 16: every shape with T >= 4096 at >= 85% of
 # the read bandwidth measured in the same run; SmolLM2's shape also >= 1.5x torch SDPA), and
 # the quick grid

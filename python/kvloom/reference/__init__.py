@@ -15,6 +15,7 @@ __all__ = [
     "decode_attention", "rotate", "segment_attention", "window_keep", "CacheModel",
     "accumulated_attention", "heavy_hitter_keep", "fastgen_levels", "fastgen_recovery", "fastgen_keep",
     "taskkv_column_means", "taskkv_profile",
+    "quant_block_bytes", "quant_value_group", "quantize_block", "dequantize_block",
 ]
 
 SPECIAL, PUNCT = 1, 2  # token-class bits
@@ -321,3 +322,105 @@ def nats_keep(types: Sequence[int], appended: int, window: int) -> List[int]:
         elif appended - j < window:
             keep.append(j)
     return keep
+
+
+# --- quantized KV blocks (the format of kvloom/quant.h, defined here in PyTorch) -------------
+def quant_block_bytes(bits: int, block_size: int, head_dim: int) -> int:
+    """Bytes of one quantized block: key codes, key (min, step) per channel, value codes,
+    value (min, step) per channel group and token (group-major), padded to 16."""
+    codes = block_size * head_dim * bits // 8
+    groups = head_dim // quant_value_group(head_dim)
+    raw = codes + 4 * head_dim + codes + 4 * block_size * groups
+    return -(-raw // 16) * 16
+
+
+def quant_value_group(head_dim: int) -> int:
+    """Channels sharing one value (min, step): 32 when head_dim is a multiple of 32, else all."""
+    return 32 if head_dim % 32 == 0 else head_dim
+
+
+def _f16_toward(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """The fp16 nearest to x (float32) on the given side: the smallest >= x (up) or largest <= x."""
+    h = x.to(torch.float16)
+    bad = h.float() < x if up else h.float() > x
+    target = torch.full_like(h, float("inf") if up else -float("inf"))
+    return torch.where(bad, torch.nextafter(h, target), h)
+
+
+def _quant_group(x: torch.Tensor, counted: torch.Tensor, bits: int):
+    """(codes int64, min fp16, step fp16) of groups along the last dimension of x (float32);
+    entries where counted is False get code 0 and do not widen the range."""
+    levels = float((1 << bits) - 1)
+    inf = torch.tensor(float("inf"))
+    lo = torch.where(counted, x, inf).amin(-1)
+    hi = torch.where(counted, x, -inf).amax(-1)
+    empty = ~counted.any(-1)
+    lo = torch.where(empty, torch.zeros_like(lo), lo)
+    hi = torch.where(empty, torch.zeros_like(hi), hi)
+    mn16 = _f16_toward(lo, up=False)
+    mn = mn16.float()
+    st16 = torch.where(hi > mn, _f16_toward((hi - mn) / levels, up=True), torch.zeros_like(mn16))
+    st = st16.float()
+    safe = torch.where(st == 0, torch.ones_like(st), st)
+    c = torch.floor((x - mn[..., None]) / safe[..., None] + 0.5).clamp(0, levels)
+    c = torch.where(counted & (st[..., None] != 0), c, torch.zeros_like(c))
+    return c.long(), mn16, st16
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[rows, D] codes -> [rows, D * bits / 8] bytes, element i at bit i * bits (low bits first)."""
+    per = 8 // bits
+    c = codes.reshape(codes.shape[0], -1, per)
+    shifts = torch.arange(per) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, bits: int, D: int) -> torch.Tensor:
+    per = 8 // bits
+    shifts = torch.arange(per) * bits
+    return ((packed.long()[..., None] >> shifts) & ((1 << bits) - 1)).reshape(packed.shape[0], D)
+
+
+def quantize_block(k: torch.Tensor, v: torch.Tensor, bits: int, block_size: int, live=None) -> torch.Tensor:
+    """One quantized block (uint8 [quant_block_bytes]) of n <= block_size rows k, v [n, D]
+    (finite, |x| <= 65504): keys per channel over the counted rows (``live``, default all),
+    values per token per channel group; minimum rounded down and step rounded up to fp16,
+    code = min(2^bits - 1, floor((x - min) / step + 0.5)); rows not counted get code 0."""
+    k, v = k.float(), v.float()
+    n, D = k.shape
+    live = torch.ones(n, dtype=torch.bool) if live is None else torch.as_tensor(live, dtype=torch.bool)
+    gv = quant_value_group(D)
+    kc, kmin, kstep = _quant_group(k.t(), live[None, :].expand(D, n), bits)  # [D, n]
+    vc, vmin, vstep = _quant_group(v.reshape(n, D // gv, gv), torch.ones(n, D // gv, gv, dtype=torch.bool), bits)
+    vc = torch.where(live[:, None, None], vc, torch.zeros_like(vc)).reshape(n, D)
+    vmin = torch.where(live[:, None], vmin, torch.zeros_like(vmin))
+    vstep = torch.where(live[:, None], vstep, torch.zeros_like(vstep))
+    kcodes = torch.zeros(block_size, D, dtype=torch.long)
+    vcodes = torch.zeros(block_size, D, dtype=torch.long)
+    kcodes[:n], vcodes[:n] = kc.t(), vc
+    vparams = torch.zeros(2, D // gv, block_size, dtype=torch.float16)  # [min|step][group][token]
+    vparams[0, :, :n], vparams[1, :, :n] = vmin.t(), vstep.t()
+    parts = [_pack(kcodes, bits).reshape(-1), torch.stack([kmin, kstep]).reshape(-1).view(torch.uint8),
+             _pack(vcodes, bits).reshape(-1), vparams.reshape(-1).view(torch.uint8)]
+    out = torch.zeros(quant_block_bytes(bits, block_size, D), dtype=torch.uint8)
+    raw = torch.cat(parts)
+    out[:raw.numel()] = raw
+    return out
+
+
+def dequantize_block(block: torch.Tensor, bits: int, block_size: int, head_dim: int, n: int):
+    """(k, v) float32 [n, head_dim] of rows [0, n) of a block: min + code * step, the product and
+    sum rounded once (a fused multiply-add, as the kernels do)."""
+    D, gv = head_dim, quant_value_group(head_dim)
+    rb = D * bits // 8
+    codes = block_size * rb
+    b = block.to(torch.uint8)
+    kc = _unpack(b[:codes].reshape(block_size, rb), bits, D)[:n]
+    kp = b[codes:codes + 4 * D].view(torch.float16).reshape(2, D).double()
+    vo = codes + 4 * D
+    vc = _unpack(b[vo:vo + codes].reshape(block_size, rb), bits, D)[:n]
+    vp = b[vo + codes:vo + codes + 4 * block_size * (D // gv)].view(torch.float16).reshape(2, D // gv, block_size)
+    vp = vp[:, :, :n].transpose(1, 2).double().repeat_interleave(gv, -1)
+    k = (kc.double() * kp[1] + kp[0]).float()
+    v = (vc.double() * vp[1] + vp[0]).float()
+    return k, v
