@@ -142,3 +142,17 @@ def check_hf(cls) -> None:
     lossless = cls.keep_all(model)
     if lossless is not None:
         assert _greedy(model, kvloom.Cache(model, policy=lossless, tokenizer=_Tok()), ids, 12) == want
+    # quantized storage: the policy runs on it, full blocks get quantized, forks give memory back.
+    # (Against the same policy in full precision it may hold more: a sealed block is never
+    # compacted, so tokens the policy drops one by one leave it partly live, e.g. NAtS's window.)
+    full4 = kvloom.Cache(model, block_size=4)
+    quant = kvloom.Cache(model, policy=cls.example(model), tokenizer=_Tok(), block_size=4, kv_dtype="int8")
+    assert len(_greedy(model, full4, ids, 12)) == len(_greedy(model, quant, ids, 12)) == len(want)
+    assert any(any(quant.kv.sealed_blocks(0, h, quant.seqs[0])) for h in range(quant.kv.n_kv_heads))
+    assert quant.memory_bytes() < full4.memory_bytes()
+    mem = quant.memory_bytes()
+    fork = quant.fork()
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7, 8, 9]]), **cache_kwargs(fork), use_cache=True)
+    fork.close()
+    assert quant.memory_bytes() == mem

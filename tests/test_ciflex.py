@@ -59,16 +59,19 @@ def test_side_path_equals_full_reprefill():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", [None, kvloom.Window(4, 96), kvloom.FastGen(0.95)], ids=["full", "window", "fastgen"])
-def test_main_path_unchanged_by_side_paths(policy):
+@pytest.mark.parametrize("policy, kv_dtype", [(None, None), (kvloom.Window(4, 96), None), (kvloom.FastGen(0.95), None),
+                                              (kvloom.Window(4, 96), "int4")], ids=["full", "window", "fastgen", "window-int4"])
+def test_main_path_unchanged_by_side_paths(policy, kv_dtype):
     model, tok = smollm2()
-    plain = kvloom.Conversation(model, tok, policy=policy)
+    plain = kvloom.Conversation(model, tok, policy=policy, kv_dtype=kv_dtype)
     want = _grow(plain, TURNS, new_tokens=20)
-    conv = kvloom.Conversation(model, tok, policy=policy)
+    conv = kvloom.Conversation(model, tok, policy=policy, kv_dtype=kv_dtype)
     got = []
     for i, turn in enumerate(TURNS):
         conv.user(turn).prefill()
-        state = (conv.tokens, conv.memory_bytes(), conv.cache.get_seq_length(), conv.cache.kv.pool.used_blocks)
+        sealed = conv.cache.kv.sealed_pool
+        state = (conv.tokens, conv.memory_bytes(), conv.cache.get_seq_length(), conv.cache.kv.pool.used_blocks,
+                 sealed and sealed.used_blocks)
         with conv.side_path(ciflex.INSTRUCTIONS["query rewrite"]) as a:
             a.generate(max_new_tokens=6)
             with conv.side_path(ciflex.INSTRUCTIONS["summarise"]) as b:  # two open at once
@@ -77,7 +80,8 @@ def test_main_path_unchanged_by_side_paths(policy):
                     c.generate(max_new_tokens=4)
                     c.rollback(2)
                 assert conv.memory_bytes() > state[1]  # side tokens cost memory while open
-        assert (conv.tokens, conv.memory_bytes(), conv.cache.get_seq_length(), conv.cache.kv.pool.used_blocks) == state
+        assert (conv.tokens, conv.memory_bytes(), conv.cache.get_seq_length(), conv.cache.kv.pool.used_blocks,
+                sealed and sealed.used_blocks) == state
         if i == 1:
             assert ciflex.Selector(tok).select(conv).choice in ("translate", "summarise", "query rewrite", "none")
             assert (conv.tokens, conv.memory_bytes()) == state[:2]

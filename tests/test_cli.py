@@ -27,6 +27,18 @@ def test_generate_fastgen_policy(capsys):
     assert "policy fastgen(recovery=0.9" in capsys.readouterr().err
 
 
+def test_generate_quantized_storage(capsys):
+    prompt = "Tell me about the sea. " * 40  # long enough that most blocks get quantized
+    assert cli.main(["generate", prompt, "--raw", "--max-new-tokens", "4"]) == 0
+    full = capsys.readouterr().err
+    assert cli.main(["generate", prompt, "--raw", "--max-new-tokens", "4", "--kv-dtype", "int4"]) == 0
+    q = capsys.readouterr().err
+    mib = [float(e.split("KV ")[1].split(" MiB")[0]) for e in (full, q)]
+    assert "int4 storage" in q and mib[1] < 0.5 * mib[0]
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "x", "--kv-dtype", "int3"])
+
+
 def test_bench_e2e_on_default_model_small(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["bench", "e2e", "--lengths", "32", "--new-tokens", "2", "--repeats", "1",

@@ -32,6 +32,7 @@ void bind_structure(cache_class& c) {
           [](cache& c, int layer, int head, int64_t seq, std::shared_ptr<head_plan> p) { c.set_head_plan(layer, head, seq, p); },
           py::arg("layer"), py::arg("head"), py::arg("seq"), py::arg("plan"))
       .def("set_layer_sharing", &cache::set_layer_sharing, py::arg("store_of"))
+      .def("set_quantized", &cache::set_quantized, py::arg("pool"))
       .def_property_readonly("layer_sharing", &cache::layer_sharing)
       .def("seq_add", &cache::seq_add)
       // the GIL is released where an operation may wait for others (structural ones) or move
@@ -155,6 +156,7 @@ void bind_inspect(cache_class& c) {
       .def("live_slots", &live_slot_arrays, py::arg("layer"), py::arg("head"), py::arg("seq"),
            "(slot, ord, pos, class, score) arrays of the live slots, in slot order")
       .def("block_table", &cache::block_table, py::arg("layer"), py::arg("head"), py::arg("seq"))
+      .def("sealed_entries", &cache::sealed_entries, py::arg("layer"), py::arg("head"), py::arg("seq"))
       .def(
           "gather",
           [](const cache& c, int layer, int head, int64_t seq, py::handle k_out, py::handle v_out, py::object ord_out,

@@ -54,13 +54,14 @@ std::vector<float> float_list(const py::object& obj, const char* what) {
 void bind_pool(py::module_& m) {
   py::class_<block_pool, std::shared_ptr<block_pool>>(m, "BlockPool")
       .def(py::init([](const std::string& dt, int head_dim, int block_size, int64_t capacity_blocks, int64_t chunk_blocks,
-                       const std::string& device, int device_id) {
+                       const std::string& device, int device_id, int quant_bits) {
              if (device != "cpu" && device != "cuda") throw std::invalid_argument("device must be 'cpu' or 'cuda', got '" + device + "'");
              return std::make_shared<block_pool>(parse_dtype(dt), head_dim, block_size, capacity_blocks, chunk_blocks,
-                                                 device == "cuda" ? device_kind::cuda : device_kind::cpu, device_id);
+                                                 device == "cuda" ? device_kind::cuda : device_kind::cpu, device_id, quant_bits);
            }),
            py::arg("dtype"), py::arg("head_dim"), py::arg("block_size") = 16, py::arg("capacity_blocks"),
-           py::arg("chunk_blocks") = 0, py::arg("device") = "cpu", py::arg("device_id") = 0)
+           py::arg("chunk_blocks") = 0, py::arg("device") = "cpu", py::arg("device_id") = 0, py::arg("quant_bits") = 0)
+      .def_property_readonly("quant_bits", [](const block_pool& p) { return p.quant() ? p.quant()->bits : 0; })
       .def_property_readonly("device", [](const block_pool& p) { return device_name(p.device(), p.device_id()); })
       .def_property_readonly("dtype", [](const block_pool& p) { return std::string(dtype_name(p.type())); })
       .def_property_readonly("head_dim", &block_pool::head_dim)

@@ -412,8 +412,14 @@ void decode_attention_cache(const cache& c, int layer, const std::vector<std::ve
         for (size_t bi = 0; bi < table.size(); ++bi) {
           if (table[bi] < 0 || hs.block_live()[bi] == 0) continue;
           kv_chunk ch;
-          ch.k = pool.block_keys(table[bi]);
-          ch.v = pool.block_values(table[bi]);
+          if (hs.sealed(bi)) {  // a quantized block (kvloom/quant.h)
+            ch.k = c.sealed_pool()->block_keys(table[bi]);
+            ch.v = nullptr;
+            ch.quant = c.sealed_pool()->quant();
+          } else {
+            ch.k = pool.block_keys(table[bi]);
+            ch.v = pool.block_values(table[bi]);
+          }
           ch.k_stride = ch.v_stride = D;
           ch.live = hs.block_live()[bi] == bs ? nullptr : hs.live_data() + bi * bs;
           ch.n = bs;
@@ -506,7 +512,7 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
     // per task: queries transposed [D][R], accumulators [R][D], softmax state [R] x 3, one
     // block's scores [bs][R], and fp32 copies of a block's rows where they cannot be read in place
     thread_local std::vector<float> buf;
-    const int64_t need = 2 * R * D + 3 * R + static_cast<int64_t>(bs) * R + 2 * static_cast<int64_t>(bs) * D;
+    const int64_t need = 2 * R * D + 3 * R + static_cast<int64_t>(bs) * R + 4 * static_cast<int64_t>(bs) * D;
     if (static_cast<int64_t>(buf.size()) < need) buf.resize(static_cast<size_t>(need));
     float* qt = buf.data();
     float* acc = qt + R * D;
@@ -516,6 +522,7 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
     float* sc = alpha + R;
     float* kf = sc + static_cast<int64_t>(bs) * R;
     float* vf = kf + static_cast<int64_t>(bs) * D;
+    float* dq = vf + static_cast<int64_t>(bs) * D;  // a sealed block dequantized: keys, then values
     std::fill(qt, qt + R * D, 0.f);
     for (int64_t j = 0; j < nt; ++j)
       for (int64_t g = 0; g < G; ++g) {
@@ -530,17 +537,27 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
     std::fill(acc, acc + R * D, 0.f);
     const int64_t first_ord = appended[b] - Tq + t0;  // ord of the tile's first query
     const int64_t last_ord = first_ord + nt - 1;
-    const size_t esz = dtype_size(kv_type);
     const float ninf = -std::numeric_limits<float>::infinity();
     int32_t ords[4096];
     const auto& table = hs.table();
     for (size_t bi = 0; bi < table.size(); ++bi) {
       if (table[bi] < 0 || hs.block_live()[bi] == 0) continue;
-      const char* kb = static_cast<const char*>(pool.block_keys(table[bi]));
-      const char* vb = static_cast<const char*>(pool.block_values(table[bi]));
+      const char* kb;
+      const char* vb;
+      dtype bt = kv_type;
+      if (hs.sealed(bi)) {
+        ops.dequant(*c.sealed_pool()->quant(), c.sealed_pool()->block_keys(table[bi]), bs, dq, dq + static_cast<int64_t>(bs) * D);
+        kb = reinterpret_cast<const char*>(dq);
+        vb = reinterpret_cast<const char*>(dq + static_cast<int64_t>(bs) * D);
+        bt = dtype::f32;
+      } else {
+        kb = static_cast<const char*>(pool.block_keys(table[bi]));
+        vb = static_cast<const char*>(pool.block_values(table[bi]));
+      }
+      const size_t esz = dtype_size(bt);
       // the block's keys this tile may see: live, and not after its last query
       int n = 0;
-      bool in_place = kv_type == dtype::f32;
+      bool in_place = bt == dtype::f32;
       for (int r = 0; r < bs; ++r) {
         const int64_t slot = static_cast<int64_t>(bi) * bs + r;
         const bool use = hs.live(slot) && hs.ord(slot) <= last_ord;
@@ -556,8 +573,8 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
           const int64_t slot = static_cast<int64_t>(bi) * bs + r;
           if (!hs.live(slot) || hs.ord(slot) > last_ord) continue;
           for (int64_t d = 0; d < D; ++d) {
-            kf[k * D + d] = load_as_f32(kb + static_cast<size_t>(r) * D * esz, kv_type, static_cast<size_t>(d));
-            vf[k * D + d] = load_as_f32(vb + static_cast<size_t>(r) * D * esz, kv_type, static_cast<size_t>(d));
+            kf[k * D + d] = load_as_f32(kb + static_cast<size_t>(r) * D * esz, bt, static_cast<size_t>(d));
+            vf[k * D + d] = load_as_f32(vb + static_cast<size_t>(r) * D * esz, bt, static_cast<size_t>(d));
           }
           ++k;
         }

@@ -16,20 +16,28 @@ size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 }  // namespace
 
 block_pool::block_pool(dtype type, int head_dim, int block_size, int64_t capacity_blocks, int64_t chunk_blocks,
-                       device_kind device, int device_id)
-    : type_(type), head_dim_(head_dim), block_size_(block_size), capacity_(capacity_blocks), device_(device),
-      device_id_(device_id) {
+                       device_kind device, int device_id, int quant_bits)
+    : type_(quant_bits ? dtype::u8 : type), head_dim_(head_dim), block_size_(block_size), capacity_(capacity_blocks),
+      device_(device), device_id_(device_id), quant_bits_(quant_bits) {
   detail::ops_for(device);  // refuses a device this build does not have, before anything else
   if (device == device_kind::cuda && (device_id < 0 || device_id >= cuda_device_count()))
     fail_value("block_pool: CUDA device " + std::to_string(device_id) + " does not exist (" +
                std::to_string(cuda_device_count()) + " visible)");
+  if (quant_bits != 0 && device != device_kind::cpu)
+    fail_value("quantized KV blocks live in host memory only (a CUDA pool of quantized blocks is not built yet)");
   if (!dtype_is_float(type)) fail_type(std::string("block_pool dtype must be float32, float16 or bfloat16, got ") + dtype_name(type));
   if (head_dim <= 0 || head_dim > 4096) fail_value("head_dim must be in [1, 4096], got " + std::to_string(head_dim));
   if (block_size <= 0 || block_size > 4096) fail_value("block_size must be in [1, 4096], got " + std::to_string(block_size));
   if (capacity_blocks <= 0 || capacity_blocks > (int64_t(1) << 30))
     fail_value("capacity_blocks must be in [1, 2^30], got " + std::to_string(capacity_blocks));
-  value_offset_ = round_up(static_cast<size_t>(block_size) * head_dim * dtype_size(type), kAlign);
-  block_bytes_ = 2 * value_offset_;
+  if (quant_bits != 0) {
+    quant_ = make_quant_layout(quant_bits, block_size, head_dim);  // validates bits and head_dim
+    value_offset_ = 0;
+    block_bytes_ = round_up(quant_.bytes, kAlign);
+  } else {
+    value_offset_ = round_up(static_cast<size_t>(block_size) * head_dim * dtype_size(type), kAlign);
+    block_bytes_ = 2 * value_offset_;
+  }
   if (chunk_blocks <= 0) {
     // About 4 MiB per arena chunk, at least one block.
     chunk_blocks = std::max<int64_t>(1, static_cast<int64_t>((size_t(4) << 20) / block_bytes_));

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cassert>
 #include <climits>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -97,6 +98,23 @@ void cache::set_layer_sharing(const std::vector<int>& store_of) {
   layer_store_ = store_of;
 }
 
+block_pool& cache::pool_of(const head_store& hs, size_t entry) const { return hs.sealed(entry) ? *qpool_ : *pool_; }
+
+void cache::set_quantized(std::shared_ptr<block_pool> sealed) {
+  std::unique_lock<std::shared_mutex> lock(seqs_mu_);
+  if (sealed) {
+    if (!sealed->quant()) fail_value("set_quantized: the pool must be a quantized pool (quant_bits 8, 4 or 2)");
+    if (sealed->head_dim() != pool_->head_dim() || sealed->block_size() != pool_->block_size())
+      fail_value("set_quantized: the quantized pool's head_dim/block_size (" + std::to_string(sealed->head_dim()) + "/" +
+                 std::to_string(sealed->block_size()) + ") must equal the cache's (" + std::to_string(pool_->head_dim()) +
+                 "/" + std::to_string(pool_->block_size()) + ")");
+    if (pool_->device() != device_kind::cpu) fail_value("quantized KV storage runs on the CPU only (not built for CUDA yet)");
+  }
+  for (const auto& sq : seqs_)
+    if (sq) fail_value("quantized storage can only be set on a cache without sequences");
+  qpool_ = std::move(sealed);
+}
+
 cache::~cache() {
   for (auto& s : seqs_)
     if (s)
@@ -163,22 +181,25 @@ int64_t cache::seq_fork(int64_t seq) {
   std::unique_lock<std::shared_mutex> lock(seqs_mu_);  // no operation is in progress on any sequence
   const sequence& src = seq_ref(seq);
   auto s = std::make_unique<sequence>(src);  // copies tables and metadata
-  std::vector<block_id> ids;
+  std::vector<block_id> ids, qids;
   for (const auto& hs : s->heads)
-    for (block_id b : hs.table_)
-      if (b >= 0) ids.push_back(b);
+    for (size_t e = 0; e < hs.table_.size(); ++e)
+      if (hs.table_[e] >= 0) (hs.sealed(e) ? qids : ids).push_back(hs.table_[e]);
   seqs_.push_back(nullptr);  // reserve the id first so a throw below leaks nothing
   pool_->incref_many(ids.data(), ids.size());
+  if (!qids.empty()) qpool_->incref_many(qids.data(), qids.size());
   seqs_.back() = std::move(s);
   return static_cast<int64_t>(seqs_.size()) - 1;
 }
 
 void cache::release(head_store& hs) {
-  std::vector<block_id> ids;
-  for (block_id b : hs.table_)
-    if (b >= 0) ids.push_back(b);
+  std::vector<block_id> ids, qids;
+  for (size_t e = 0; e < hs.table_.size(); ++e)
+    if (hs.table_[e] >= 0) (hs.sealed(e) ? qids : ids).push_back(hs.table_[e]);
   pool_->decref_many(ids.data(), ids.size());
+  if (!qids.empty()) qpool_->decref_many(qids.data(), qids.size());
   hs.table_.clear();
+  hs.sealed_.clear();
   hs.block_live_.clear();
   hs.live_.clear();
   hs.ord_.clear();
@@ -231,6 +252,14 @@ std::vector<block_id> cache::block_table(int layer, int head, int64_t seq) const
   return store(layer, head, seq).table();
 }
 
+std::vector<uint8_t> cache::sealed_entries(int layer, int head, int64_t seq) const {
+  use_scope scope(*this, {seq}, false, "sealed_entries");
+  const head_store& hs = store(layer, head, seq);
+  std::vector<uint8_t> out(hs.table().size(), 0);
+  for (size_t e = 0; e < out.size(); ++e) out[e] = hs.sealed(e) ? 1 : 0;
+  return out;
+}
+
 std::string cache::plan_name(int layer, int head, int64_t seq) const {
   use_scope scope(*this, {seq}, false, "plan_name");
   const head_plan* p = store(layer, head, seq).plan();
@@ -249,14 +278,21 @@ void cache::free_slot(head_store& hs, int64_t slot, std::vector<block_id>* relea
   --hs.n_live_;
   hs.hint_ = std::min(hs.hint_, bi);
   if (--hs.block_live_[bi] == 0) {
-    if (released) released->push_back(hs.table_[bi]);  // the caller gives it back once pending copies ran
-    else pool_->decref(hs.table_[bi]);
+    if (hs.sealed(bi)) {
+      qpool_->decref(hs.table_[bi]);  // sealed blocks are never the target of a pending copy
+      hs.sealed_[bi] = 0;
+    } else if (released) {
+      released->push_back(hs.table_[bi]);  // the caller gives it back once pending copies ran
+    } else {
+      pool_->decref(hs.table_[bi]);
+    }
     hs.table_[bi] = -1;
     // Trailing holes shrink the table.
     size_t n = hs.table_.size();
     while (n > 0 && hs.table_[n - 1] < 0) --n;
     if (n != hs.table_.size()) {
       hs.table_.resize(n);
+      if (!hs.sealed_.empty()) hs.sealed_.resize(n);
       hs.block_live_.resize(n);
       hs.live_.resize(n * bs);
       hs.ord_.resize(n * bs);
@@ -269,9 +305,14 @@ void cache::free_slot(head_store& hs, int64_t slot, std::vector<block_id>* relea
 
 void cache::compact(head_store& hs) {
   const int bs = pool_->block_size();
-  int64_t held = 0;
-  for (block_id b : hs.table_) held += b >= 0;
-  const int64_t need = (hs.n_live_ + bs - 1) / bs;
+  // full-precision blocks only: sealed (quantized) rows are never moved (that would re-quantize)
+  int64_t held = 0, live = hs.n_live_;
+  for (size_t e = 0; e < hs.table_.size(); ++e)
+    if (hs.table_[e] >= 0) {
+      if (hs.sealed(e)) live -= hs.block_live_[e];
+      else ++held;
+    }
+  const int64_t need = (live + bs - 1) / bs;
   if (held <= need) return;  // nothing to gain
   const size_t row = static_cast<size_t>(pool_->head_dim()) * dtype_size(pool_->type());
   // The row moves are collected and run as one batch on the pool's device; blocks emptied by
@@ -287,7 +328,7 @@ void cache::compact(head_store& hs) {
       const int64_t bi = dst / bs;
       if (bi != dst_block) {
         dst_block = bi;
-        dst_ok = hs.table_[bi] >= 0 && hs.block_live_[bi] < bs && pool_->refcount(hs.table_[bi]) == 1;
+        dst_ok = hs.table_[bi] >= 0 && !hs.sealed(bi) && hs.block_live_[bi] < bs && pool_->refcount(hs.table_[bi]) == 1;
       }
       if (!dst_ok) {
         dst = (bi + 1) * bs - 1;  // skip the block
@@ -296,7 +337,7 @@ void cache::compact(head_store& hs) {
       if (!hs.live_[dst]) break;
     }
     // the highest live slot
-    while (src >= 0 && (src >= hs.n_slots() || !hs.live_[src])) --src;
+    while (src >= 0 && (src >= hs.n_slots() || !hs.live_[src] || hs.sealed(src / bs))) --src;
     if (dst >= src) break;
     char* db = static_cast<char*>(pool_->block_keys(hs.table_[dst / bs]));
     const char* sb = static_cast<const char*>(pool_->block_keys(hs.table_[src / bs]));
@@ -349,6 +390,7 @@ append_plan plan_append(const head_store& hs, const block_pool& pool, int64_t n)
   p.last_entry = bi;
   for (; bi < n_entries && remaining > 0; ++bi) {
     const block_id b = hs.table()[bi];
+    if (b >= 0 && hs.sealed(bi)) continue;  // a sealed block takes no new tokens
     if (b < 0) {
       p.hole_entries.push_back(bi);
       for (int o = 0; o < bs && remaining > 0; ++o, --remaining) p.slots.push_back(bi * bs + o);
@@ -426,6 +468,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
   if (n == 0) return;
   const size_t base = hidx(layer, 0);
   if (s.heads[base].n_appended_ + n > INT32_MAX) fail_value("append: sequence would exceed 2^31 tokens");
+  if (qpool_) check_quantizable(k, v);
 
   // 1. Plan every head and reserve all blocks at once (all or nothing).
   std::vector<append_plan> plans(static_cast<size_t>(n_kv_heads_));
@@ -461,6 +504,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
       const size_t total = old + static_cast<size_t>(p.new_entries);
       for (int64_t i = 0; i < p.new_entries; ++i) hs.table_.push_back(fresh[next++]);
       hs.block_live_.resize(total, 0);
+      if (qpool_) hs.sealed_.resize(total, 0);
       hs.live_.resize(total * bs, 0);
       hs.ord_.resize(total * bs, -1);
       hs.pos_.resize(total * bs, 0);
@@ -489,6 +533,68 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
   if (!cow.empty()) ops.copy_spans(pool_->device_id(), cow, pool_->block_bytes());
   ops.write_rows(pool_->device_id(), k, v, rows, pool_->type(), D);
   pool_->decref_many(released.data(), released.size());
+  if (qpool_) {  // blocks this append did not write are final for now: quantize the full ones
+    std::vector<uint8_t> touched;
+    for (int h = 0; h < n_kv_heads_; ++h) {
+      head_store& hs = s.heads[base + h];
+      touched.assign(hs.table_.size(), 0);
+      for (int64_t slot : plans[h].slots) touched[static_cast<size_t>(slot / bs)] = 1;
+      seal_full(hs, &touched);
+    }
+  }
+}
+
+void cache::seal_full(head_store& hs, const std::vector<uint8_t>* skip) {
+  if (!qpool_) return;
+  const int bs = pool_->block_size();
+  const int64_t D = pool_->head_dim();
+  const dtype t = pool_->type();
+  const size_t esz = dtype_size(t);
+  hs.sealed_.resize(hs.table_.size(), 0);
+  thread_local std::vector<float> kf, vf;
+  for (size_t bi = 0; bi < hs.table_.size(); ++bi) {
+    if (hs.table_[bi] < 0 || hs.sealed_[bi] || hs.block_live_[bi] != bs || (skip && (*skip)[bi])) continue;
+    block_id qb;
+    try {
+      qpool_->alloc(1, &qb);
+    } catch (const capacity_error&) {
+      return;  // the quantized pool is full: the blocks stay in full precision
+    }
+    kf.resize(static_cast<size_t>(bs * D));
+    vf.resize(static_cast<size_t>(bs * D));
+    const char* kb = static_cast<const char*>(pool_->block_keys(hs.table_[bi]));
+    const char* vb = kb + pool_->value_offset();
+    for (int64_t i = 0; i < bs * D; ++i) {
+      kf[static_cast<size_t>(i)] = load_as_f32(kb, t, static_cast<size_t>(i));
+      vf[static_cast<size_t>(i)] = load_as_f32(vb, t, static_cast<size_t>(i));
+    }
+    (void)esz;
+    try {
+      quantize_block(*qpool_->quant(), kf.data(), vf.data(), bs, nullptr, qpool_->block_keys(qb));
+    } catch (const std::invalid_argument&) {  // out of fp16's range after rounding to the storage dtype
+      qpool_->decref(qb);
+      continue;
+    }
+    pool_->decref(hs.table_[bi]);
+    hs.table_[bi] = qb;
+    hs.sealed_[bi] = 1;
+  }
+}
+
+void cache::check_quantizable(const tensor_view& k, const tensor_view& v) const {
+  for (const tensor_view* t : {&k, &v}) {
+    const int64_t H = t->shape[0], n = t->shape[1], D = t->shape[2];
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < D; ++d) {
+          const float x = load_as_f32(t->data, t->type,
+                                      static_cast<size_t>(h * t->strides[0] + j * t->strides[1] + d * t->strides[2]));
+          if (!(std::fabs(x) <= 65504.f))
+            fail_value(std::string("a quantized cache takes finite keys and values within fp16's range (|x| <= 65504); ") +
+                       (t == &k ? "k" : "v") + " has " + std::to_string(x) + " at [" + std::to_string(h) + ", " +
+                       std::to_string(j) + ", " + std::to_string(d) + "]");
+        }
+  }
 }
 
 void cache::evict(int layer, int head, int64_t seq, const int32_t* slots, int64_t n) {
@@ -527,6 +633,7 @@ int64_t cache::apply_policy(int layer, int64_t seq) {
     // also when nothing was evicted now: blocks shared with a since-dropped fork may have
     // become exclusive, hence compactable
     compact(s.heads[hidx(layer, h)]);
+    seal_full(s.heads[hidx(layer, h)]);
     total += static_cast<int64_t>(victims.size());
   }
   return total;
@@ -567,12 +674,36 @@ void cache::gather(int layer, int head, int64_t seq, const tensor_view& k_out, c
   std::vector<detail::row_read> rows(static_cast<size_t>(L));
   for (int64_t i = 0; i < L; ++i) {
     const int64_t sl = slots[i];
-    const char* kb = static_cast<const char*>(pool_->block_keys(hs.table_[sl / bs]));
+    const char* kb = static_cast<const char*>(pool_of(hs, static_cast<size_t>(sl / bs)).block_keys(hs.table_[sl / bs]));
     rows[i] = {kb + (sl % bs) * row, kb + pool_->value_offset() + (sl % bs) * row};
     if (ord_out) static_cast<int32_t*>(ord_out->data)[i * ord_out->strides[0]] = hs.ord_[sl];
     if (pos_out) static_cast<int32_t*>(pos_out->data)[i * pos_out->strides[0]] = hs.pos_[sl];
   }
-  if (L > 0) detail::ops_for(pool_->device()).read_rows(pool_->device_id(), rows, pool_->type(), D, k_out, v_out);
+  if (L == 0) return;
+  if (!qpool_) return detail::ops_for(pool_->device()).read_rows(pool_->device_id(), rows, pool_->type(), D, k_out, v_out);
+  // a quantized cache (host): every row as fp32 first, sealed blocks dequantized once each
+  std::vector<float> kv(static_cast<size_t>(2 * L * D)), tile(static_cast<size_t>(2 * bs * D));
+  int64_t tile_entry = -1;
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t sl = slots[i], e = sl / bs;
+    float* kd = kv.data() + i * D;
+    float* vd = kv.data() + (L + i) * D;
+    if (hs.sealed(e)) {
+      if (tile_entry != e) {
+        dequantize_block(*qpool_->quant(), qpool_->block_keys(hs.table_[e]), bs, tile.data(), tile.data() + bs * D);
+        tile_entry = e;
+      }
+      std::copy_n(tile.data() + (sl % bs) * D, D, kd);
+      std::copy_n(tile.data() + (bs + sl % bs) * D, D, vd);
+    } else {
+      for (int64_t d = 0; d < D; ++d) {
+        kd[d] = load_as_f32(rows[i].k_src, pool_->type(), static_cast<size_t>(d));
+        vd[d] = load_as_f32(rows[i].v_src, pool_->type(), static_cast<size_t>(d));
+      }
+    }
+    rows[i] = {kd, vd};
+  }
+  detail::ops_for(device_kind::cpu).read_rows(0, rows, dtype::f32, D, k_out, v_out);
 }
 
 int64_t cache::blocks_held() const {
@@ -581,16 +712,30 @@ int64_t cache::blocks_held() const {
 }
 
 int64_t cache::blocks_held_unlocked() const {
-  std::vector<block_id> ids;
+  std::vector<int64_t> ids;  // sealed blocks offset past the float pool's ids
   for (const auto& s : seqs_)
     if (s)
       for (const auto& hs : s->heads)
-        for (block_id b : hs.table_)
-          if (b >= 0) ids.push_back(b);
+        for (size_t e = 0; e < hs.table_.size(); ++e)
+          if (hs.table_[e] >= 0) ids.push_back(hs.table_[e] + (hs.sealed(e) ? (int64_t(1) << 32) : 0));
   std::sort(ids.begin(), ids.end());
   return static_cast<int64_t>(std::unique(ids.begin(), ids.end()) - ids.begin());
 }
 
-size_t cache::memory_bytes() const { return static_cast<size_t>(blocks_held()) * pool_->block_bytes(); }
+size_t cache::memory_bytes() const {
+  std::unique_lock<std::shared_mutex> lock(seqs_mu_);  // waits for the operations in progress
+  std::vector<block_id> ids, qids;
+  for (const auto& s : seqs_)
+    if (s)
+      for (const auto& hs : s->heads)
+        for (size_t e = 0; e < hs.table_.size(); ++e)
+          if (hs.table_[e] >= 0) (hs.sealed(e) ? qids : ids).push_back(hs.table_[e]);
+  auto distinct = [](std::vector<block_id>& v) {
+    std::sort(v.begin(), v.end());
+    return static_cast<size_t>(std::unique(v.begin(), v.end()) - v.begin());
+  };
+  const size_t nf = distinct(ids), nq = distinct(qids);
+  return nf * pool_->block_bytes() + (nq ? nq * qpool_->block_bytes() : 0);
+}
 
 }  // namespace kvloom

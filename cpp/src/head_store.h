@@ -7,6 +7,12 @@
 // permutation-invariant over keys, so eviction just frees a slot; a new token fills the
 // lowest free slot; a block whose slots are all free goes back to the pool.
 //
+// In a quantized cache a table entry is either an open block of the float pool (new tokens
+// land only there) or a sealed block of the cache's quantized pool (sealed_[i] = 1): a float
+// block is quantized once, when all its slots are live, and a sealed block is never written
+// again; its tokens can still be evicted (their slots die) and it goes back to the pool with
+// its last token.
+//
 // The cache (cache.cpp, scores.cpp) maintains the invariants; kernels and plans only read.
 #pragma once
 
@@ -25,6 +31,7 @@ struct head_store {
   int64_t appended() const { return n_appended_; }  // tokens ever appended (logical length)
   int64_t n_slots() const { return static_cast<int64_t>(live_.size()); }
   const std::vector<block_id>& table() const { return table_; }
+  bool sealed(int64_t entry) const { return !sealed_.empty() && sealed_[entry] != 0; }
   bool live(int64_t slot) const { return live_[slot] != 0; }
   int32_t ord(int64_t slot) const { return ord_[slot]; }
   int32_t pos(int64_t slot) const { return pos_[slot]; }
@@ -36,6 +43,7 @@ struct head_store {
   const head_plan* plan() const { return plan_.get(); }
 
   std::vector<block_id> table_;          // [n_blocks], -1 = no block
+  std::vector<uint8_t> sealed_;          // [n_blocks] in a quantized cache (else empty): 1 = quantized pool
   std::vector<uint16_t> block_live_;     // [n_blocks] live slots per block
   std::vector<uint8_t> live_;            // [n_blocks * block_size]
   std::vector<int32_t> ord_;             // [n_blocks * block_size]

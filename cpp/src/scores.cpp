@@ -39,7 +39,7 @@ struct key_panels {
   int64_t n_panels = 0;
 };
 
-key_panels load_panels(const head_store& hs, const block_pool& pool) {
+key_panels load_panels(const head_store& hs, const block_pool& pool, const block_pool* qpool) {
   key_panels kp;
   for (int64_t sl = 0; sl < hs.n_slots(); ++sl)
     if (hs.live(sl)) kp.slots.push_back(sl);
@@ -54,11 +54,35 @@ key_panels load_panels(const head_store& hs, const block_pool& pool) {
   for (int64_t i = 0; i < L; ++i) {
     const int64_t sl = kp.slots[i];
     kp.ords[i] = hs.ord(sl);
-    rows[i] = static_cast<const char*>(pool.block_keys(hs.table()[sl / bs])) +
-              static_cast<size_t>(sl % bs) * D * dtype_size(pool.type());
+    rows[i] = hs.sealed(sl / bs) ? nullptr
+                                 : static_cast<const char*>(pool.block_keys(hs.table()[sl / bs])) +
+                                       static_cast<size_t>(sl % bs) * D * dtype_size(pool.type());
   }
   std::vector<float> keys(static_cast<size_t>(L * D));
-  if (L > 0) detail::ops_for(pool.device()).rows_to_host_f32(pool.device_id(), rows, pool.type(), D, keys.data());
+  if (qpool) {  // a quantized cache (host): sealed blocks dequantized, one at a time
+    std::vector<float> tile(static_cast<size_t>(2 * bs * D));
+    std::vector<std::pair<int64_t, int64_t>> sealed_rows;  // (entry, i)
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t e = kp.slots[i] / bs;
+      if (hs.sealed(e)) {
+        sealed_rows.push_back({e, i});
+        rows[i] = nullptr;
+      } else {
+        for (int64_t d = 0; d < D; ++d) keys[static_cast<size_t>(i * D + d)] = load_as_f32(rows[i], pool.type(), static_cast<size_t>(d));
+      }
+    }
+    std::sort(sealed_rows.begin(), sealed_rows.end());
+    int64_t cur = -1;
+    for (const auto& er : sealed_rows) {
+      if (er.first != cur) {
+        cur = er.first;
+        dequantize_block(*qpool->quant(), qpool->block_keys(hs.table()[cur]), bs, tile.data(), tile.data() + bs * D);
+      }
+      std::copy_n(tile.data() + (kp.slots[er.second] % bs) * D, D, keys.data() + er.second * D);
+    }
+  } else if (L > 0) {
+    detail::ops_for(pool.device()).rows_to_host_f32(pool.device_id(), rows, pool.type(), D, keys.data());
+  }
   for (int64_t i = 0; i < L; ++i) {
     float* dst = &kp.panels[static_cast<size_t>((i / detail::kPanel) * D * detail::kPanel + i % detail::kPanel)];
     for (int64_t d = 0; d < D; ++d) dst[d * detail::kPanel] = keys[static_cast<size_t>(i * D + d)];
@@ -110,20 +134,19 @@ void device_stats(const std::vector<const head_store*>& heads, const block_pool&
 // rows for all keys, then each row's softmax, then the probabilities added to the slots.
 constexpr int64_t kFewRows = 64;
 
-void accumulate_few(const std::vector<head_store*>& heads, const block_pool& pool, const tensor_view& q, int64_t G,
-                    int64_t H, float scale) {
+void accumulate_few(const std::vector<head_store*>& heads, const block_pool& pool, const block_pool* qpool,
+                    const tensor_view& q, int64_t G, int64_t H, float scale) {
   const int64_t Tq = q.shape[2], D = q.shape[3], rows = Tq * G;
   const int R = static_cast<int>((rows + 15) / 16 * 16);
   const int bs = pool.block_size();
   const dtype kv_type = pool.type();
-  const size_t esz = dtype_size(kv_type);
   const detail::kernel_ops& ops = detail::select_ops(static_cast<int>(D));
   const float qscale = scale * 1.4426950408889634f;
   const int64_t qsz = static_cast<int64_t>(dtype_size(q.type));
   detail::parallel_for(static_cast<int64_t>(heads.size()), [&](int64_t bh, int) {
     head_store& hs = *heads[static_cast<size_t>(bh)];
     const int64_t b = bh / H, h = bh % H;
-    thread_local std::vector<float> qt, sc, kf;
+    thread_local std::vector<float> qt, sc, kf, dq;
     thread_local std::vector<int64_t> slot_of;
     if (hs.length() == 0) return;
     qt.assign(static_cast<size_t>(R * D), 0.f);
@@ -139,16 +162,26 @@ void accumulate_few(const std::vector<head_store*>& heads, const block_pool& poo
     int64_t n = 0;
     for (size_t bi = 0; bi < hs.table().size(); ++bi) {
       if (hs.table()[bi] < 0 || hs.block_live()[bi] == 0) continue;
-      const char* kb = static_cast<const char*>(pool.block_keys(hs.table()[bi]));
+      const char* kb;
+      dtype bt = kv_type;
+      if (hs.sealed(bi)) {  // a quantized block: its rows dequantized first
+        dq.resize(static_cast<size_t>(2 * bs * D));
+        ops.dequant(*qpool->quant(), qpool->block_keys(hs.table()[bi]), bs, dq.data(), dq.data() + bs * D);
+        kb = reinterpret_cast<const char*>(dq.data());
+        bt = dtype::f32;
+      } else {
+        kb = static_cast<const char*>(pool.block_keys(hs.table()[bi]));
+      }
+      const size_t besz = dtype_size(bt);
       const float* K = reinterpret_cast<const float*>(kb);
-      const bool in_place = kv_type == dtype::f32 && hs.block_live()[bi] == bs;  // fp32 rows read where they are
+      const bool in_place = bt == dtype::f32 && hs.block_live()[bi] == bs;  // fp32 rows read where they are
       int k = 0;
       for (int r = 0; r < bs; ++r) {
         const int64_t slot = static_cast<int64_t>(bi) * bs + r;
         if (!hs.live(slot)) continue;
         if (!in_place)
           for (int64_t d = 0; d < D; ++d)
-            kf[static_cast<size_t>(k * D + d)] = load_as_f32(kb + r * D * esz, kv_type, static_cast<size_t>(d));
+            kf[static_cast<size_t>(k * D + d)] = load_as_f32(kb + r * D * besz, bt, static_cast<size_t>(d));
         slot_of.push_back(slot);
         ++k;
       }
@@ -251,10 +284,12 @@ void for_each_query(const std::vector<key_panels>& keys, const std::vector<int64
 }
 
 // Panels of every (batch row, kv head) of one layer, built in parallel.
-std::vector<key_panels> layer_panels(const std::vector<const head_store*>& heads, const block_pool& pool) {
+std::vector<key_panels> layer_panels(const std::vector<const head_store*>& heads, const block_pool& pool,
+                                     const block_pool* qpool) {
   std::vector<key_panels> keys(heads.size());
-  detail::parallel_for(static_cast<int64_t>(heads.size()),
-                       [&](int64_t i, int) { keys[static_cast<size_t>(i)] = load_panels(*heads[static_cast<size_t>(i)], pool); });
+  detail::parallel_for(static_cast<int64_t>(heads.size()), [&](int64_t i, int) {
+    keys[static_cast<size_t>(i)] = load_panels(*heads[static_cast<size_t>(i)], pool, qpool);
+  });
   return keys;
 }
 
@@ -310,10 +345,10 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
   const host_query hq = query_on_host(q_in);
   const tensor_view& q = hq.view;
   if (q.shape[2] * G <= kFewRows) {  // a decode step (or a few tokens): straight from the blocks
-    accumulate_few(heads, *pool_, q, G, H, sc);
+    accumulate_few(heads, *pool_, qpool_.get(), q, G, H, sc);
     return;
   }
-  const std::vector<key_panels> keys = layer_panels(cheads, *pool_);
+  const std::vector<key_panels> keys = layer_panels(cheads, *pool_, qpool_.get());
   const int W = detail::pool_threads();
   std::vector<std::vector<float>> add(static_cast<size_t>(W) * heads.size());  // per worker, per head
   for_each_query(keys, appended, q, H, G, sc, [&](int worker, int64_t bh, int64_t, const float* p, int64_t n, float z) {
@@ -389,7 +424,7 @@ void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs
 #endif
   const host_query hq = query_on_host(q_in);
   const tensor_view& q = hq.view;
-  const std::vector<key_panels> keys = layer_panels(heads, c.pool());
+  const std::vector<key_panels> keys = layer_panels(heads, c.pool(), c.sealed_pool());
   // Per head, 0/1 masks over its keys (ord order): in the special set, in +punct's
   // additions, in +frequent's additions, in none of them (candidates for +local).
   const size_t BH = heads.size();

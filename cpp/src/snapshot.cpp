@@ -172,6 +172,7 @@ struct head_in {
 
 std::vector<uint8_t> cache::export_sequences(const std::vector<int64_t>& seqs) const {
   use_scope scope(*this, seqs, false, "export_sequences");
+  if (qpool_) fail_value("snapshots of a quantized cache are not supported yet (issue 15)");
   for (size_t i = 0; i < seqs.size(); ++i)
     for (size_t j = 0; j < i; ++j)
       if (seqs[i] == seqs[j]) fail_value("export_sequences: sequence " + std::to_string(seqs[i]) + " named twice");
@@ -256,6 +257,7 @@ std::vector<uint8_t> cache::export_sequences(const std::vector<int64_t>& seqs) c
 std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, bool keep_ids) {
   if (!data && size) fail_value("import_sequences: null data");
   std::unique_lock<std::shared_mutex> lock(seqs_mu_);  // structural: runs alone
+  if (qpool_) fail_value("snapshots of a quantized cache are not supported yet (issue 15)");
   reader r(data, size);
   if (size < 8 || std::memcmp(r.take(8, "magic"), kMagic, 8) != 0) bad("not a kvloom sequence snapshot (bad magic)");
   const uint32_t version = r.get<uint32_t>("version");

@@ -24,6 +24,18 @@ def kv_dtype_name(dtype) -> str:
     raise TypeError(f"unsupported KV dtype {dtype}; use torch.float32, torch.float16 or torch.bfloat16")
 
 
+QUANT_KV_DTYPES = {"int8": 8, "int4": 4, "int2": 2}
+
+
+def quant_bits(kv_dtype) -> int:
+    """Bits of a quantized KV storage name ("int8" | "int4" | "int2"); 0 for None."""
+    if kv_dtype is None:
+        return 0
+    if isinstance(kv_dtype, str) and kv_dtype.lower() in QUANT_KV_DTYPES:
+        return QUANT_KV_DTYPES[kv_dtype.lower()]
+    raise ValueError(f"kv_dtype must be one of {', '.join(QUANT_KV_DTYPES)} or None, got {kv_dtype!r}")
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return _NAMES[name]
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import _core, policies
-from ._tensors import as_tensor, host, kv_dtype_name, parse_device, torch_dtype, use_stream
+from ._tensors import as_tensor, host, kv_dtype_name, parse_device, quant_bits, torch_dtype, use_stream
 from .policies import Policy
 
 __all__ = ["BlockPool", "KVCache", "default_capacity_bytes", "make_policy"]
@@ -136,6 +136,12 @@ class KVCache:
             layer l reads (an earlier owner, or l itself). Readers hold no memory; appends go
             to owners. Default: no sharing.
         pool: share an existing :class:`kvloom.BlockPool` instead of making one.
+        kv_dtype: quantized storage, ``"int8"``, ``"int4"`` or ``"int2"`` (default None: ``dtype``
+            throughout). A block is quantized once all its slots are live and no append writes it
+            any more (and at the end of ``apply_policy``, after the policy's evictions), in
+            kvloom's block format (README, *Quantized KV*); the block being filled stays in
+            ``dtype``. Default block size 32 then. CPU only; appends must be finite and within
+            fp16's range; ``capacity_bytes`` bounds each of the two pools.
         device: where the blocks live: "cpu" (default) or a CUDA device ("cuda", "cuda:1");
             tensors passed in must be on it (positions and classes may be anywhere). CUDA work
             runs on torch's current stream.
@@ -143,17 +149,22 @@ class KVCache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, dtype=None, policy=None,
                  block_size: Optional[int] = None, capacity_bytes: Optional[int] = None, pool: Optional[BlockPool] = None,
-                 layer_store: Optional[Sequence[int]] = None, device=None):
+                 layer_store: Optional[Sequence[int]] = None, device=None, kv_dtype: Optional[str] = None):
         n_layers, n_kv_heads, head_dim = _int(n_layers, "n_layers"), _int(n_kv_heads, "n_kv_heads"), _int(head_dim, "head_dim")
+        bits = quant_bits(kv_dtype)
+        if bits and pool is not None:
+            raise ValueError("kv_dtype= makes the cache's own two pools (full precision and quantized); leave pool= out")
         if pool is not None:
             self._check_pool(pool, dtype, block_size, capacity_bytes, device)
         dev = parse_device(device)
+        if bits and dev.type != "cpu":
+            raise ValueError(f"kv_dtype={kv_dtype!r}: quantized KV storage runs on the CPU only (not built for CUDA yet)")
         if pool is None:
             name = kv_dtype_name(torch.float32 if dtype is None else dtype)
             if capacity_bytes is None:
                 capacity_bytes = default_capacity_bytes(dev)
             capacity_bytes = _int(capacity_bytes, "capacity_bytes")
-            block_size = 16 if block_size is None else _int(block_size, "block_size")
+            block_size = (32 if bits else 16) if block_size is None else _int(block_size, "block_size")
             if block_size <= 0:
                 raise ValueError(f"block_size must be >= 1, got {block_size}")
             elt = 4 if name == "float32" else 2
@@ -168,6 +179,11 @@ class KVCache:
         elif pool.head_dim != head_dim:
             raise ValueError(f"pool head_dim {pool.head_dim} != head_dim {head_dim}")
         self._pool = pool
+        self._qpool = None
+        if bits:
+            qbytes = _core.quant_block_bytes(bits, int(block_size), int(head_dim))  # validates head_dim
+            self._qpool = BlockPool(name, int(head_dim), int(block_size), max(1, min(int(capacity_bytes) // qbytes, 1 << 30)),
+                                    0, "cpu", 0, bits)
         self._device = torch.device(pool.device)
         self._policy = make_policy(policy)
         self._layer_policy: dict = {}  # layer -> Policy overriding self._policy
@@ -175,6 +191,8 @@ class KVCache:
         self._c = _core.Cache(pool, int(n_layers), int(n_kv_heads), self._policy.plan())
         if layer_store is not None:
             self._c.set_layer_sharing([int(x) for x in layer_store])
+        if self._qpool is not None:
+            self._c.set_quantized(self._qpool)
 
     @staticmethod
     def _check_pool(pool, dtype, block_size, capacity_bytes, device) -> None:
@@ -219,6 +237,16 @@ class KVCache:
     @property
     def pool(self) -> BlockPool:
         return self._pool
+
+    @property
+    def kv_dtype(self) -> Optional[str]:
+        """"int8", "int4" or "int2" for quantized storage, else None."""
+        return None if self._qpool is None else f"int{self._qpool.quant_bits}"
+
+    @property
+    def sealed_pool(self) -> Optional[BlockPool]:
+        """The pool of quantized blocks (kv_dtype), else None."""
+        return self._qpool
 
     @property
     def device(self) -> torch.device:
@@ -505,7 +533,8 @@ class KVCache:
 
     # --- memory -------------------------------------------------------------------------
     def memory_bytes(self) -> int:
-        """Exact bytes held: distinct live blocks of this cache x block bytes."""
+        """Exact bytes held: distinct live blocks of this cache x block bytes (quantized blocks,
+        scales included, at their own size)."""
         return self._c.memory_bytes()
 
     def blocks_held(self) -> int:
@@ -513,6 +542,10 @@ class KVCache:
 
     def block_table(self, layer: int, head: int, seq: int) -> List[int]:
         return self._c.block_table(_int(layer, "layer"), _int(head, "head"), _int(seq, "seq"))
+
+    def sealed_blocks(self, layer: int, head: int, seq: int) -> List[bool]:
+        """Per entry of :meth:`block_table`: True where the block is quantized (kv_dtype)."""
+        return [bool(x) for x in self._c.sealed_entries(_int(layer, "layer"), _int(head, "head"), _int(seq, "seq"))]
 
     def stats(self) -> dict:
         """Memory and per-sequence, per-layer, per-head live lengths and plans."""
@@ -527,6 +560,9 @@ class KVCache:
             "memory_bytes": self.memory_bytes(),
             "blocks_held": self.blocks_held(),
             "block_bytes": self._pool.block_bytes,
+            "kv_dtype": self.kv_dtype,
+            "sealed_block_bytes": None if self._qpool is None else self._qpool.block_bytes,
+            "sealed_blocks": None if self._qpool is None else self._qpool.used_blocks,
             "pool_used_blocks": self._pool.used_blocks,
             "pool_capacity_blocks": self._pool.capacity_blocks,
             "policy": self.policy_name,

@@ -103,7 +103,7 @@ def _generate(args, parser) -> int:
     policy = _policy(args, parser)
     model, tok = models.load(args.model)
     kvloom.enable(model)
-    cache = kvloom.Cache(model, policy=policy, tokenizer=tok)
+    cache = kvloom.Cache(model, policy=policy, tokenizer=tok, kv_dtype=args.kv_dtype)
     if tok.chat_template and not args.raw:
         enc = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
@@ -127,7 +127,8 @@ def _generate(args, parser) -> int:
     decode = t_end - clock.times[0] if clock.times else 0.0
     rate = f"{(n_new - 1) / decode:.1f} tokens/s" if n_new > 1 and decode > 0 else "n/a"
     print(f"\n[kvloom] prefill: {n_prompt} prompt tokens in {prefill:.2f} s; decode: {n_new} new tokens, "
-          f"{rate} after the first; KV {cache.memory_bytes() / 2**20:.2f} MiB held, policy {cache.policy_name}",
+          f"{rate} after the first; KV {cache.memory_bytes() / 2**20:.2f} MiB held, policy {cache.policy_name}"
+          + (f", {args.kv_dtype} storage" if args.kv_dtype else ""),
           file=sys.stderr)
     note = _evicted_nothing_note(cache, policy)
     if note:
@@ -261,6 +262,8 @@ def main(argv=None) -> int:
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="HF model path or id (default: the embedded SmolLM2-135M-Instruct)")
     _add_policy_options(g)
+    g.add_argument("--kv-dtype", default=None, type=str.lower, choices=["int8", "int4", "int2"],
+                   help="quantized KV storage (default: the model's dtype); see the README's Quantized KV")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")

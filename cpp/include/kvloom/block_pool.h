@@ -6,6 +6,10 @@
 // reallocates a chunk), so a pointer obtained from block_keys() stays valid while the
 // caller holds a reference to the block.
 //
+// A quantized pool (quant_bits 8, 4 or 2) holds blocks in kvloom's quantized format instead
+// (kvloom/quant.h: codes and scales of keys and values in one run of bytes at block_keys();
+// type() is uint8 and block_values() is meaningless); host memory only.
+//
 // A pool lives on one device: the host (default) or a CUDA device, whose blocks are device
 // memory that the host never dereferences (kvloom/device.h).
 //
@@ -25,6 +29,7 @@
 #include <vector>
 
 #include "kvloom/common.h"
+#include "kvloom/quant.h"
 #include "kvloom/tensor_view.h"
 
 namespace kvloom {
@@ -37,7 +42,7 @@ class block_pool {
   // limit; chunk_blocks how many blocks each arena chunk adds (0: a sensible default);
   // device/device_id where the blocks live (std::invalid_argument when that device is not built in).
   block_pool(dtype type, int head_dim, int block_size, int64_t capacity_blocks, int64_t chunk_blocks = 0,
-             device_kind device = device_kind::cpu, int device_id = 0);
+             device_kind device = device_kind::cpu, int device_id = 0, int quant_bits = 0);
   block_pool(const block_pool&) = delete;
   block_pool& operator=(const block_pool&) = delete;
   ~block_pool();
@@ -49,6 +54,8 @@ class block_pool {
   int64_t capacity_blocks() const { return capacity_; }
   device_kind device() const { return device_; }
   int device_id() const { return device_id_; }
+  // The block layout of a quantized pool, null for a float one.
+  const quant_layout* quant() const { return quant_bits_ ? &quant_ : nullptr; }
 
   // Allocates n blocks with reference count 1 into out[0..n). All or nothing: throws
   // capacity_error (nothing allocated) when fewer than n blocks are left.
@@ -80,6 +87,8 @@ class block_pool {
   const int64_t capacity_;
   const device_kind device_;
   const int device_id_;
+  const int quant_bits_;
+  quant_layout quant_;
   int64_t chunk_blocks_;
   size_t value_offset_;
   size_t block_bytes_;

@@ -82,6 +82,18 @@ class cache {
   void set_layer_sharing(const std::vector<int>& store_of);
   const std::vector<int>& layer_sharing() const { return layer_store_; }
 
+  // Quantized storage (KIVI at block granularity, kvloom/quant.h): blocks whose slots are all
+  // live are quantized into `sealed` (a quantized pool of this cache's head_dim and block_size,
+  // host memory) when an append no longer writes them and at the end of apply_policy (after
+  // the plan's evictions and compaction), so a plan's prompt eviction runs on full-precision
+  // K/V; new tokens land in full-precision blocks only. Each token is quantized once: sealed
+  // blocks are never rewritten or moved (compaction moves full-precision rows only), their
+  // evicted slots just die, and a sealed block returns to its pool with its last token. When
+  // the quantized pool is full, blocks stay in full precision (no error). Appends to a
+  // quantized cache need finite K/V within fp16's range. Only on a cache without sequences.
+  void set_quantized(std::shared_ptr<block_pool> sealed);
+  const block_pool* sealed_pool() const { return qpool_.get(); }
+
   // The default plan for sequences added from now on (existing heads keep their plans).
   void set_plan(std::shared_ptr<const head_plan> plan);
   const head_plan& default_plan() const { return *plan_; }
@@ -123,6 +135,8 @@ class cache {
   int64_t length(int layer, int head, int64_t seq) const;        // live tokens of one head
   std::vector<slot_info> live_slots(int layer, int head, int64_t seq) const;  // in slot order
   std::vector<block_id> block_table(int layer, int head, int64_t seq) const;  // -1 = hole
+  // Per block-table entry: 1 where the block is sealed (quantized pool), else 0.
+  std::vector<uint8_t> sealed_entries(int layer, int head, int64_t seq) const;
   std::string plan_name(int layer, int head, int64_t seq) const;  // the head's plan (short name)
   // Copies the live tokens of one head, ordered by `ord`, into k_out/v_out [length, D]
   // (any float dtype), ord_out/pos_out int32 [length] (either may be null).
@@ -140,7 +154,8 @@ class cache {
   std::vector<uint8_t> export_sequences(const std::vector<int64_t>& seqs) const;
   std::vector<int64_t> import_sequences(const uint8_t* data, size_t size, bool keep_ids = false);
 
-  // Exact bytes held: distinct live blocks referenced by this cache x block bytes.
+  // Exact bytes held: distinct live blocks referenced by this cache x block bytes (each
+  // pool's: full-precision and sealed blocks).
   size_t memory_bytes() const;
   int64_t blocks_held() const;
 
@@ -178,12 +193,17 @@ class cache {
   void release(head_store& hs);
   void free_slot(head_store& hs, int64_t slot, std::vector<block_id>* released = nullptr);
   void compact(head_store& hs);
+  // Quantizes the full-precision blocks of hs whose slots are all live (skip: entries to leave).
+  void seal_full(head_store& hs, const std::vector<uint8_t>* skip = nullptr);
+  void check_quantizable(const tensor_view& k, const tensor_view& v) const;
+  block_pool& pool_of(const head_store& hs, size_t entry) const;
   const std::shared_ptr<const head_plan>& plan_for(int layer) const {
     return layer_plan_[layer] ? layer_plan_[layer] : plan_;
   }
   size_t hidx(int layer, int head) const { return static_cast<size_t>(layer_store_[layer]) * n_kv_heads_ + head; }
 
   std::shared_ptr<block_pool> pool_;
+  std::shared_ptr<block_pool> qpool_;  // quantized storage (set_quantized), or null
   int n_layers_, n_kv_heads_;
   std::shared_ptr<const head_plan> plan_;
   std::vector<std::shared_ptr<const head_plan>> layer_plan_;  // [n_layers], null = plan_

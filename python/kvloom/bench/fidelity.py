@@ -35,13 +35,44 @@ def settings(prompt_keep: float = 0.5) -> Dict[str, object]:
     }
 
 
-def _make_cache(model, tok, setting, prompt_len: int):
+def _make_cache(model, tok, setting, prompt_len: int, kv_dtype=None):
+    """A cache for one run: a policy (None: Full), ("window", fraction of the prompt kept), or
+    a callable (model, tok, prompt_len) -> any transformers cache; kv_dtype for kvloom's."""
     import kvloom
 
+    if callable(setting) and not isinstance(setting, kvloom.policies.Policy):
+        return setting(model, tok, prompt_len)
     if isinstance(setting, tuple) and setting[0] == "window":
         keep = max(8, int(setting[1] * prompt_len))
-        return kvloom.Cache(model, policy=kvloom.Window(4, keep - 4))
-    return kvloom.Cache(model, policy=setting, tokenizer=tok)
+        return kvloom.Cache(model, policy=kvloom.Window(4, keep - 4), kv_dtype=kv_dtype)
+    return kvloom.Cache(model, policy=setting, tokenizer=tok, kv_dtype=kv_dtype)
+
+
+def kv_bytes(cache) -> int:
+    """Bytes a cache holds: kvloom's exact count, or the storage of every tensor another cache
+    (transformers' DynamicCache, QuantizedCache, ...) keeps, quantized tensors' parts included."""
+    if hasattr(cache, "memory_bytes"):
+        return int(cache.memory_bytes())
+    seen = set()
+
+    def walk(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):  # e.g. quanto's QBitsTensor
+                return sum(walk(getattr(obj, n)) for n in obj.__tensor_flatten__()[0])
+            st = obj.untyped_storage()
+            if st.data_ptr() in seen:
+                return 0
+            seen.add(st.data_ptr())
+            return st.nbytes()
+        if isinstance(obj, (list, tuple)):
+            return sum(walk(x) for x in obj)
+        if isinstance(obj, dict):
+            return sum(walk(x) for x in obj.values())
+        if hasattr(obj, "__dict__") and not isinstance(obj, type):
+            return sum(walk(v) for k, v in vars(obj).items() if k != "config")
+        return 0
+
+    return walk(getattr(cache, "layers", cache))
 
 
 def _essays() -> List[str]:
@@ -110,6 +141,10 @@ class Fidelity(Benchmark):
     name = "fidelity"
     help = "quality vs memory per policy: needle retrieval, perplexity through the cache, greedy agreement"
 
+    def settings(self, args) -> Dict[str, object]:
+        """name -> a policy, ("window", fraction), a cache factory, or [one of those, kv_dtype]."""
+        return settings()
+
     def add_options(self, p) -> None:
         add_common_options(p)
         p.add_argument("--lengths", type=ints, default=[1024, 2048], help="needle haystack tokens")
@@ -130,27 +165,30 @@ class Fidelity(Benchmark):
         held_out = tok("\n\n".join(_essays()[-8:]), add_special_tokens=False, return_tensors="pt")["input_ids"]
         ppl_ids = held_out[:, : args.ppl_prefix + args.ppl_tokens]
         agree_prompts = [c["ids"] for c in cases[: max(1, min(4, len(cases)))]]
-        sets = settings()
+        sets = self.settings(args)
         if args.only:
             sets = {k: v for k, v in sets.items() if k in args.only or k == "full"}
         work = [(name, "needle", i) for name in sets for i in range(len(cases))]
         work += [(name, "ppl", 0) for name in sets] + [(name, "agree", j) for name in sets for j in range(len(agree_prompts))]
         work.sort(key=lambda w: list(sets).index(w[0]))  # Full first: the others are measured against it
 
+        def make(setting, n):
+            setting, kv_dtype = setting if isinstance(setting, list) else (setting, None)  # [policy, kv_dtype]
+            return _make_cache(model, tok, setting, n, kv_dtype)
+
         def one(w):
             name, kind, i = w
             setting = sets[name]
             if kind == "needle":
                 c = cases[i]
-                cache = _make_cache(model, tok, setting, c["ids"].shape[1])
+                cache = make(setting, c["ids"].shape[1])
                 out, tps, _ = _greedy(model, c["ids"], cache, 24)
-                return {"hit": c["answer"] in tok.decode(out, skip_special_tokens=True), "bytes": cache.memory_bytes(),
+                return {"hit": c["answer"] in tok.decode(out, skip_special_tokens=True), "bytes": kv_bytes(cache),
                         "tok_s": tps}
             if kind == "ppl":
-                return {"ppl": _perplexity(model, ppl_ids, _make_cache(model, tok, setting, args.ppl_prefix),
-                                           args.ppl_prefix)}
+                return {"ppl": _perplexity(model, ppl_ids, make(setting, args.ppl_prefix), args.ppl_prefix)}
             ids = agree_prompts[i]
-            return {"tokens": _greedy(model, ids, _make_cache(model, tok, setting, ids.shape[1]), args.agree_tokens)[0]}
+            return {"tokens": _greedy(model, ids, make(setting, ids.shape[1]), args.agree_tokens)[0]}
 
         results = dict(zip(work, self.grid(work, one, postfix=lambda w, r: f"{w[0]} {w[1]}")))
         rows = []

@@ -112,11 +112,14 @@ class LoomCache(_HFCache):
         model: the (supported) transformers model the cache is for.
         policy: eviction policy for full-attention layers (``kvloom.Full()`` by default).
         dtype: KV storage dtype (default: the model's dtype).
-        block_size, capacity_bytes: see :class:`kvloom.KVCache`.
+        kv_dtype: quantized storage, ``"int8"``, ``"int4"`` or ``"int2"`` (default None): blocks are
+            quantized once full, after the policy has evicted from the prompt (the block being
+            filled stays in ``dtype``; see :class:`kvloom.KVCache` and the README's *Quantized KV*).
+        block_size, capacity_bytes: see :class:`kvloom.KVCache` (block size: 16, or 32 with kv_dtype).
     """
 
-    def __init__(self, model, policy=None, *, tokenizer=None, dtype=None, block_size: int = 16,
-                 capacity_bytes: Optional[int] = None):
+    def __init__(self, model, policy=None, *, tokenizer=None, dtype=None, block_size: Optional[int] = None,
+                 capacity_bytes: Optional[int] = None, kv_dtype: Optional[str] = None):
         geo = arch.geometry(model)
         self.geometry = geo
         dtype = dtype or getattr(model, "dtype", torch.float32)
@@ -129,7 +132,7 @@ class LoomCache(_HFCache):
         self._store = arch.layer_store(model) or list(range(geo.n_layers))  # CLA: the layer each layer reads
         device = next(model.parameters()).device
         self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=self.policy,
-                          block_size=block_size, capacity_bytes=capacity_bytes, device=device,
+                          block_size=block_size, capacity_bytes=capacity_bytes, device=device, kv_dtype=kv_dtype,
                           layer_store=None if self._store == list(range(geo.n_layers)) else self._store)
         self._class_table = None
         self._ids = None
