@@ -266,5 +266,52 @@ def test_quantized_cache_bad_input_changes_nothing():
         kvloom.KVCache(1, 2, 12, kv_dtype="int8")
     with pytest.raises(ValueError, match="leave pool= out"):
         kvloom.KVCache(1, 2, 16, kv_dtype="int8", pool=c.pool)
-    with pytest.raises(ValueError, match="not supported yet"):
-        c.save("/tmp/never-written.kvloom")
+
+
+def test_quantized_snapshot_round_trip(tmp_path):
+    """Snapshots carry sealed blocks as they are: a loaded cache holds every token bit for bit,
+    the same sealed blocks and bytes, and goes on sealing as the original does."""
+    g = torch.Generator().manual_seed(3)
+    c = kvloom.KVCache(2, 2, 16, kv_dtype="int4", block_size=4, policy=kvloom.Window(sinks=1, recent=9))
+    a = c.add_sequence()
+    for n in (11, 1, 6, 1):
+        for layer in range(2):
+            c.append(layer, a, torch.randn(2, n, 16, generator=g), torch.randn(2, n, 16, generator=g))
+            c.apply_policy(layer, a)
+    b = c.fork(a)
+    for layer in range(2):
+        c.append(layer, b, torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g))
+    c.save(tmp_path / "q.kvloom")
+    d = kvloom.KVCache.load(tmp_path / "q.kvloom")
+    assert d.kv_dtype == "int4" and d.sequences() == [a, b] and d.memory_bytes() == c.memory_bytes()
+    for s in (a, b):
+        for layer in range(2):
+            for h in range(2):
+                assert d.sealed_blocks(layer, h, s) == c.sealed_blocks(layer, h, s)
+                for x, y in zip(c.gather(layer, h, s), d.gather(layer, h, s)):
+                    assert torch.equal(x, y)
+    k, v = torch.randn(2, 4, 16, generator=g), torch.randn(2, 4, 16, generator=g)
+    for cache in (c, d):
+        for layer in range(2):
+            cache.append(layer, a, k, v)
+            cache.apply_policy(layer, a)
+    assert all(torch.equal(x, y) for x, y in zip(c.gather(1, 1, a), d.gather(1, 1, a)))
+    plain = kvloom.KVCache(2, 2, 16, block_size=4, policy=kvloom.Window(sinks=1, recent=9))
+    with pytest.raises(kvloom.SnapshotError, match="no quantized storage"):
+        plain.restore(tmp_path / "q.kvloom")
+    assert plain.memory_bytes() == 0
+
+
+def test_transformers_cache_snapshot_with_quantized_storage(tmp_path):
+    from policy_suite import tiny_llama
+    from test_snapshot import greedy
+
+    model = tiny_llama()
+    cache = kvloom.Cache(model, kv_dtype="int8", block_size=4)
+    first, _ = greedy(model, cache, torch.randint(4, 128, (1, 30), generator=torch.Generator().manual_seed(4)), 6)
+    cache.save(tmp_path / "c.kvloom")
+    back = kvloom.Cache.load(tmp_path / "c.kvloom", model)
+    assert back.kv.kv_dtype == "int8" and back.memory_bytes() == cache.memory_bytes()
+    a, la = greedy(model, cache, torch.tensor([[first[-1]]]), 9)
+    b, lb = greedy(model, back, torch.tensor([[first[-1]]]), 9)
+    assert a == b and torch.equal(la, lb)

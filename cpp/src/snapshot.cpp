@@ -15,6 +15,13 @@
 //       rows live in no head written as zeros
 //   magic "KVLSEND1"
 //
+// Version 2 (a cache with quantized storage, cache::set_quantized) differs in three places:
+//   u32 quant_bits follows n_kv_heads; u64 n_sealed follows n_blocks; a table entry <= -2 names
+//   sealed block -(entry + 2); after the full-precision blocks come n_sealed quantized blocks
+//   of quant_layout::bytes each (kvloom/quant.h), the codes and value scales of rows live in no
+//   head written as zeros (the key scales are the block's: they were computed when it sealed).
+// A version-1 blob loads into a quantized cache too (its blocks are all full precision).
+//
 // The importer reads the whole blob and checks every count, index and value against the
 // bytes present and against this cache (geometry, layer sharing, plans re-made by name)
 // before it allocates anything; then it takes every block at once (all or nothing) and only
@@ -42,6 +49,7 @@ namespace {
 constexpr char kMagic[9] = "KVLSNAP1";
 constexpr char kEnd[9] = "KVLSEND1";
 constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersionQuant = 2;
 constexpr uint32_t kNoPlan = 0xffffffffu;
 constexpr int64_t kMaxSeqId = int64_t(1) << 24;
 
@@ -172,7 +180,6 @@ struct head_in {
 
 std::vector<uint8_t> cache::export_sequences(const std::vector<int64_t>& seqs) const {
   use_scope scope(*this, seqs, false, "export_sequences");
-  if (qpool_) fail_value("snapshots of a quantized cache are not supported yet (issue 15)");
   for (size_t i = 0; i < seqs.size(); ++i)
     for (size_t j = 0; j < i; ++j)
       if (seqs[i] == seqs[j]) fail_value("export_sequences: sequence " + std::to_string(seqs[i]) + " named twice");
@@ -181,17 +188,18 @@ std::vector<uint8_t> cache::export_sequences(const std::vector<int64_t>& seqs) c
   const size_t row = static_cast<size_t>(D) * dtype_size(pool_->type());
   writer w;
   w.put_array(kMagic, 8);
-  w.put<uint32_t>(kVersion);
+  w.put<uint32_t>(qpool_ ? kVersionQuant : kVersion);
   for (uint32_t x : {dtype_code(pool_->type()), static_cast<uint32_t>(D), static_cast<uint32_t>(bs),
                      static_cast<uint32_t>(n_layers_), static_cast<uint32_t>(n_kv_heads_)})
     w.put<uint32_t>(x);
+  if (qpool_) w.put<uint32_t>(static_cast<uint32_t>(qpool_->quant()->bits));
   for (int l = 0; l < n_layers_; ++l) w.put<int32_t>(layer_store_[l]);
   // distinct plans and blocks, in first-use order
   std::vector<const head_plan*> plans;
   std::unordered_map<const head_plan*, uint32_t> plan_ix;
-  std::vector<block_id> blocks;
-  std::unordered_map<block_id, int64_t> block_ix;
-  std::vector<std::vector<uint8_t>> row_live;  // per block: rows live in some head
+  std::vector<block_id> blocks, sealed;
+  std::unordered_map<block_id, int64_t> block_ix, sealed_ix;
+  std::vector<std::vector<uint8_t>> row_live, sealed_live;  // per block: rows live in some head
   for (int64_t id : seqs) {
     const sequence& s = seq_ref(id);
     for (const head_store& hs : s.heads) {
@@ -202,19 +210,24 @@ std::vector<uint8_t> cache::export_sequences(const std::vector<int64_t>& seqs) c
       for (size_t e = 0; e < hs.table_.size(); ++e) {
         const block_id b = hs.table_[e];
         if (b < 0) continue;
-        auto it = block_ix.find(b);
-        if (it == block_ix.end()) {
-          it = block_ix.emplace(b, static_cast<int64_t>(blocks.size())).first;
-          blocks.push_back(b);
-          row_live.emplace_back(static_cast<size_t>(bs), 0);
+        const bool q = hs.sealed(e);
+        auto& ix = q ? sealed_ix : block_ix;
+        auto& list = q ? sealed : blocks;
+        auto& lv = q ? sealed_live : row_live;
+        auto it = ix.find(b);
+        if (it == ix.end()) {
+          it = ix.emplace(b, static_cast<int64_t>(list.size())).first;
+          list.push_back(b);
+          lv.emplace_back(static_cast<size_t>(bs), 0);
         }
-        for (int r = 0; r < bs; ++r) row_live[it->second][r] |= hs.live_[e * bs + r];
+        for (int r = 0; r < bs; ++r) lv[it->second][r] |= hs.live_[e * bs + r];
       }
     }
   }
   w.put<uint32_t>(static_cast<uint32_t>(plans.size()));
   for (const head_plan* p : plans) put_plan(w, *p);
   w.put<uint64_t>(static_cast<uint64_t>(blocks.size()));
+  if (qpool_) w.put<uint64_t>(static_cast<uint64_t>(sealed.size()));
   w.put<uint32_t>(static_cast<uint32_t>(seqs.size()));
   for (int64_t id : seqs) {
     const sequence& s = seq_ref(id);
@@ -226,7 +239,10 @@ std::vector<uint8_t> cache::export_sequences(const std::vector<int64_t>& seqs) c
         w.put<int64_t>(hs.n_appended_);
         w.put<uint32_t>(hs.plan_ ? plan_ix.at(hs.plan_.get()) : kNoPlan);
         w.put<uint32_t>(static_cast<uint32_t>(hs.table_.size()));
-        for (block_id b : hs.table_) w.put<int64_t>(b < 0 ? -1 : block_ix.at(b));
+        for (size_t e = 0; e < hs.table_.size(); ++e) {
+          const block_id b = hs.table_[e];
+          w.put<int64_t>(b < 0 ? -1 : hs.sealed(e) ? -2 - sealed_ix.at(b) : block_ix.at(b));
+        }
         const size_t n = hs.live_.size();
         w.put_array(hs.live_.data(), n);
         w.put_array(hs.ord_.data(), n);
@@ -250,6 +266,23 @@ std::vector<uint8_t> cache::export_sequences(const std::vector<int64_t>& seqs) c
       }
     w.put_array(tmp.data(), tmp.size());
   }
+  if (qpool_) {  // sealed blocks (host memory), dead rows' codes and value scales zeroed
+    const quant_layout& L = *qpool_->quant();
+    const size_t rb = L.code_row_bytes();
+    std::vector<uint8_t> qb(L.bytes);
+    for (size_t i = 0; i < sealed.size(); ++i) {
+      std::memcpy(qb.data(), qpool_->block_keys(sealed[i]), L.bytes);
+      auto* vmin = reinterpret_cast<uint16_t*>(qb.data() + L.value_params);
+      auto* vstep = vmin + static_cast<size_t>(bs) * L.value_groups();
+      for (int r = 0; r < bs; ++r)
+        if (!sealed_live[i][r]) {
+          std::memset(qb.data() + r * rb, 0, rb);
+          std::memset(qb.data() + L.value_codes + r * rb, 0, rb);
+          for (int g = 0; g < L.value_groups(); ++g) vmin[g * bs + r] = vstep[g * bs + r] = 0;
+        }
+      w.put_array(qb.data(), qb.size());
+    }
+  }
   w.put_array(kEnd, 8);
   return std::move(w.buf);
 }
@@ -257,12 +290,12 @@ std::vector<uint8_t> cache::export_sequences(const std::vector<int64_t>& seqs) c
 std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, bool keep_ids) {
   if (!data && size) fail_value("import_sequences: null data");
   std::unique_lock<std::shared_mutex> lock(seqs_mu_);  // structural: runs alone
-  if (qpool_) fail_value("snapshots of a quantized cache are not supported yet (issue 15)");
   reader r(data, size);
   if (size < 8 || std::memcmp(r.take(8, "magic"), kMagic, 8) != 0) bad("not a kvloom sequence snapshot (bad magic)");
   const uint32_t version = r.get<uint32_t>("version");
-  if (version != kVersion)
-    bad("format version " + std::to_string(version) + ", this kvloom reads version " + std::to_string(kVersion));
+  if (version != kVersion && version != kVersionQuant)
+    bad("format version " + std::to_string(version) + ", this kvloom reads versions " + std::to_string(kVersion) +
+        " and " + std::to_string(kVersionQuant));
   const int bs = pool_->block_size();
   const int64_t D = pool_->head_dim();
   const uint32_t want[5] = {dtype_code(pool_->type()), static_cast<uint32_t>(D), static_cast<uint32_t>(bs),
@@ -273,6 +306,14 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
     if (got != want[i])
       bad(std::string("made for ") + names[i] + " " + std::to_string(got) + ", this cache has " + std::to_string(want[i]));
   }
+  const bool quant = version == kVersionQuant;
+  if (quant) {
+    const uint32_t bits = r.get<uint32_t>("quantized bits");
+    const uint32_t mine = qpool_ ? static_cast<uint32_t>(qpool_->quant()->bits) : 0;
+    if (bits != mine)
+      bad("made for int" + std::to_string(bits) + " storage, this cache has " +
+          (mine ? "int" + std::to_string(mine) : std::string("no quantized storage")));
+  }
   for (int l = 0; l < n_layers_; ++l)
     if (r.get<int32_t>("layer sharing") != layer_store_[l])
       bad("made with other layer sharing (layer " + std::to_string(l) + ")");
@@ -281,12 +322,14 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
   for (uint64_t i = 0; i < n_plans; ++i) plans.push_back(get_plan(r, static_cast<uint32_t>(i)));
   const size_t half = static_cast<size_t>(bs) * static_cast<size_t>(D) * dtype_size(pool_->type());
   const uint64_t n_blocks = r.count("block count", 2 * half, true);
+  const size_t qbytes = quant ? qpool_->quant()->bytes : 0;
+  const uint64_t n_sealed = quant ? r.count("sealed block count", qbytes, true) : 0;
   const uint64_t n_seqs = r.count("sequence count", 8);
   int n_owner = 0;
   for (int l = 0; l < n_layers_; ++l) n_owner += layer_store_[l] == l;
   std::vector<int64_t> ids(static_cast<size_t>(n_seqs));
   std::vector<std::vector<head_in>> heads(static_cast<size_t>(n_seqs));
-  std::vector<int64_t> refs(static_cast<size_t>(n_blocks), 0);
+  std::vector<int64_t> refs(static_cast<size_t>(n_blocks), 0), qrefs(static_cast<size_t>(n_sealed), 0);
   for (uint64_t si = 0; si < n_seqs; ++si) {
     ids[si] = r.get<int64_t>("sequence id");
     const std::string where = "sequence " + std::to_string(ids[si]);
@@ -323,18 +366,28 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
         r.get_array(hs.cls_.data(), n, "classes");
         hs.table_.assign(static_cast<size_t>(n_table), -1);
         hs.block_live_.assign(static_cast<size_t>(n_table), 0);
+        if (qpool_) hs.sealed_.assign(static_cast<size_t>(n_table), 0);
         std::vector<int32_t> live_ords;
         for (size_t e = 0; e < hi.blocks.size(); ++e) {
           const int64_t b = hi.blocks[e];
-          if (b < -1 || b >= static_cast<int64_t>(n_blocks)) bad(at + ": block index " + std::to_string(b) + " out of range");
-          for (size_t e2 = 0; b >= 0 && e2 < e; ++e2)
+          const bool q = b <= -2;
+          if (q && (-2 - b) >= static_cast<int64_t>(n_sealed))
+            bad(at + ": sealed block index " + std::to_string(-2 - b) + " out of range");
+          if (!q && (b < -1 || b >= static_cast<int64_t>(n_blocks)))
+            bad(at + ": block index " + std::to_string(b) + " out of range");
+          for (size_t e2 = 0; b != -1 && e2 < e; ++e2)
             if (hi.blocks[e2] == b) bad(at + ": block " + std::to_string(b) + " twice in one table");
-          if (b >= 0) ++refs[b];
+          if (q) {
+            ++qrefs[-2 - b];
+            hs.sealed_[e] = 1;
+          } else if (b >= 0) {
+            ++refs[b];
+          }
           for (int k = 0; k < bs; ++k) {
             const size_t sl = e * bs + k;
             if (hs.live_[sl] > 1) bad(at + ": live flag " + std::to_string(hs.live_[sl]));
             if (!hs.live_[sl]) continue;
-            if (b < 0) bad(at + ": a live slot in a table hole");
+            if (b == -1) bad(at + ": a live slot in a table hole");
             const int32_t o = hs.ord_[sl];
             if (o < 0 || o >= hs.n_appended_) bad(at + ": token index " + std::to_string(o) + " out of range");
             live_ords.push_back(o);
@@ -350,10 +403,13 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
   }
   for (uint64_t b = 0; b < n_blocks; ++b)
     if (refs[b] == 0) bad("block " + std::to_string(b) + " is used by no head");
-  if (r.left() != n_blocks * 2 * half + 8)
-    bad("block data: " + std::to_string(r.left()) + " bytes where " + std::to_string(n_blocks * 2 * half + 8) +
-        " were expected (truncated or corrupted)");
+  for (uint64_t b = 0; b < n_sealed; ++b)
+    if (qrefs[b] == 0) bad("sealed block " + std::to_string(b) + " is used by no head");
+  if (r.left() != n_blocks * 2 * half + n_sealed * qbytes + 8)
+    bad("block data: " + std::to_string(r.left()) + " bytes where " +
+        std::to_string(n_blocks * 2 * half + n_sealed * qbytes + 8) + " were expected (truncated or corrupted)");
   const uint8_t* block_data = r.take(n_blocks * 2 * half, "block data");
+  const uint8_t* sealed_data = r.take(n_sealed * qbytes, "sealed block data");
   if (std::memcmp(r.take(8, "end marker"), kEnd, 8) != 0) bad("bad end marker (truncated or corrupted)");
   if (keep_ids)
     for (int64_t id : ids)
@@ -361,8 +417,18 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
         bad("sequence id " + std::to_string(id) + " is taken in this cache (load into a fresh cache to keep ids)");
 
   // Everything checked: take the blocks (all or nothing), fill them, link the sequences.
-  std::vector<block_id> got(static_cast<size_t>(n_blocks));
-  if (n_blocks) pool_->alloc(static_cast<int64_t>(n_blocks), got.data());
+  std::vector<block_id> got(static_cast<size_t>(n_blocks)), qgot(static_cast<size_t>(n_sealed));
+  if (n_sealed) qpool_->alloc(static_cast<int64_t>(n_sealed), qgot.data());
+  try {
+    if (n_blocks) pool_->alloc(static_cast<int64_t>(n_blocks), got.data());
+  } catch (...) {
+    if (n_sealed) qpool_->decref_many(qgot.data(), qgot.size());
+    throw;
+  }
+  for (uint64_t b = 0; b < n_sealed; ++b) {  // host memory: plain copies that cannot fail
+    std::memcpy(qpool_->block_keys(qgot[b]), sealed_data + b * qbytes, qbytes);
+    for (int64_t k = 1; k < qrefs[b]; ++k) qpool_->incref(qgot[b]);
+  }
   try {
     const detail::device_ops& ops = detail::ops_for(pool_->device());
     for (uint64_t b = 0; b < n_blocks; ++b) {
@@ -372,6 +438,8 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
     }
   } catch (...) {
     pool_->decref_many(got.data(), got.size());
+    for (uint64_t b = 0; b < n_sealed; ++b)
+      for (int64_t k = 0; k < qrefs[b]; ++k) qpool_->decref(qgot[b]);
     throw;
   }
   std::vector<int64_t> out;
@@ -388,7 +456,10 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
       if (layer_store_[l] != l) continue;
       for (int h = 0; h < n_kv_heads_; ++h) {
         head_in& hi = heads[si][static_cast<size_t>(oi) * n_kv_heads_ + h];
-        for (size_t e = 0; e < hi.blocks.size(); ++e) hi.hs.table_[e] = hi.blocks[e] < 0 ? -1 : got[hi.blocks[e]];
+        for (size_t e = 0; e < hi.blocks.size(); ++e) {
+          const int64_t b = hi.blocks[e];
+          hi.hs.table_[e] = b == -1 ? -1 : b <= -2 ? qgot[-2 - b] : got[b];
+        }
         if (!hi.hs.plan_) hi.hs.plan_ = plan_for(l);
         s->heads[hidx(l, h)] = std::move(hi.hs);
       }

@@ -496,6 +496,7 @@ class KVCache:
 
         return {"n_layers": self.n_layers, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
                 "dtype": self._c.dtype, "block_size": self.block_size, "layer_store": self.layer_store,
+                "kv_dtype": self.kv_dtype,
                 "policy": pol(self._policy), "layer_policies": {str(k): pol(v) for k, v in self._layer_policy.items()},
                 "layer_windows": {str(k): v for k, v in self._layer_window.items()}}
 
@@ -510,7 +511,7 @@ class KVCache:
             geo = [need(meta, k, int, where) for k in ("n_layers", "n_kv_heads", "head_dim", "block_size")]
             layer_store = need(meta, "layer_store", list, where)
             cache = cls(geo[0], geo[1], geo[2], dtype=need(meta, "dtype", str, where), block_size=geo[3],
-                        policy=policy(meta.get("policy")), layer_store=layer_store, **kw)
+                        policy=policy(meta.get("policy")), layer_store=layer_store, kv_dtype=meta.get("kv_dtype"), **kw)
             for k, v in need(meta, "layer_policies", dict, where).items():
                 cache.set_layer_policy(int(k), policy(v))
             for k, v in need(meta, "layer_windows", dict, where).items():

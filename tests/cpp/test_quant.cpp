@@ -113,7 +113,6 @@ TEST(quantized_cache_refuses_what_it_cannot_store) {
   CHECK_THROWS(c.append(0, s, view(k.data(), dtype::f32, {1, 3, kD}), view(v.data(), dtype::f32, {1, 3, kD}), nullptr),
                std::invalid_argument);
   CHECK_EQ(c.seq_length(s), int64_t(0));
-  CHECK_THROWS(c.export_sequences({s}), std::invalid_argument);
   CHECK_THROWS(block_pool(dtype::f32, 12, 4, 8, 0, device_kind::cpu, 0, 4), std::invalid_argument);  // D % 8
   CHECK_THROWS(block_pool(dtype::f32, 16, 4, 8, 0, device_kind::cpu, 0, 3), std::invalid_argument);  // bits
 }
@@ -155,4 +154,50 @@ TEST(concurrent_quantized_appends_into_forks) {
   for (int64_t s : c.seq_ids()) c.seq_drop(s);
   CHECK_EQ(pool->used_blocks(), 0);
   CHECK_EQ(qpool->used_blocks(), 0);
+}
+
+// Snapshot version 2: sealed blocks travel as they are (no re-quantization), shared once; the
+// importer checks the format and restores every token bit for bit, or refuses and takes nothing.
+TEST(quantized_snapshot_round_trip) {
+  auto make = [](int bits) {
+    auto c = std::make_unique<cache>(std::make_shared<block_pool>(dtype::f32, kD, kBs, 256, 8), 1, 2, nullptr);
+    if (bits) c->set_quantized(std::make_shared<block_pool>(dtype::f32, kD, kBs, 256, 8, device_kind::cpu, 0, bits));
+    return c;
+  };
+  auto src = make(4);
+  kvtest::lcg rng(11);
+  const int64_t a = src->seq_add();
+  append_random(*src, a, 13, rng);
+  append_random(*src, a, 1, rng);
+  const int32_t ev[2] = {1, 6};
+  src->evict(0, 1, a, ev, 2);  // dead rows inside sealed blocks
+  const int64_t b = src->seq_fork(a);
+  append_random(*src, b, 5, rng);
+  const std::vector<uint8_t> blob = src->export_sequences({a, b});
+  auto dst = make(4);
+  const std::vector<int64_t> ids = dst->import_sequences(blob.data(), blob.size());
+  CHECK_EQ(ids.size(), size_t(2));
+  CHECK_EQ(dst->memory_bytes(), src->memory_bytes());  // forks still share
+  for (int i = 0; i < 2; ++i)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t s0 = i ? b : a, s1 = ids[i];
+      CHECK(src->sealed_entries(0, h, s0) == dst->sealed_entries(0, h, s1));
+      const int64_t L = src->length(0, h, s0);
+      CHECK_EQ(dst->length(0, h, s1), L);
+      std::vector<float> k0(L * kD), v0(L * kD), k1(L * kD), v1(L * kD);
+      src->gather(0, h, s0, view(k0.data(), dtype::f32, {L, kD}), view(v0.data(), dtype::f32, {L, kD}), nullptr, nullptr);
+      dst->gather(0, h, s1, view(k1.data(), dtype::f32, {L, kD}), view(v1.data(), dtype::f32, {L, kD}), nullptr, nullptr);
+      CHECK(k0 == k1 && v0 == v1);
+    }
+  for (int bits : {0, 8}) {  // another format, or none: refused, nothing taken
+    auto other = make(bits);
+    CHECK_THROWS(other->import_sequences(blob.data(), blob.size()), std::invalid_argument);
+    CHECK_EQ(other->memory_bytes(), size_t(0));
+  }
+  for (size_t cut : {blob.size() - 9, blob.size() / 2}) {
+    auto d2 = make(4);
+    CHECK_THROWS(d2->import_sequences(blob.data(), cut), std::invalid_argument);
+    CHECK_EQ(d2->pool().used_blocks(), 0);
+    CHECK_EQ(d2->sealed_pool()->used_blocks(), 0);
+  }
 }

@@ -446,7 +446,7 @@ class LoomCache(_HFCache):
         policy = policy_from(kvm.get("policy"), where)
         try:
             cache = cls(model, policy, tokenizer=tokenizer, dtype=torch_dtype(kvm["dtype"]),
-                        block_size=kvm["block_size"], capacity_bytes=capacity_bytes)
+                        block_size=kvm["block_size"], capacity_bytes=capacity_bytes, kv_dtype=kvm.get("kv_dtype"))
         except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
             raise SnapshotError(f"{where}: its cache settings cannot be used here: {e}") from None
         ids = cache.kv._import(sections, where, keep_ids=True)
