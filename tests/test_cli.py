@@ -52,6 +52,21 @@ def test_bench_e2e_on_default_model_small(tmp_path, capsys):
     assert "| prompt tokens |" in capsys.readouterr().out
 
 
+def test_bench_quant_small(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["bench", "quant", "--lengths", "160", "--depths", "0.5", "--seeds", "1", "--ppl-prefix", "64",
+                     "--ppl-tokens", "8", "--agree-tokens", "4", "--formats", "int8", "--policies", "full,window",
+                     "--backends", "quanto", "--out", str(out)]) == 0
+    data = json.loads((out / "quant.json").read_text())
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert {"full", "window", "int8", "int8 + window"} <= set(rows)
+    assert rows["int8"]["kv_bytes_vs_full"] < 0.5 and rows["int8 + window"]["kv_bytes_vs_full"] < rows["window"]["kv_bytes_vs_full"]
+    # transformers' QuantizedCache runs beside it where quanto imports, else the table says why not
+    assert "QuantizedCache int4 (quanto)" in rows or any("quanto" in m for m in data["not_run"])
+    assert cli.main(["bench", "quant", "--formats", "int3", "--out", str(out)]) == 2
+    assert "unknown --formats ['int3']" in capsys.readouterr().err
+
+
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     assert "CPU kernels" in capsys.readouterr().out

@@ -549,7 +549,6 @@ void cache::seal_full(head_store& hs, const std::vector<uint8_t>* skip) {
   const int bs = pool_->block_size();
   const int64_t D = pool_->head_dim();
   const dtype t = pool_->type();
-  const size_t esz = dtype_size(t);
   hs.sealed_.resize(hs.table_.size(), 0);
   thread_local std::vector<float> kf, vf;
   for (size_t bi = 0; bi < hs.table_.size(); ++bi) {
@@ -568,7 +567,6 @@ void cache::seal_full(head_store& hs, const std::vector<uint8_t>* skip) {
       kf[static_cast<size_t>(i)] = load_as_f32(kb, t, static_cast<size_t>(i));
       vf[static_cast<size_t>(i)] = load_as_f32(vb, t, static_cast<size_t>(i));
     }
-    (void)esz;
     try {
       quantize_block(*qpool_->quant(), kf.data(), vf.data(), bs, nullptr, qpool_->block_keys(qb));
     } catch (const std::invalid_argument&) {  // out of fp16's range after rounding to the storage dtype

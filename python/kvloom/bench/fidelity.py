@@ -159,13 +159,13 @@ class Fidelity(Benchmark):
         import kvloom
         from kvloom import models
 
+        sets = self.settings(args)  # (bad settings fail before the model loads)
         model, tok = models.load(args.model)
         kvloom.enable(model)
         cases = needle_cases(tok, args.lengths, args.depths, args.seeds)
         held_out = tok("\n\n".join(_essays()[-8:]), add_special_tokens=False, return_tensors="pt")["input_ids"]
         ppl_ids = held_out[:, : args.ppl_prefix + args.ppl_tokens]
         agree_prompts = [c["ids"] for c in cases[: max(1, min(4, len(cases)))]]
-        sets = self.settings(args)
         if args.only:
             sets = {k: v for k, v in sets.items() if k in args.only or k == "full"}
         work = [(name, "needle", i) for name in sets for i in range(len(cases))]

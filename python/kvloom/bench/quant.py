@@ -5,8 +5,8 @@ For int8 / int4 / int2 (``kvloom.Cache(model, kv_dtype=...)``) alone and with Wi
 the prompt), FastGen and Task-KV: real KV bytes vs Full in the model's dtype, perplexity of
 held-out essay text decoded through the cache, needle retrieval, greedy agreement with Full and
 decode tokens/s. Beside them in the same run, transformers' ``QuantizedCache`` with the quanto
-backend (``pip install --no-deps optimum-quanto``) at 4 and 2 bits, where it installs; the
-rows say so when it does not.
+and HQQ backends at 4 and 2 bits, where they import (``pip install --no-deps optimum-quanto``;
+``pip install --no-deps hqq termcolor``); the table says why one did not.
 """
 from __future__ import annotations
 
@@ -18,18 +18,23 @@ from .harness import words
 FORMATS = ["int8", "int4", "int2"]
 
 
-def _quantized_cache(nbits: int):
-    """A factory of transformers' QuantizedCache (quanto), or None when it cannot run here."""
+BACKENDS = {"quanto": "optimum.quanto", "hqq": "hqq.core.quantize"}
+
+
+def _quantized_cache(backend: str, nbits: int):
+    """(factory of transformers' QuantizedCache with this backend, None) or (None, why not)."""
     try:
-        import optimum.quanto  # noqa: F401
+        import importlib
+
+        importlib.import_module(BACKENDS[backend])
         from transformers import QuantizedCache
-    except Exception:
-        return None
+    except Exception as e:  # not installed, or installed without what it needs
+        return None, f"{type(e).__name__}: {e}"
 
     def make(model, tok, prompt_len):
-        return QuantizedCache(backend="quanto", config=model.config, nbits=nbits)
+        return QuantizedCache(backend=backend, config=model.config, nbits=nbits)
 
-    return make
+    return make, None
 
 
 class Quant(Fidelity):
@@ -41,6 +46,8 @@ class Quant(Fidelity):
         p.add_argument("--formats", type=words, default=FORMATS, help="kv_dtype values (default int8,int4,int2)")
         p.add_argument("--policies", type=words, default=["full", "window", "fastgen", "taskkv"],
                        help="policies each format runs with (default full,window,fastgen,taskkv)")
+        p.add_argument("--backends", type=words, default=list(BACKENDS),
+                       help="transformers QuantizedCache backends compared (default quanto,hqq)")
 
     def settings(self, args) -> Dict[str, object]:
         import kvloom
@@ -53,6 +60,8 @@ class Quant(Fidelity):
         bad = [f for f in args.formats if f not in FORMATS]
         if bad:
             raise ValueError(f"unknown --formats {bad}; choose from {FORMATS}")
+        if [b for b in args.backends if b not in BACKENDS]:
+            raise ValueError(f"unknown --backends {[b for b in args.backends if b not in BACKENDS]}; choose from {list(BACKENDS)}")
         out: Dict[str, object] = {"full": None}
         for p in args.policies:
             if p != "full":
@@ -61,12 +70,13 @@ class Quant(Fidelity):
             for p in args.policies:
                 out[f if p == "full" else f"{f} + {p}"] = [pols[p], f]
         self.missing = []
-        for bits in (4, 2):
-            make = _quantized_cache(bits)
-            if make is None:
-                self.missing.append(f"QuantizedCache int{bits} (quanto): optimum-quanto is not installed")
-            else:
-                out[f"QuantizedCache int{bits} (quanto)"] = make
+        for backend in args.backends:
+            for bits in (4, 2):
+                make, why = _quantized_cache(backend, bits)
+                if make is None:
+                    self.missing.append(f"QuantizedCache int{bits} ({backend}): {why}")
+                else:
+                    out[f"QuantizedCache int{bits} ({backend})"] = make
         return out
 
     def run(self, args) -> dict:
