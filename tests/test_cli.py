@@ -41,11 +41,13 @@ def test_generate_quantized_storage(capsys):
 
 def test_bench_e2e_on_default_model_small(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["bench", "e2e", "--lengths", "32", "--new-tokens", "2", "--repeats", "1",
-                     "--policies", "full,window", "--out", str(out)]) == 0
+    assert cli.main(["bench", "e2e", "--lengths", "96", "--new-tokens", "2", "--repeats", "1",
+                     "--policies", "full,window", "--kv-dtype", "int4", "--out", str(out)]) == 0
     data = json.loads((out / "e2e.json").read_text())
     names = {r["cache"] for r in data["rows"]}
-    assert names == {"dynamic+sdpa", "kvloom full", "kvloom window 50%"}
+    assert names == {"dynamic+sdpa", "kvloom full", "kvloom window 50%", "kvloom full int4", "kvloom window 50% int4"}
+    q = next(r for r in data["rows"] if r["cache"] == "kvloom full int4")
+    assert q["kv_bytes"] < next(r for r in data["rows"] if r["cache"] == "kvloom full")["kv_bytes"]
     full = next(r for r in data["rows"] if r["cache"] == "kvloom full")
     win = next(r for r in data["rows"] if r["cache"] == "kvloom window 50%")
     assert win["kv_bytes"] < full["kv_bytes"]

@@ -62,6 +62,8 @@ class E2E(Benchmark):
         p.add_argument("--window-keep", type=float, default=0.5, help="fraction of the prompt Window keeps")
         p.add_argument("--policies", type=words, default=["full", "window", "h2o", "fastgen", "taskkv"],
                        help="kvloom rows (full, window, h2o, fastgen, taskkv; default: all)")
+        p.add_argument("--kv-dtype", type=words, default=[],
+                       help="also run each kvloom row with these quantized formats (int8,int4,int2; default: none)")
 
     def run(self, args) -> dict:
         from transformers import DynamicCache
@@ -80,10 +82,15 @@ class E2E(Benchmark):
         unknown = [name for name in args.policies if name not in kinds]
         if unknown:
             raise ValueError(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(kinds)}")
+        bad = [kd for kd in args.kv_dtype if kd not in ("int8", "int4", "int2")]
+        if bad:
+            raise ValueError(f"--kv-dtype: unknown {', '.join(bad)}; choose from int8, int4, int2")
         makers = {"dynamic+sdpa": ("sdpa", lambda n: DynamicCache())}
-        for name in args.policies:
-            label, pol = kinds[name]
-            makers[label] = ("kvloom", lambda n, pol=pol: kvloom.Cache(model, policy=pol(n), tokenizer=tok))
+        for kd in [None] + list(args.kv_dtype):
+            for name in args.policies:
+                label, pol = kinds[name]
+                makers[label if kd is None else f"{label} {kd}"] = (
+                    "kvloom", lambda n, pol=pol, kd=kd: kvloom.Cache(model, policy=pol(n), tokenizer=tok, kv_dtype=kd))
         # interleave repeats so slow drifts of the machine hit every case alike; keep the best
         cases = [(n, name) for _ in range(args.repeats) for n in args.lengths for name in makers]
 
