@@ -177,14 +177,27 @@ int64_t cache::seq_add() {
   return id;
 }
 
+namespace {
+
+// Appends the blocks of hs's table to `fp` (full-precision pool) and `sealed` (quantized pool).
+void split_blocks(const head_store& hs, std::vector<block_id>& fp, std::vector<block_id>& sealed) {
+  for (size_t e = 0; e < hs.table_.size(); ++e)
+    if (hs.table_[e] >= 0) (hs.sealed(e) ? sealed : fp).push_back(hs.table_[e]);
+}
+
+size_t count_distinct(std::vector<block_id>& v) {
+  std::sort(v.begin(), v.end());
+  return static_cast<size_t>(std::unique(v.begin(), v.end()) - v.begin());
+}
+
+}  // namespace
+
 int64_t cache::seq_fork(int64_t seq) {
   std::unique_lock<std::shared_mutex> lock(seqs_mu_);  // no operation is in progress on any sequence
   const sequence& src = seq_ref(seq);
   auto s = std::make_unique<sequence>(src);  // copies tables and metadata
   std::vector<block_id> ids, qids;
-  for (const auto& hs : s->heads)
-    for (size_t e = 0; e < hs.table_.size(); ++e)
-      if (hs.table_[e] >= 0) (hs.sealed(e) ? qids : ids).push_back(hs.table_[e]);
+  for (const auto& hs : s->heads) split_blocks(hs, ids, qids);
   seqs_.push_back(nullptr);  // reserve the id first so a throw below leaks nothing
   pool_->incref_many(ids.data(), ids.size());
   if (!qids.empty()) qpool_->incref_many(qids.data(), qids.size());
@@ -194,8 +207,7 @@ int64_t cache::seq_fork(int64_t seq) {
 
 void cache::release(head_store& hs) {
   std::vector<block_id> ids, qids;
-  for (size_t e = 0; e < hs.table_.size(); ++e)
-    if (hs.table_[e] >= 0) (hs.sealed(e) ? qids : ids).push_back(hs.table_[e]);
+  split_blocks(hs, ids, qids);
   pool_->decref_many(ids.data(), ids.size());
   if (!qids.empty()) qpool_->decref_many(qids.data(), qids.size());
   hs.table_.clear();
@@ -704,36 +716,24 @@ void cache::gather(int layer, int head, int64_t seq, const tensor_view& k_out, c
   detail::ops_for(device_kind::cpu).read_rows(0, rows, dtype::f32, D, k_out, v_out);
 }
 
-int64_t cache::blocks_held() const {
-  std::unique_lock<std::shared_mutex> lock(seqs_mu_);  // waits for the operations in progress
-  return blocks_held_unlocked();
-}
-
-int64_t cache::blocks_held_unlocked() const {
-  std::vector<int64_t> ids;  // sealed blocks offset past the float pool's ids
+std::pair<size_t, size_t> cache::blocks_held_unlocked() const {
+  std::vector<block_id> ids, qids;
   for (const auto& s : seqs_)
     if (s)
-      for (const auto& hs : s->heads)
-        for (size_t e = 0; e < hs.table_.size(); ++e)
-          if (hs.table_[e] >= 0) ids.push_back(hs.table_[e] + (hs.sealed(e) ? (int64_t(1) << 32) : 0));
-  std::sort(ids.begin(), ids.end());
-  return static_cast<int64_t>(std::unique(ids.begin(), ids.end()) - ids.begin());
+      for (const auto& hs : s->heads) split_blocks(hs, ids, qids);
+  return {count_distinct(ids), count_distinct(qids)};
+}
+
+int64_t cache::blocks_held() const {
+  std::unique_lock<std::shared_mutex> lock(seqs_mu_);  // waits for the operations in progress
+  const auto held = blocks_held_unlocked();
+  return static_cast<int64_t>(held.first + held.second);
 }
 
 size_t cache::memory_bytes() const {
   std::unique_lock<std::shared_mutex> lock(seqs_mu_);  // waits for the operations in progress
-  std::vector<block_id> ids, qids;
-  for (const auto& s : seqs_)
-    if (s)
-      for (const auto& hs : s->heads)
-        for (size_t e = 0; e < hs.table_.size(); ++e)
-          if (hs.table_[e] >= 0) (hs.sealed(e) ? qids : ids).push_back(hs.table_[e]);
-  auto distinct = [](std::vector<block_id>& v) {
-    std::sort(v.begin(), v.end());
-    return static_cast<size_t>(std::unique(v.begin(), v.end()) - v.begin());
-  };
-  const size_t nf = distinct(ids), nq = distinct(qids);
-  return nf * pool_->block_bytes() + (nq ? nq * qpool_->block_bytes() : 0);
+  const auto held = blocks_held_unlocked();
+  return held.first * pool_->block_bytes() + (held.second ? held.second * qpool_->block_bytes() : 0);
 }
 
 }  // namespace kvloom

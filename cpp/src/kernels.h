@@ -56,6 +56,11 @@ struct kernel_ops {
 };
 
 void dequantize_block_generic(const quant_layout& L, const void* block, int n, float* k_out, float* v_out);
+// attend_quant through a tile: `dequant` writes the block's rows at the end of scratch (see
+// quant_scratch_floats), then `attend` runs over them as fp32 (the paths without a fused kernel).
+void attend_quant_tile(decltype(kernel_ops::dequant) dequant, decltype(kernel_ops::attend_chunk) attend, const float* q,
+                       int G, int D, const quant_layout& L, const void* block, const uint8_t* live, int n, float* m,
+                       float* l, float* acc, float* scratch);
 
 // One (batch row, kv head) of a decode call with its chunks [c0, c1) in the flat chunk list.
 struct head_task {

@@ -541,11 +541,8 @@ void dequant_avx2(const quant_layout& L, const void* src, int n, float* k_out, f
 
 // A quantized block through a dequantized tile of n rows (L1-sized), then the fp32 kernel.
 void attend_quant_avx2(const float* q, int G, int D, const quant_layout& L, const void* block, const uint8_t* live,
-                  int n, float* m, float* l, float* acc, float* scratch) {
-  float* kf = scratch + quant_scratch_floats(G, n, D) - 2 * static_cast<int64_t>(n) * D;
-  dequant_avx2(L, block, n, kf, kf + static_cast<int64_t>(n) * D);
-  const kv_chunk f{kf, kf + static_cast<int64_t>(n) * D, D, D, live, n, 0};
-  attend_chunk_avx2(q, G, D, f, dtype::f32, m, l, acc, scratch);
+                       int n, float* m, float* l, float* acc, float* scratch) {
+  attend_quant_tile(dequant_avx2, attend_chunk_avx2, q, G, D, L, block, live, n, m, l, acc, scratch);
 }
 
 const kernel_ops kAvx2 = {"avx2", attend_chunk_avx2, sum_floats_avx2, score_strip_avx2, exp2_row_avx2,

@@ -574,12 +574,8 @@ void attend_quant_t(const float* q, int G, int D, const quant_layout& L, const v
 
 void attend_quant_avx512(const float* q, int G, int D, const quant_layout& L, const void* block, const uint8_t* live,
                          int n, float* m, float* l, float* acc, float* scratch) {
-  if (D % 16 != 0 || D > 512) {
-    float* kf = scratch + quant_scratch_floats(G, n, D) - 2 * static_cast<int64_t>(n) * D;
-    dequantize_block_generic(L, block, n, kf, kf + static_cast<int64_t>(n) * D);
-    kv_chunk f{kf, kf + static_cast<int64_t>(n) * D, D, D, live, n, 0};
-    return attend_chunk_avx512(q, G, D, f, dtype::f32, m, l, acc, scratch);
-  }
+  if (D % 16 != 0 || D > 512)
+    return attend_quant_tile(dequantize_block_generic, attend_chunk_avx512, q, G, D, L, block, live, n, m, l, acc, scratch);
   if (L.bits == 8) attend_quant_t<8>(q, G, D, L, block, live, n, m, l, acc, scratch);
   else if (L.bits == 4) attend_quant_t<4>(q, G, D, L, block, live, n, m, l, acc, scratch);
   else attend_quant_t<2>(q, G, D, L, block, live, n, m, l, acc, scratch);

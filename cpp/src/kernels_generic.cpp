@@ -131,11 +131,8 @@ void chunk_pv_generic(float* acc, int R, int D, const float* p, int n, const flo
 
 // A quantized block through a dequantized tile of n rows (L1-sized), then the fp32 kernel.
 void attend_quant_generic(const float* q, int G, int D, const quant_layout& L, const void* block, const uint8_t* live,
-                  int n, float* m, float* l, float* acc, float* scratch) {
-  float* kf = scratch + quant_scratch_floats(G, n, D) - 2 * static_cast<int64_t>(n) * D;
-  dequantize_block_generic(L, block, n, kf, kf + static_cast<int64_t>(n) * D);
-  const kv_chunk f{kf, kf + static_cast<int64_t>(n) * D, D, D, live, n, 0};
-  attend_chunk_generic(q, G, D, f, dtype::f32, m, l, acc, scratch);
+                          int n, float* m, float* l, float* acc, float* scratch) {
+  attend_quant_tile(dequantize_block_generic, attend_chunk_generic, q, G, D, L, block, live, n, m, l, acc, scratch);
 }
 
 const kernel_ops kGeneric = {"generic", attend_chunk_generic, sum_floats_generic, score_strip_generic, exp2_row_generic,

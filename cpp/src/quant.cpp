@@ -129,6 +129,15 @@ void dequantize_block_generic(const quant_layout& L, const void* src, int n, flo
   }
 }
 
+void attend_quant_tile(decltype(kernel_ops::dequant) dequant, decltype(kernel_ops::attend_chunk) attend, const float* q,
+                       int G, int D, const quant_layout& L, const void* block, const uint8_t* live, int n, float* m,
+                       float* l, float* acc, float* scratch) {
+  float* kf = scratch + quant_scratch_floats(G, n, D) - 2 * static_cast<int64_t>(n) * D;
+  dequant(L, block, n, kf, kf + static_cast<int64_t>(n) * D);
+  const kv_chunk f{kf, kf + static_cast<int64_t>(n) * D, D, D, live, n, 0};
+  attend(q, G, D, f, dtype::f32, m, l, acc, scratch);
+}
+
 }  // namespace detail
 
 void dequantize_block(const quant_layout& L, const void* src, int n, float* k_out, float* v_out) {

@@ -41,6 +41,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kvloom/block_pool.h"
@@ -184,7 +185,7 @@ class cache {
  private:
   struct sequence;
   void evict_unlocked(int layer, int head, int64_t seq, const int32_t* slots, int64_t n);
-  int64_t blocks_held_unlocked() const;
+  std::pair<size_t, size_t> blocks_held_unlocked() const;  // distinct blocks: (full precision, sealed)
   sequence& seq_ref(int64_t seq);
   const sequence& seq_ref(int64_t seq) const;
   head_store& mutable_store(int layer, int head, int64_t seq);
