@@ -37,6 +37,10 @@ def test_generate_quantized_storage(capsys):
     assert "int4 storage" in q and mib[1] < 0.5 * mib[0]
     with pytest.raises(SystemExit):
         cli.main(["generate", "x", "--kv-dtype", "int3"])
+    # a memory budget: a tenth of Full's bytes (here the floor of one block per head and layer)
+    assert cli.main(["generate", prompt, "--raw", "--max-new-tokens", "4", "--kv-budget", "0.1"]) == 0
+    b = capsys.readouterr().err
+    assert "budget 0.1 of Full" in b and float(b.split("KV ")[1].split(" MiB")[0]) < 0.15 * mib[0]
 
 
 def test_bench_e2e_on_default_model_small(tmp_path, capsys):
@@ -67,6 +71,19 @@ def test_bench_quant_small(tmp_path, capsys):
     assert "QuantizedCache int4 (quanto)" in rows or any("quanto" in m for m in data["not_run"])
     assert cli.main(["bench", "quant", "--formats", "int3", "--out", str(out)]) == 2
     assert "unknown --formats ['int3']" in capsys.readouterr().err
+
+
+def test_bench_budget_small(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["bench", "budget", "--lengths", "160", "--depths", "0.5", "--seeds", "1", "--ppl-prefix", "64",
+                     "--ppl-tokens", "8", "--agree-tokens", "4", "--policies", "window", "--formats", "fp,int8",
+                     "--budget", "0.5", "--out", str(out)]) == 0
+    data = json.loads((out / "budget.json").read_text())
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert set(rows) == {"full", "window @0.5", "window @0.5 int8"} and data["budget"] == 0.5
+    assert rows["window @0.5"]["kv_bytes_vs_full"] <= 0.5 and "needle_accuracy_after" in rows["full"]
+    assert cli.main(["bench", "budget", "--budget", "2", "--out", str(out)]) == 2
+    assert "kv_budget must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_info(capsys):
@@ -176,6 +193,7 @@ def test_generate_reports_prefill_and_decode_apart(capsys):
     (["generate", "hi", "--policy", "window", "--recent", "-3"], "recent must be in"),
     (["generate", "hi", "--policy", "window", "--recent", "many"], "invalid int value"),
     (["generate", "hi", "--policy", "full", "--ratio", "0.5"], "not a parameter of --policy full"),
+    (["generate", "hi", "--kv-budget", "1.5"], "--kv-budget: kv_budget must be in (0, 1]"),
     (["hogwild", ""], "the problem is empty"),
 ])
 def test_expected_failures_are_one_line_with_exit_code_2(capsys, argv, message):

@@ -122,6 +122,26 @@ def test_steps_join_the_common_prefix_and_transcript():
     assert res.steps <= 2 + 40 + 2 * 30  # one batched forward per token of the slowest worker (+ headers)
 
 
+def test_workers_over_quantized_segments():
+    """kv_dtype: the prompt and every worker's steps are stored quantized (sealed blocks in the
+    segments the views read), in fewer bytes, and the workers still write their steps."""
+    model, tok = smollm2()
+    held = {}
+    for kd in (None, "int4"):
+        s = hogwild.Session(model, tok, "List three fruits and three vegetables.", 2, check_every=0, ignore_eos=True,
+                            kv_dtype=kd)
+        while s.active and s.workers[0].generated < 40:
+            s.step(max_new_tokens=40)
+        held[kd] = s.cache.memory_bytes()
+        if kd:
+            assert s.cache.kv.kv_dtype == "int4"
+            sealed = sum(any(s.cache.kv.sealed_blocks(0, 0, seq)) for seq in s.cache.common + s.cache.current)
+            assert sealed >= 1
+        assert all(w.generated == 40 for w in s.workers)
+        s.close()
+    assert held["int4"] < held[None]  # (every step is a segment whose open block stays fp32)
+
+
 def test_hogwild_bad_input():
     model, tok = smollm2()
     with pytest.raises(ValueError, match="workers"):

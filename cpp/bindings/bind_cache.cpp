@@ -33,6 +33,9 @@ void bind_structure(cache_class& c) {
           py::arg("layer"), py::arg("head"), py::arg("seq"), py::arg("plan"))
       .def("set_layer_sharing", &cache::set_layer_sharing, py::arg("store_of"))
       .def("set_quantized", &cache::set_quantized, py::arg("pool"))
+      .def("set_budget", &cache::set_budget, py::arg("fraction"))
+      .def_property_readonly("budget", &cache::budget)
+      .def("budget_bytes", &cache::budget_bytes, py::arg("full_tokens"))
       .def_property_readonly("layer_sharing", &cache::layer_sharing)
       .def("seq_add", &cache::seq_add)
       // the GIL is released where an operation may wait for others (structural ones) or move
@@ -88,7 +91,7 @@ void bind_tokens(cache_class& c) {
             c.evict(layer, head, seq, s.data(), static_cast<int64_t>(s.size()));
           },
           py::arg("layer"), py::arg("head"), py::arg("seq"), py::arg("slots"))
-      .def("apply_policy", &cache::apply_policy, py::arg("layer"), py::arg("seq"),
+      .def("apply_policy", &cache::apply_policy, py::arg("layer"), py::arg("seq"), py::arg("full_tokens") = -1,
            py::call_guard<py::gil_scoped_release>())
       .def(
           "accumulate_attention",
@@ -155,6 +158,20 @@ void bind_inspect(cache_class& c) {
       .def("plan_name", &cache::plan_name, py::arg("layer"), py::arg("head"), py::arg("seq"))
       .def("live_slots", &live_slot_arrays, py::arg("layer"), py::arg("head"), py::arg("seq"),
            "(slot, ord, pos, class, score) arrays of the live slots, in slot order")
+      .def(
+          "give_way_keys",
+          [](const cache& c, int layer, int head, int64_t seq) {
+            const std::vector<give_way_key> k = c.give_way_keys(layer, head, seq);
+            const py::ssize_t n = static_cast<py::ssize_t>(k.size());
+            py::array_t<int32_t> tier(n);
+            py::array_t<double> value(n);
+            for (py::ssize_t i = 0; i < n; ++i) {
+              tier.mutable_at(i) = k[i].tier;
+              value.mutable_at(i) = k[i].value;
+            }
+            return py::make_tuple(tier, value);
+          },
+          py::arg("layer"), py::arg("head"), py::arg("seq"), "(tier, value) of each live slot's budget key, in slot order")
       .def("block_table", &cache::block_table, py::arg("layer"), py::arg("head"), py::arg("seq"))
       .def("sealed_entries", &cache::sealed_entries, py::arg("layer"), py::arg("head"), py::arg("seq"))
       .def(

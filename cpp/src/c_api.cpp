@@ -202,6 +202,13 @@ kvloom_status kvloom_apply_policy(kvloom_cache* cache, int layer, int64_t seq, i
   });
 }
 
+kvloom_status kvloom_cache_set_budget(kvloom_cache* cache, double fraction) {
+  return guarded([&] {
+    need(cache, "cache");
+    cache->cache->set_budget(fraction);
+  });
+}
+
 kvloom_status kvloom_attend(const kvloom_cache* cache, int layer, const int64_t* seqs, int64_t batch, const void* q,
                             kvloom_dtype dtype, int n_q_heads, void* out, float scale) {
   return guarded([&] {

@@ -628,9 +628,11 @@ void cache::evict_unlocked(int layer, int head, int64_t seq, const int32_t* slot
   for (int64_t i = n - 1; i >= 0; --i) free_slot(hs, sorted[i]);
 }
 
-int64_t cache::apply_policy(int layer, int64_t seq) {
+int64_t cache::apply_policy(int layer, int64_t seq, int64_t full_tokens) {
   use_scope scope(*this, {seq}, true, "apply_policy");
   check_layer(layer);
+  if (full_tokens < -1) fail_value("apply_policy: full_tokens must be >= 0 (or -1: the tokens appended), got " +
+                                   std::to_string(full_tokens));
   sequence& s = seq_ref(seq);
   if (layer_store_[layer] != layer) return 0;  // the owner layer's policy runs on the shared store
   int64_t total = 0;
@@ -645,6 +647,145 @@ int64_t cache::apply_policy(int layer, int64_t seq) {
     compact(s.heads[hidx(layer, h)]);
     seal_full(s.heads[hidx(layer, h)]);
     total += static_cast<int64_t>(victims.size());
+  }
+  if (budget_.load() > 0.0) total += enforce_budget(layer, s, seq, full_tokens);
+  return total;
+}
+
+void cache::set_budget(double fraction) {
+  if (!(fraction >= 0.0 && fraction <= 1e6)) fail_value("budget must be a fraction > 0 (or 0: none), got " + std::to_string(fraction));
+  budget_.store(fraction);
+}
+
+size_t cache::budget_bytes(int64_t full_tokens) const {
+  const int64_t bs = pool_->block_size();
+  const double full = static_cast<double>(static_cast<size_t>(n_kv_heads_) * static_cast<size_t>((full_tokens + bs - 1) / bs) *
+                                          pool_->block_bytes());
+  const double want = std::floor(budget_.load() * full);
+  const size_t floor_bytes = static_cast<size_t>(n_kv_heads_) * (pool_->block_bytes() + (qpool_ ? qpool_->block_bytes() : 0));
+  return std::max(floor_bytes, static_cast<size_t>(want));
+}
+
+size_t cache::head_bytes(const head_store& hs) const {
+  size_t fp = 0, q = 0;
+  for (size_t e = 0; e < hs.table_.size(); ++e)
+    if (hs.table_[e] >= 0) ++(hs.sealed(e) ? q : fp);
+  return fp * pool_->block_bytes() + (q ? q * qpool_->block_bytes() : 0);
+}
+
+namespace {
+
+struct give_way_unit {
+  give_way_key key;
+  int32_t ord;    // of the slot (a sealed block: the ord of the slot that gave the key)
+  int head;
+  int64_t index;  // the slot, or for a sealed block its table entry
+  bool block;
+};
+
+bool gives_way_before(const give_way_unit& a, const give_way_unit& b) {
+  if (a.key.tier != b.key.tier) return a.key.tier < b.key.tier;
+  if (a.key.value != b.key.value) return a.key.value < b.key.value;
+  if (a.ord != b.ord) return a.ord < b.ord;
+  if (a.head != b.head) return a.head < b.head;
+  return a.index < b.index;
+}
+
+give_way_key key_of(const head_store& hs, int64_t slot) {
+  if (hs.ord(slot) == hs.appended() - 1) return {kNeverGivesWay, 0.0};
+  if (!hs.plan()) return {0, static_cast<double>(hs.ord(slot))};
+  give_way_key k = hs.plan()->give_way(hs, slot);
+  if (k.tier == kNeverGivesWay) k.tier = kNeverGivesWay - 1;  // only the cache protects
+  return k;
+}
+
+}  // namespace
+
+std::vector<give_way_key> cache::give_way_keys(int layer, int head, int64_t seq) const {
+  use_scope scope(*this, {seq}, false, "give_way_keys");
+  const head_store& hs = store(layer, head, seq);
+  std::vector<give_way_key> out;
+  for (int64_t sl = 0; sl < hs.n_slots(); ++sl)
+    if (hs.live(sl)) out.push_back(key_of(hs, sl));
+  return out;
+}
+
+int64_t cache::enforce_budget(int layer, sequence& s, int64_t seq, int64_t full_tokens) {
+  const int bs = pool_->block_size();
+  const size_t fbb = pool_->block_bytes(), qbb = qpool_ ? qpool_->block_bytes() : 0;
+  if (full_tokens < 0) full_tokens = s.heads[hidx(layer, 0)].appended();
+  const size_t limit = budget_bytes(full_tokens);
+  // bytes a head will hold with `fp` live float tokens once compacted (and sealed)
+  auto float_bytes = [&](int64_t fp) -> size_t {
+    if (!qpool_) return static_cast<size_t>((fp + bs - 1) / bs) * fbb;
+    return static_cast<size_t>(fp / bs) * qbb + (fp % bs ? fbb : 0);
+  };
+  int64_t total = 0;
+  std::vector<give_way_unit> units;
+  std::vector<std::vector<int32_t>> victims(static_cast<size_t>(n_kv_heads_));
+  for (;;) {
+    size_t held = 0;
+    for (int h = 0; h < n_kv_heads_; ++h) held += head_bytes(s.heads[hidx(layer, h)]);
+    if (held <= limit) break;
+    // every unit that may give way, and where each head stands
+    units.clear();
+    std::vector<int64_t> fp_live(static_cast<size_t>(n_kv_heads_), 0), sealed_held(static_cast<size_t>(n_kv_heads_), 0);
+    for (int h = 0; h < n_kv_heads_; ++h) {
+      const head_store& hs = s.heads[hidx(layer, h)];
+      for (size_t e = 0; e < hs.table_.size(); ++e) {
+        if (hs.table_[e] < 0) continue;
+        const int64_t first = static_cast<int64_t>(e) * bs;
+        if (!hs.sealed(e)) {
+          for (int64_t sl = first; sl < first + bs; ++sl) {
+            if (!hs.live(sl)) continue;
+            ++fp_live[h];
+            const give_way_key k = key_of(hs, sl);
+            if (k.tier != kNeverGivesWay) units.push_back({k, hs.ord(sl), h, sl, false});
+          }
+          continue;
+        }
+        ++sealed_held[h];
+        give_way_unit u{{0, 0.0}, 0, h, static_cast<int64_t>(e), true};
+        bool any = false;
+        for (int64_t sl = first; sl < first + bs; ++sl) {
+          if (!hs.live(sl)) continue;
+          const give_way_unit one{key_of(hs, sl), hs.ord(sl), h, static_cast<int64_t>(e), true};
+          if (!any || gives_way_before(u, one)) u = one;  // the block's key: its last to give way
+          any = true;
+        }
+        if (any && u.key.tier != kNeverGivesWay) units.push_back(u);
+      }
+    }
+    if (units.empty()) break;  // only protected tokens are left
+    std::sort(units.begin(), units.end(), gives_way_before);
+    size_t projected = 0;
+    for (int h = 0; h < n_kv_heads_; ++h) projected += sealed_held[h] * qbb + float_bytes(fp_live[h]);
+    for (auto& v : victims) v.clear();
+    size_t taken = 0;
+    for (const give_way_unit& u : units) {
+      if (taken > 0 && projected <= limit) break;
+      const head_store& hs = s.heads[hidx(layer, u.head)];
+      auto& out = victims[static_cast<size_t>(u.head)];
+      if (u.block) {
+        for (int64_t sl = u.index * bs; sl < (u.index + 1) * bs; ++sl)
+          if (hs.live(sl)) out.push_back(static_cast<int32_t>(sl));
+        projected -= qbb;
+        --sealed_held[u.head];
+      } else {
+        out.push_back(static_cast<int32_t>(u.index));
+        projected -= float_bytes(fp_live[u.head]);
+        projected += float_bytes(--fp_live[u.head]);
+      }
+      ++taken;
+    }
+    for (int h = 0; h < n_kv_heads_; ++h) {
+      auto& v = victims[static_cast<size_t>(h)];
+      if (v.empty()) continue;
+      evict_unlocked(layer, h, seq, v.data(), static_cast<int64_t>(v.size()));
+      compact(s.heads[hidx(layer, h)]);
+      seal_full(s.heads[hidx(layer, h)]);
+      total += static_cast<int64_t>(v.size());
+    }
   }
   return total;
 }

@@ -56,6 +56,18 @@ View = Union[int, Sequence[Union[int, Tuple[int, int]]]]
 _INT32 = (-(2**31), 2**31 - 1)
 
 
+def check_budget(kv_budget) -> Optional[float]:
+    """None, or kv_budget as a float in (0, 1] (a fraction of ``Full``'s bytes)."""
+    if kv_budget is None:
+        return None
+    if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)):
+        raise TypeError(f"kv_budget must be a number in (0, 1] (a fraction of Full's bytes), got {kv_budget!r}")
+    b = float(kv_budget)
+    if not (0.0 < b <= 1.0):
+        raise ValueError(f"kv_budget must be in (0, 1] (a fraction of Full's bytes), got {kv_budget!r}")
+    return b
+
+
 def _int(x, what: str) -> int:
     """An index argument (layer, head, sequence id, count) as a Python int; bools, floats and
     other non-integers are refused rather than silently converted."""
@@ -142,6 +154,12 @@ class KVCache:
             kvloom's block format (README, *Quantized KV*); the block being filled stays in
             ``dtype``. Default block size 32 then. CPU only; appends must be finite and within
             fp16's range; ``capacity_bytes`` bounds each of the two pools.
+        kv_budget: a memory budget, as a fraction in (0, 1] of what ``Full`` holds (default
+            None: none). After each :meth:`apply_policy`, one layer of one sequence holds at
+            most ``kv_budget`` x the bytes ``Full`` would hold for its tokens (in ``dtype``, with
+            this block size), never less than one block per kv head (plus one quantized block
+            with ``kv_dtype``); while it holds more, tokens of the layer's heads give way in the
+            order of the policy's rule (README, *Memory budget*; :meth:`give_way_keys`).
         device: where the blocks live: "cpu" (default) or a CUDA device ("cuda", "cuda:1");
             tensors passed in must be on it (positions and classes may be anywhere). CUDA work
             runs on torch's current stream.
@@ -149,7 +167,9 @@ class KVCache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, dtype=None, policy=None,
                  block_size: Optional[int] = None, capacity_bytes: Optional[int] = None, pool: Optional[BlockPool] = None,
-                 layer_store: Optional[Sequence[int]] = None, device=None, kv_dtype: Optional[str] = None):
+                 layer_store: Optional[Sequence[int]] = None, device=None, kv_dtype: Optional[str] = None,
+                 kv_budget: Optional[float] = None):
+        kv_budget = check_budget(kv_budget)
         n_layers, n_kv_heads, head_dim = _int(n_layers, "n_layers"), _int(n_kv_heads, "n_kv_heads"), _int(head_dim, "head_dim")
         bits = quant_bits(kv_dtype)
         if bits and pool is not None:
@@ -193,6 +213,8 @@ class KVCache:
             self._c.set_layer_sharing([int(x) for x in layer_store])
         if self._qpool is not None:
             self._c.set_quantized(self._qpool)
+        if kv_budget is not None:
+            self._c.set_budget(kv_budget)
 
     @staticmethod
     def _check_pool(pool, dtype, block_size, capacity_bytes, device) -> None:
@@ -242,6 +264,19 @@ class KVCache:
     def kv_dtype(self) -> Optional[str]:
         """"int8", "int4" or "int2" for quantized storage, else None."""
         return None if self._qpool is None else f"int{self._qpool.quant_bits}"
+
+    @property
+    def kv_budget(self) -> Optional[float]:
+        """The memory budget (a fraction of ``Full``'s bytes), or None."""
+        b = self._c.budget
+        return b if b > 0 else None
+
+    def budget_bytes(self, full_tokens: int) -> int:
+        """The bytes one layer of a sequence may hold under the budget when ``Full`` would hold
+        ``full_tokens`` tokens per head (see ``kv_budget``)."""
+        if self.kv_budget is None:
+            raise ValueError("this cache has no kv_budget")
+        return self._c.budget_bytes(_int(full_tokens, "full_tokens"))
 
     @property
     def sealed_pool(self) -> Optional[BlockPool]:
@@ -337,13 +372,31 @@ class KVCache:
             raise IndexError(f"evict: slot {bad[0]} out of range (slots are >= 0; see slots())")
         self._c.evict(_int(layer, "layer"), _int(head, "head"), _int(seq, "seq"), slots)
 
-    def apply_policy(self, layer: int, seq: int) -> int:
+    def apply_policy(self, layer: int, seq: int, *, full_tokens: Optional[int] = None) -> int:
         """Runs the policy of every head of (layer, seq) (the policy's Python ``evict`` hook,
-        then each head's C++ plan and compaction); returns the number of slots freed."""
+        then each head's C++ plan and compaction), then the ``kv_budget`` if there is one;
+        returns the number of slots freed. ``full_tokens``: the tokens ``Full`` would hold per
+        head of this layer, which sizes the budget (default: the tokens appended, or the
+        layer's window, :meth:`set_layer_window`, if smaller)."""
         layer, seq = _int(layer, "layer"), _int(seq, "seq")
+        if full_tokens is None:
+            full_tokens = -1
+            window = self._layer_window.get(layer)
+            if window is not None and self._c.budget > 0:
+                full_tokens = min(self._c.seq_length(seq), window)
+        else:
+            full_tokens = _int(full_tokens, "full_tokens")
+            if full_tokens < 0:
+                raise ValueError(f"full_tokens must be >= 0, got {full_tokens}")
         freed = self._layer_policy.get(layer, self._policy).evict(self, layer, seq)
         use_stream(self._device)  # compaction moves rows on the device
-        return freed + self._c.apply_policy(layer, seq)
+        return freed + self._c.apply_policy(layer, seq, full_tokens)
+
+    def give_way_keys(self, layer: int, head: int, seq: int):
+        """The budget rule's key of each live slot of one head, in :meth:`slots` order:
+        (tier int32 array, value float64 array); lower keys give way first (tier, then value,
+        then ord), tier 2**31 - 1 never (each head's newest token)."""
+        return self._c.give_way_keys(_int(layer, "layer"), _int(head, "head"), _int(seq, "seq"))
 
     def length(self, layer: int, head: int, seq: int) -> int:
         """Live tokens of one head."""
@@ -496,7 +549,7 @@ class KVCache:
 
         return {"n_layers": self.n_layers, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
                 "dtype": self._c.dtype, "block_size": self.block_size, "layer_store": self.layer_store,
-                "kv_dtype": self.kv_dtype,
+                "kv_dtype": self.kv_dtype, "kv_budget": self.kv_budget,
                 "policy": pol(self._policy), "layer_policies": {str(k): pol(v) for k, v in self._layer_policy.items()},
                 "layer_windows": {str(k): v for k, v in self._layer_window.items()}}
 
@@ -511,7 +564,8 @@ class KVCache:
             geo = [need(meta, k, int, where) for k in ("n_layers", "n_kv_heads", "head_dim", "block_size")]
             layer_store = need(meta, "layer_store", list, where)
             cache = cls(geo[0], geo[1], geo[2], dtype=need(meta, "dtype", str, where), block_size=geo[3],
-                        policy=policy(meta.get("policy")), layer_store=layer_store, kv_dtype=meta.get("kv_dtype"), **kw)
+                        policy=policy(meta.get("policy")), layer_store=layer_store, kv_dtype=meta.get("kv_dtype"),
+                        kv_budget=meta.get("kv_budget"), **kw)
             for k, v in need(meta, "layer_policies", dict, where).items():
                 cache.set_layer_policy(int(k), policy(v))
             for k, v in need(meta, "layer_windows", dict, where).items():
@@ -562,6 +616,7 @@ class KVCache:
             "blocks_held": self.blocks_held(),
             "block_bytes": self._pool.block_bytes,
             "kv_dtype": self.kv_dtype,
+            "kv_budget": self.kv_budget,
             "sealed_block_bytes": None if self._qpool is None else self._qpool.block_bytes,
             "sealed_blocks": None if self._qpool is None else self._qpool.used_blocks,
             "pool_used_blocks": self._pool.used_blocks,

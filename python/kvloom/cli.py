@@ -95,15 +95,20 @@ def _generate(args, parser) -> int:
     import kvloom
     from kvloom import models
     from kvloom.hf import cache_kwargs
+    from kvloom.cache import check_budget
 
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.prompt.strip():
         parser.error("the prompt is empty")
     policy = _policy(args, parser)
+    try:
+        check_budget(args.kv_budget)
+    except (TypeError, ValueError) as e:
+        parser.error(f"--kv-budget: {e}")
     model, tok = models.load(args.model)
     kvloom.enable(model)
-    cache = kvloom.Cache(model, policy=policy, tokenizer=tok, kv_dtype=args.kv_dtype)
+    cache = kvloom.Cache(model, policy=policy, tokenizer=tok, kv_dtype=args.kv_dtype, kv_budget=args.kv_budget)
     if tok.chat_template and not args.raw:
         enc = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
@@ -128,7 +133,8 @@ def _generate(args, parser) -> int:
     rate = f"{(n_new - 1) / decode:.1f} tokens/s" if n_new > 1 and decode > 0 else "n/a"
     print(f"\n[kvloom] prefill: {n_prompt} prompt tokens in {prefill:.2f} s; decode: {n_new} new tokens, "
           f"{rate} after the first; KV {cache.memory_bytes() / 2**20:.2f} MiB held, policy {cache.policy_name}"
-          + (f", {args.kv_dtype} storage" if args.kv_dtype else ""),
+          + (f", {args.kv_dtype} storage" if args.kv_dtype else "")
+          + (f", budget {args.kv_budget:g} of Full" if args.kv_budget else ""),
           file=sys.stderr)
     note = _evicted_nothing_note(cache, policy)
     if note:
@@ -264,6 +270,8 @@ def main(argv=None) -> int:
     _add_policy_options(g)
     g.add_argument("--kv-dtype", default=None, type=str.lower, choices=["int8", "int4", "int2"],
                    help="quantized KV storage (default: the model's dtype); see the README's Quantized KV")
+    g.add_argument("--kv-budget", default=None, type=float, metavar="FRACTION",
+                   help="memory budget: at most this fraction (0, 1] of Full's bytes; see the README's Memory budget")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")

@@ -83,6 +83,10 @@ kvloom_status kvloom_append(kvloom_cache* cache, int layer, int64_t seq, const v
                             kvloom_dtype dtype, int64_t n_tokens);
 /* Runs the policy of every head of (layer, seq); *out_freed (may be NULL) = tokens freed. */
 kvloom_status kvloom_apply_policy(kvloom_cache* cache, int layer, int64_t seq, int64_t* out_freed);
+/* A byte budget: after each kvloom_apply_policy a layer of a sequence holds at most `fraction`
+ * of the bytes Full would hold for the tokens appended (never less than one block per head);
+ * tokens give way by each policy's rule (README "Memory budget"). 0 = no budget. */
+kvloom_status kvloom_cache_set_budget(kvloom_cache* cache, double fraction);
 /* Decode attention: q and out are [batch, n_q_heads, head_dim] in `dtype`; row b attends to
  * seqs[b] at `layer`. n_q_heads must be a multiple of the cache's kv heads (GQA/MQA).
  * scale <= 0 means 1/sqrt(head_dim). */

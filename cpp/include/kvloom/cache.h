@@ -124,8 +124,27 @@ class cache {
   // Runs each head's plan for (layer, seq) and frees what it names; returns slots freed.
   // Heads left with scattered holes are compacted (live tokens moved into the free slots of
   // lower, exclusively owned blocks) so whole blocks go back to the pool: a plan that
-  // keeps every third token really holds a third of the memory.
-  int64_t apply_policy(int layer, int64_t seq);
+  // keeps every third token really holds a third of the memory. Then the byte budget, if
+  // set (set_budget): `full_tokens` is what Full would hold per head of this layer (-1: the
+  // tokens appended).
+  int64_t apply_policy(int layer, int64_t seq, int64_t full_tokens = -1);
+
+  // A byte budget (kv_budget): after a layer's plans ran, the blocks one sequence holds in that
+  // layer (its float and sealed blocks, shared ones included) may take at most
+  // budget_bytes(full_tokens) = max(floor(fraction x n_kv_heads x ceil(full_tokens / block_size) x
+  // float block bytes), n_kv_heads x (float block bytes [+ sealed block bytes])): `fraction` of
+  // what Full holds in this cache's float dtype and block size, never less than one open block per head (and one sealed
+  // block per head in a quantized cache). While more is held, live tokens of
+  // the layer's heads give way in the order of their plans' keys (give_way_key, plan.h); a
+  // sealed block goes as a unit (its tokens share one key, the largest of theirs), a float
+  // token alone, until the bytes the layer will hold after compaction and sealing fit; each
+  // head's newest token stays. 0 = no budget (the default). Settable at any time; it acts at
+  // the next apply_policy.
+  void set_budget(double fraction);
+  double budget() const { return budget_.load(); }
+  size_t budget_bytes(int64_t full_tokens) const;
+  // The budget rule's key of each live slot of one head, in slot order.
+  std::vector<give_way_key> give_way_keys(int layer, int head, int64_t seq) const;
   // Adds, to every live slot of (layer, seqs[b]), the attention probability it receives
   // from the queries q[b] [B, Hq, Tq, D] (summed over each kv head's query group and the Tq
   // queries). Query i of a row sits at logical index seq_length - Tq + i and sees only
@@ -197,6 +216,9 @@ class cache {
   // Quantizes the full-precision blocks of hs whose slots are all live (skip: entries to leave).
   void seal_full(head_store& hs, const std::vector<uint8_t>* skip = nullptr);
   void check_quantizable(const tensor_view& k, const tensor_view& v) const;
+  // The budget's evictions for (layer, seq) after its plans ran; returns slots freed.
+  int64_t enforce_budget(int layer, sequence& s, int64_t seq, int64_t full_tokens);
+  size_t head_bytes(const head_store& hs) const;  // blocks held by one head, at their pools' sizes
   block_pool& pool_of(const head_store& hs, size_t entry) const;
   const std::shared_ptr<const head_plan>& plan_for(int layer) const {
     return layer_plan_[layer] ? layer_plan_[layer] : plan_;
@@ -210,6 +232,7 @@ class cache {
   std::vector<std::shared_ptr<const head_plan>> layer_plan_;  // [n_layers], null = plan_
   std::vector<int> layer_store_;                              // [n_layers]: the layer whose store it reads
   std::vector<std::unique_ptr<sequence>> seqs_;               // index = sequence id; null once dropped
+  std::atomic<double> budget_{0.0};   // set_budget; 0 = none
   mutable std::shared_mutex seqs_mu_;  // shared by per-sequence operations, exclusive for structural ones
 };
 

@@ -36,6 +36,17 @@ constexpr uint8_t kClassSpecial = 1;  // the tokenizer's special tokens
 constexpr uint8_t kClassPunct = 2;    // tokens made only of punctuation and whitespace
 constexpr uint8_t kNatsGlobal = 0, kNatsLocal = 1, kNatsSliding = 2;
 
+// The budget rule (cache::set_budget): when a layer of a sequence holds more bytes than its
+// budget, live tokens of all its heads give way in increasing key order: tier first, then
+// value, then ord (older first), then head and slot. Each plan states its rule by the keys it
+// gives (plans/*.cpp); tier kNeverGivesWay is never taken (the cache gives it to each head's
+// newest token).
+struct give_way_key {
+  int32_t tier;
+  double value;
+};
+constexpr int32_t kNeverGivesWay = 0x7fffffff;
+
 // Parameters of a plan: numbers, integer lists and text by key.
 class plan_params {
  public:

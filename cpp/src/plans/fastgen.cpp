@@ -2,7 +2,9 @@
 // Compression for LLMs"): a head keeps one of the nested hybrids its prompt profiling chose
 // (scores.h: hybrid_recovery): level 0 special tokens; 1 + punctuation; 2 + frequent (the
 // ceil(r_frequent x tokens seen) with the most accumulated attention); 3 + local (the
-// `local_window` newest tokens); 4 everything.
+// `local_window` newest tokens); 4 everything. Under a byte budget special tokens give way
+// last, punctuation next to last, and the other tokens in order of the attention they received
+// per query since they arrived (score / (appended - ord)), the least first.
 #include "../scores.h"
 #include "plan_impl.h"
 
@@ -32,6 +34,12 @@ class fastgen_plan final : public head_plan {
                         (level_ >= 3 && newest - hs.ord(slots[i]) < local_window_);
       if (!keep) out.push_back(static_cast<int32_t>(slots[i]));
     }
+  }
+
+  give_way_key give_way(const head_store& hs, int64_t slot) const override {
+    const uint8_t c = hs.token_class(slot);
+    const int32_t tier = (c & kClassSpecial) ? 2 : (c & kClassPunct) ? 1 : 0;
+    return {tier, static_cast<double>(hs.score(slot)) / static_cast<double>(hs.appended() - hs.ord(slot))};
   }
 
  private:

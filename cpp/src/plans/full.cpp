@@ -1,4 +1,5 @@
-// Keeps every token.
+// Keeps every token. Under a byte budget it gives way like StreamingLLM: the oldest tokens
+// after the first 4 (attention sinks) first.
 #include "plan_impl.h"
 
 namespace kvloom {
@@ -8,6 +9,9 @@ class full_plan final : public head_plan {
  public:
   std::string name() const override { return "full"; }
   void select_evictions(const head_store&, std::vector<int32_t>&) const override {}
+  give_way_key give_way(const head_store& hs, int64_t slot) const override {
+    return {hs.ord(slot) < 4 ? 1 : 0, static_cast<double>(hs.ord(slot))};
+  }
 };
 
 std::shared_ptr<const head_plan> make_full(const plan_params&) {

@@ -1,7 +1,9 @@
 // H2O (Zhang et al., NeurIPS 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative
 // Inference of Large Language Models"): keep the `recent` newest tokens plus the heavy
 // hitters, the ceil(ratio x tokens seen) older tokens with the largest accumulated
-// attention (slot score; see cache::accumulate_attention). Ties keep the older token.
+// attention (slot score; see cache::accumulate_attention). Ties keep the older token. Under a
+// byte budget the heavy hitters give way first, the lightest first; then the recent window,
+// oldest first.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -34,6 +36,10 @@ class heavy_hitter_plan final : public head_plan {
       return hs.ord(a) < hs.ord(b);
     });
     out.insert(out.end(), old.begin() + keep, old.end());
+  }
+  give_way_key give_way(const head_store& hs, int64_t slot) const override {
+    if (hs.ord(slot) >= hs.appended() - recent_) return {1, static_cast<double>(hs.ord(slot))};
+    return {0, static_cast<double>(hs.score(slot))};
   }
 
  private:

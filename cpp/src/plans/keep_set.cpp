@@ -1,6 +1,8 @@
 // A fixed keep-set: the first `sinks` tokens, the `recent` newest, and a sorted set of ords
 // chosen when the prompt was profiled (Task-KV's middle activations); keep_all keeps
-// everything (Task-KV's heterogeneous heads). `label` names the plan in statistics.
+// everything (Task-KV's heterogeneous heads). `label` names the plan in statistics. Under a
+// byte budget the other heads give way first (oldest first, sinks last), then the keep-all
+// heads (oldest first).
 #include <algorithm>
 
 #include "plan_impl.h"
@@ -24,6 +26,11 @@ class keep_set_plan final : public head_plan {
       if (o < sinks_ || o >= first_recent || std::binary_search(ords_.begin(), ords_.end(), o)) continue;
       out.push_back(static_cast<int32_t>(s));
     }
+  }
+
+  give_way_key give_way(const head_store& hs, int64_t slot) const override {
+    const int32_t o = hs.ord(slot);
+    return {keep_all_ ? 1 : (o < sinks_ ? 2 : 0), static_cast<double>(o)};
   }
 
  private:

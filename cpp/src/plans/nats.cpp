@@ -3,7 +3,8 @@
 // for every later query), 1 local (kept until a newer global token of the head has been
 // attended), 2 sliding (kept for the `window` queries from its own on). After each step the
 // plan frees the local tokens older than the head's newest global token and the sliding
-// tokens with appended - ord >= window. Untyped tokens (class 0) are global.
+// tokens with appended - ord >= window. Untyped tokens (class 0) are global. Under a byte
+// budget sliding tokens give way first, then local, then global ones, each oldest first.
 #include <algorithm>
 
 #include "plan_impl.h"
@@ -28,6 +29,12 @@ class nats_plan final : public head_plan {
       if ((t == kNatsLocal && o < newest_global) || (t == kNatsSliding && appended - o >= window_))
         out.push_back(static_cast<int32_t>(s));
     }
+  }
+
+  give_way_key give_way(const head_store& hs, int64_t slot) const override {
+    const uint8_t t = hs.token_class(slot);
+    const int32_t tier = t == kNatsSliding ? 0 : t == kNatsLocal ? 1 : 2;
+    return {tier, static_cast<double>(hs.ord(slot))};
   }
 
  private:

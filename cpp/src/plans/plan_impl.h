@@ -25,6 +25,9 @@ class head_plan {
   virtual std::string describe() const { return name(); }
   // Appends to `out` the live slots of `hs` this plan frees now (each at most once).
   virtual void select_evictions(const head_store& hs, std::vector<int32_t>& out) const = 0;
+  // The budget rule's key of live slot `slot` (see give_way_key in kvloom/plan.h); keys are
+  // compared across the heads of a layer. Default: the oldest token first.
+  virtual give_way_key give_way(const head_store& hs, int64_t slot) const { return {0, static_cast<double>(hs.ord(slot))}; }
 
  private:
   // What make_plan made it from (snapshots re-make plans from these).

@@ -1,5 +1,6 @@
 // StreamingLLM (Xiao et al., ICLR 2024, "Efficient Streaming Language Models with Attention
-// Sinks"): keep the first `sinks` tokens and the `recent` newest tokens of each head.
+// Sinks"): keep the first `sinks` tokens and the `recent` newest tokens of each head. Under a
+// byte budget the recent window shrinks: the oldest tokens after the sinks first.
 #include "plan_impl.h"
 
 namespace kvloom {
@@ -19,6 +20,9 @@ class window_plan final : public head_plan {
       const int64_t o = hs.ord(s);
       if (o >= sinks_ && o < first_recent) out.push_back(static_cast<int32_t>(s));
     }
+  }
+  give_way_key give_way(const head_store& hs, int64_t slot) const override {
+    return {hs.ord(slot) < sinks_ ? 1 : 0, static_cast<double>(hs.ord(slot))};
   }
 
  private:

@@ -179,7 +179,7 @@ class Conversation(_Path):
         policy: the cache policy (``kvloom.Full()`` by default; Window/FastGen/... work, side
             paths fork the compressed cache).
         system: an optional system message.
-        **cache_options: passed to :class:`kvloom.Cache` (dtype, kv_dtype, block_size, capacity_bytes).
+        **cache_options: passed to :class:`kvloom.Cache` (dtype, kv_dtype, kv_budget, block_size, capacity_bytes).
     """
 
     def __init__(self, model, tokenizer, policy=None, *, system: Optional[str] = None, **cache_options):

@@ -125,7 +125,7 @@ class Session:
 
     def __init__(self, model, tokenizer, problem: str, workers: int = 2, *, policy=None, temperature: float = 0.0,
                  seed: Optional[int] = None, check_every: int = 3, system: Optional[str] = None,
-                 ignore_eos: bool = False):
+                 ignore_eos: bool = False, kv_dtype: Optional[str] = None):
         import kvloom
 
         if not 1 <= int(workers) <= len(NAMES):
@@ -142,7 +142,7 @@ class Session:
         self.temperature = temperature
         self.gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.check_every = int(check_every)
-        self.cache = HogwildCache(model, self.n, policy=policy)
+        self.cache = HogwildCache(model, self.n, policy=policy, kv_dtype=kv_dtype)  # kv_dtype: quantized segments
         self.workers = [Worker(NAMES[i]) for i in range(self.n)]
         names = ", ".join(NAMES[: self.n])
         if system is None:
@@ -270,7 +270,7 @@ def generate(model, tokenizer, problem: str, workers: int = 2, max_new_tokens: i
              temperature: float = 0.0, seed: Optional[int] = None, check_every: int = 3,
              on_step: Optional[Callable[[str, str], None]] = None,
              on_text: Optional[Callable[[str, str], None]] = None, progress: bool = False,
-             ignore_eos: bool = False) -> HogwildResult:
+             ignore_eos: bool = False, kv_dtype: Optional[str] = None) -> HogwildResult:
     """Runs `workers` collaborating instances of `model` on `problem` over one shared cache.
 
     Each worker generates up to `max_new_tokens` tokens (greedy unless `temperature` > 0).
@@ -278,12 +278,13 @@ def generate(model, tokenizer, problem: str, workers: int = 2, max_new_tokens: i
     every batched forward with what each worker added); ``on_step(name, text)`` is called
     whenever a worker finishes a step;
     ``progress`` shows a progress bar; ``ignore_eos`` keeps every worker going to
-    `max_new_tokens` (benchmarks). Returns each worker's text and the merged transcript.
+    `max_new_tokens` (benchmarks); ``kv_dtype`` ("int8", "int4", "int2") stores every segment
+    quantized (README, *Quantized KV*). Returns each worker's text and the merged transcript.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     s = Session(model, tokenizer, problem, workers, policy=policy, temperature=temperature, seed=seed,
-                check_every=check_every, ignore_eos=ignore_eos)
+                check_every=check_every, ignore_eos=ignore_eos, kv_dtype=kv_dtype)
     bar = None
     if progress:
         from tqdm import tqdm

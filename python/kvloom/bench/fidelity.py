@@ -35,17 +35,18 @@ def settings(prompt_keep: float = 0.5) -> Dict[str, object]:
     }
 
 
-def _make_cache(model, tok, setting, prompt_len: int, kv_dtype=None):
+def _make_cache(model, tok, setting, prompt_len: int, kv_dtype=None, kv_budget=None):
     """A cache for one run: a policy (None: Full), ("window", fraction of the prompt kept), or
-    a callable (model, tok, prompt_len) -> any transformers cache; kv_dtype for kvloom's."""
+    a callable (model, tok, prompt_len) -> any transformers cache; kv_dtype and kv_budget for
+    kvloom's."""
     import kvloom
 
     if callable(setting) and not isinstance(setting, kvloom.policies.Policy):
         return setting(model, tok, prompt_len)
     if isinstance(setting, tuple) and setting[0] == "window":
         keep = max(8, int(setting[1] * prompt_len))
-        return kvloom.Cache(model, policy=kvloom.Window(4, keep - 4), kv_dtype=kv_dtype)
-    return kvloom.Cache(model, policy=setting, tokenizer=tok, kv_dtype=kv_dtype)
+        setting = kvloom.Window(4, keep - 4)
+    return kvloom.Cache(model, policy=setting, tokenizer=tok, kv_dtype=kv_dtype, kv_budget=kv_budget)
 
 
 def kv_bytes(cache) -> int:
@@ -101,18 +102,29 @@ def needle_cases(tok, lengths: List[int], depths: List[float], seeds: int):
                 body = hay[start:start + n]
                 cut = int(d * len(body))
                 doc = tok.decode(body[:cut]) + needle + tok.decode(body[cut:])
-                msgs = [{"role": "user", "content": doc + f"\n\nWhat is the secret code for the {colour} door? "
-                                                          "Answer with the number only."}]
+                question = f"\n\nWhat is the secret code for the {colour} door? Answer with the number only."
+                msgs = [{"role": "user", "content": doc + question}]
                 ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
                                               return_dict=True)["input_ids"]
-                cases.append({"tokens": n, "depth": d, "seed": seed, "ids": ids, "answer": code})
+                # the same prompt cut before the question: the document is prefilled (and
+                # compressed) first, the question comes as a second chunk
+                text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+                cut_at = text.rindex(question)
+                doc_ids = tok(text[:cut_at], add_special_tokens=False, return_tensors="pt")["input_ids"]
+                q_ids = tok(text[cut_at:], add_special_tokens=False, return_tensors="pt")["input_ids"]
+                cases.append({"tokens": n, "depth": d, "seed": seed, "ids": ids, "answer": code,
+                              "doc_ids": doc_ids, "question_ids": q_ids})
     return cases
 
 
 @torch.no_grad()
-def _greedy(model, ids, cache, new_tokens: int):
+def _greedy(model, ids, cache, new_tokens: int, then=None):
+    """Greedy tokens after prefilling `ids` (then the chunk `then`, if given: a question asked
+    after the context was compressed); (tokens, decode tokens/s, prefill seconds)."""
     t0 = time.perf_counter()
     out = model(ids, **cache_kwargs(cache), use_cache=True)
+    if then is not None:
+        out = model(then, **cache_kwargs(cache), use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
     toks = [nxt]
     t1 = time.perf_counter()
@@ -154,6 +166,9 @@ class Fidelity(Benchmark):
         p.add_argument("--ppl-tokens", type=int, default=256, help="tokens fed one at a time for perplexity")
         p.add_argument("--agree-tokens", type=int, default=128, help="greedy tokens compared with Full")
         p.add_argument("--only", type=words, default=None, help="comma-separated policy settings (full always runs)")
+        p.add_argument("--question", choices=["prompt", "after", "both"], default="prompt",
+                       help="needle question inside the prompt, asked after the context was prefilled and "
+                            "compressed (a second chunk), or both protocols (default prompt)")
 
     def run(self, args) -> dict:
         import kvloom
@@ -168,21 +183,28 @@ class Fidelity(Benchmark):
         agree_prompts = [c["ids"] for c in cases[: max(1, min(4, len(cases)))]]
         if args.only:
             sets = {k: v for k, v in sets.items() if k in args.only or k == "full"}
-        work = [(name, "needle", i) for name in sets for i in range(len(cases))]
+        protocols = ["prompt", "after"] if args.question == "both" else [args.question]
+        kinds = {"prompt": "needle", "after": "needle_after"}
+        work = [(name, kinds[p], i) for name in sets for p in protocols for i in range(len(cases))]
         work += [(name, "ppl", 0) for name in sets] + [(name, "agree", j) for name in sets for j in range(len(agree_prompts))]
         work.sort(key=lambda w: list(sets).index(w[0]))  # Full first: the others are measured against it
 
         def make(setting, n):
-            setting, kv_dtype = setting if isinstance(setting, list) else (setting, None)  # [policy, kv_dtype]
-            return _make_cache(model, tok, setting, n, kv_dtype)
+            if isinstance(setting, dict):  # {"policy": ..., "kv_dtype": ..., "kv_budget": ...}
+                return _make_cache(model, tok, setting.get("policy"), n, setting.get("kv_dtype"), setting.get("kv_budget"))
+            return _make_cache(model, tok, setting, n)
 
         def one(w):
             name, kind, i = w
             setting = sets[name]
-            if kind == "needle":
+            if kind in ("needle", "needle_after"):
                 c = cases[i]
-                cache = make(setting, c["ids"].shape[1])
-                out, tps, _ = _greedy(model, c["ids"], cache, 24)
+                if kind == "needle":
+                    cache = make(setting, c["ids"].shape[1])
+                    out, tps, _ = _greedy(model, c["ids"], cache, 24)
+                else:
+                    cache = make(setting, c["doc_ids"].shape[1])
+                    out, tps, _ = _greedy(model, c["doc_ids"], cache, 24, then=c["question_ids"])
                 return {"hit": c["answer"] in tok.decode(out, skip_special_tokens=True), "bytes": kv_bytes(cache),
                         "tok_s": tps}
             if kind == "ppl":
@@ -193,15 +215,18 @@ class Fidelity(Benchmark):
         results = dict(zip(work, self.grid(work, one, postfix=lambda w, r: f"{w[0]} {w[1]}")))
         rows = []
         for name in sets:
-            needles = [results[(name, "needle", i)] for i in range(len(cases))]
+            needles = [results[(name, kinds[protocols[0]], i)] for i in range(len(cases))]
             agree = []
             for j in range(len(agree_prompts)):
                 same = (results[(name, "agree", j)]["tokens"] == results[("full", "agree", j)]["tokens"]).tolist()
                 agree.append(next((k for k, s in enumerate(same) if not s), len(same)) / len(same))
             rows.append({"policy": name,
-                         "kv_bytes_vs_full": sum(r["bytes"] / results[("full", "needle", i)]["bytes"]
+                         "kv_bytes_vs_full": sum(r["bytes"] / results[("full", kinds[protocols[0]], i)]["bytes"]
                                                  for i, r in enumerate(needles)) / len(needles),
-                         "needle_accuracy": sum(r["hit"] for r in needles) / len(cases),
+                         **{f"needle_accuracy{'' if p == 'prompt' else '_after'}":
+                            sum(results[(name, kinds[p], i)]["hit"] for i in range(len(cases))) / len(cases)
+                            for p in protocols},
+                         **self.needle_by_length(name, results, cases, kinds, protocols),
                          "perplexity": results[(name, "ppl", 0)]["ppl"],
                          "greedy_prefix_agreement": sum(agree) / len(agree),
                          "decode_tok_s": sum(r["tok_s"] for r in needles) / len(needles)})
@@ -212,18 +237,39 @@ class Fidelity(Benchmark):
                 "depths": args.depths, "seeds": args.seeds, "ppl_prefix": args.ppl_prefix,
                 "ppl_tokens": args.ppl_tokens, "agree_tokens": args.agree_tokens, "rows": rows}
 
+    @staticmethod
+    def needle_by_length(name, results, cases, kinds, protocols) -> dict:
+        """needle accuracy per haystack length and protocol (with several lengths)."""
+        lengths = sorted({c["tokens"] for c in cases})
+        if len(lengths) < 2:
+            return {}
+        out = {}
+        for p in protocols:
+            out[f"needle_by_length{'' if p == 'prompt' else '_after'}"] = {
+                str(n): sum(results[(name, kinds[p], i)]["hit"] for i, c in enumerate(cases) if c["tokens"] == n)
+                / sum(c["tokens"] == n for c in cases) for n in lengths}
+        return out
+
     def markdown(self, summary: dict) -> str:
-        rows = [[r["policy"], f"{r['kv_bytes_vs_full']:.2f}", f"{r['needle_accuracy']:.2f}", f"{r['perplexity']:.2f}",
+        first = summary["rows"][0]
+        cols = [k for k in ("needle_accuracy", "needle_accuracy_after") if k in first]
+        heads = {"needle_accuracy": "needle accuracy", "needle_accuracy_after": "needle, question after"}
+        by_len = [k for k in ("needle_by_length", "needle_by_length_after") if k in first]
+        len_cols = [(k, n) for k in by_len for n in first[k]]
+        rows = [[r["policy"], f"{r['kv_bytes_vs_full']:.2f}", *(f"{r[c]:.2f}" for c in cols),
+                 *(f"{r[k][n]:.2f}" for k, n in len_cols), f"{r['perplexity']:.2f}",
                  f"{r['perplexity_delta_pct']:+.1f}%", f"{r['greedy_prefix_agreement']:.2f}", f"{r['decode_tok_s']:.1f}"]
                 for r in summary["rows"]]
-        return table(["policy", "KV bytes vs Full", "needle accuracy", "perplexity", "Δ ppl", "greedy prefix agreement",
-                      "decode tok/s"], rows)
+        return table(["policy", "KV bytes vs Full", *(heads[c] for c in cols),
+                      *(f"{'after' if k.endswith('after') else 'prompt'} @{n}" for k, n in len_cols), "perplexity", "Δ ppl",
+                      "greedy prefix agreement", "decode tok/s"], rows)
 
     def draw(self, summary: dict, plt):
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+        key = "needle_accuracy" if "needle_accuracy" in summary["rows"][0] else "needle_accuracy_after"
         for r in summary["rows"]:
-            a.scatter(r["kv_bytes_vs_full"], r["needle_accuracy"])
-            a.annotate(r["policy"], (r["kv_bytes_vs_full"], r["needle_accuracy"]), fontsize=7)
+            a.scatter(r["kv_bytes_vs_full"], r[key])
+            a.annotate(r["policy"], (r["kv_bytes_vs_full"], r[key]), fontsize=7)
             b.scatter(r["kv_bytes_vs_full"], r["perplexity_delta_pct"])
             b.annotate(r["policy"], (r["kv_bytes_vs_full"], r["perplexity_delta_pct"]), fontsize=7)
         a.set_xlabel("KV bytes vs Full")

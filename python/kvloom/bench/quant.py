@@ -68,7 +68,7 @@ class Quant(Fidelity):
                 out[p] = pols[p]
         for f in args.formats:
             for p in args.policies:
-                out[f if p == "full" else f"{f} + {p}"] = [pols[p], f]
+                out[f if p == "full" else f"{f} + {p}"] = {"policy": pols[p], "kv_dtype": f}
         self.missing = []
         for backend in args.backends:
             for bits in (4, 2):

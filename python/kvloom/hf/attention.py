@@ -57,9 +57,22 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
         cache.kv.accumulate_attention(layer, query, cache.seqs, scale=scaling)
     if past == 0 and cache.layers[layer].window is None:
         policy.after_prompt(cache, layer, query, scaling)
-    for s in cache.seqs:
-        cache.kv.apply_policy(layer, s)
+    full = _full_tokens(cache, attention_mask)
+    for b, s in enumerate(cache.seqs):
+        cache.kv.apply_policy(layer, s, full_tokens=None if full is None else full[b])
     return out, None
+
+
+def _full_tokens(cache, attention_mask):
+    """Per row, the tokens ``Full`` holds in this layer (what the last query may see: padding
+    and, on sliding layers, what left the window excluded), which sizes a ``kv_budget``; None
+    without a budget or a mask (then every token counts)."""
+    if attention_mask is None or cache.kv.kv_budget is None:
+        return None
+    m = attention_mask[:, 0, -1, :]
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    return m.sum(-1).tolist()
 
 
 def _visible_to_last_query(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:

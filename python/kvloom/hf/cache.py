@@ -115,11 +115,17 @@ class LoomCache(_HFCache):
         kv_dtype: quantized storage, ``"int8"``, ``"int4"`` or ``"int2"`` (default None): blocks are
             quantized once full, after the policy has evicted from the prompt (the block being
             filled stays in ``dtype``; see :class:`kvloom.KVCache` and the README's *Quantized KV*).
+        kv_budget: a memory budget, a fraction in (0, 1] of the bytes ``Full`` holds in ``dtype``
+            (default None). After every forward each layer of each row holds at most that fraction
+            of what ``Full`` would hold for the row's tokens (padding excluded; never less than
+            one block per kv head): whatever the policy and ``kv_dtype`` leave above it gives way
+            by the policy's rule (README, *Memory budget*).
         block_size, capacity_bytes: see :class:`kvloom.KVCache` (block size: 16, or 32 with kv_dtype).
     """
 
     def __init__(self, model, policy=None, *, tokenizer=None, dtype=None, block_size: Optional[int] = None,
-                 capacity_bytes: Optional[int] = None, kv_dtype: Optional[str] = None):
+                 capacity_bytes: Optional[int] = None, kv_dtype: Optional[str] = None,
+                 kv_budget: Optional[float] = None):
         geo = arch.geometry(model)
         self.geometry = geo
         dtype = dtype or getattr(model, "dtype", torch.float32)
@@ -133,7 +139,7 @@ class LoomCache(_HFCache):
         device = next(model.parameters()).device
         self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=self.policy,
                           block_size=block_size, capacity_bytes=capacity_bytes, device=device, kv_dtype=kv_dtype,
-                          layer_store=None if self._store == list(range(geo.n_layers)) else self._store)
+                          kv_budget=kv_budget, layer_store=None if self._store == list(range(geo.n_layers)) else self._store)
         self._class_table = None
         self._ids = None
         self._hook = None
@@ -446,7 +452,8 @@ class LoomCache(_HFCache):
         policy = policy_from(kvm.get("policy"), where)
         try:
             cache = cls(model, policy, tokenizer=tokenizer, dtype=torch_dtype(kvm["dtype"]),
-                        block_size=kvm["block_size"], capacity_bytes=capacity_bytes, kv_dtype=kvm.get("kv_dtype"))
+                        block_size=kvm["block_size"], capacity_bytes=capacity_bytes, kv_dtype=kvm.get("kv_dtype"),
+                        kv_budget=kvm.get("kv_budget"))
         except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
             raise SnapshotError(f"{where}: its cache settings cannot be used here: {e}") from None
         ids = cache.kv._import(sections, where, keep_ids=True)

@@ -16,6 +16,7 @@ __all__ = [
     "accumulated_attention", "heavy_hitter_keep", "fastgen_levels", "fastgen_recovery", "fastgen_keep",
     "taskkv_column_means", "taskkv_profile",
     "quant_block_bytes", "quant_value_group", "quantize_block", "dequantize_block",
+    "give_way_key", "budget_bytes", "budget_victims",
 ]
 
 SPECIAL, PUNCT = 1, 2  # token-class bits
@@ -424,3 +425,103 @@ def dequantize_block(block: torch.Tensor, bits: int, block_size: int, head_dim: 
     k = (kc.double() * kp[1] + kp[0]).float()
     v = (vc.double() * vp[1] + vp[0]).float()
     return k, v
+
+
+# --- the memory budget (kv_budget) ---------------------------------------------------------
+NEVER_GIVES_WAY = 2**31 - 1
+
+
+def give_way_key(plan: str, params: dict, *, ord: int, appended: int, score: float, cls: int) -> Tuple[int, float]:
+    """The budget rule's key (tier, value) of one live token of a head whose plan is `plan`
+    (the C++ plan name: "full", "window", "heavy_hitter", "fastgen", "keep_set", "nats") with
+    `params`; lower keys give way first (then the older token). A head's newest token never
+    gives way. The rules:
+
+    - full: tokens after the first 4 (sinks), oldest first; then the sinks.
+    - window: the same with the plan's sinks.
+    - heavy_hitter: tokens outside the recent window by accumulated attention, the least
+      first; then the recent window, oldest first.
+    - fastgen: tokens neither special nor punctuation by attention received per query since
+      they arrived (score / (appended - ord)), the least first; then punctuation; then special.
+    - keep_set (Task-KV): the heads that keep a subset (oldest first, sinks last) before the
+      keep-all (heterogeneous) heads (oldest first).
+    - nats: sliding tokens, then local, then global, each oldest first.
+    """
+    if ord == appended - 1:
+        return NEVER_GIVES_WAY, 0.0
+    if plan == "full":
+        return (1 if ord < 4 else 0), float(ord)
+    if plan == "window":
+        return (1 if ord < params.get("sinks", 4) else 0), float(ord)
+    if plan == "heavy_hitter":
+        if ord >= appended - params.get("recent", 64):
+            return 1, float(ord)
+        return 0, float(score)
+    if plan == "fastgen":
+        tier = 2 if cls & SPECIAL else 1 if cls & PUNCT else 0
+        return tier, float(score) / float(appended - ord)
+    if plan == "keep_set":
+        tier = 1 if params.get("keep_all", 0) else (2 if ord < params.get("sinks", 0) else 0)
+        return tier, float(ord)
+    if plan == "nats":
+        return {2: 0, 1: 1}.get(cls, 2), float(ord)
+    raise ValueError(f"no budget rule for plan {plan!r}")
+
+
+def budget_bytes(fraction: float, full_tokens: int, n_kv_heads: int, block_size: int, block_bytes: int,
+                 sealed_block_bytes: int = 0) -> int:
+    """The bytes one layer of one sequence may hold: ``fraction`` of what Full holds for
+    ``full_tokens`` tokens per head (``ceil(full_tokens / block_size)`` float blocks per head),
+    never less than one float block per head (plus one sealed block per head in a quantized
+    cache)."""
+    want = math.floor(fraction * float(n_kv_heads * -(-full_tokens // block_size) * block_bytes))
+    return max(n_kv_heads * (block_bytes + sealed_block_bytes), want)
+
+
+def budget_victims(heads: Sequence[dict], limit: int, block_size: int, block_bytes: int,
+                   sealed_block_bytes: Optional[int] = None) -> List[List[int]]:
+    """One round of the budget's selection over one layer of one sequence. ``heads``: per kv
+    head a dict with ``slots`` (live slots), ``ords``, ``keys`` ((tier, value) per live slot) and
+    ``sealed`` (the set of sealed table entries). Units give way in key order (tier, value, ord,
+    head, slot): a float token alone, a sealed block whole (its key is its live tokens' largest).
+    Units are taken (at least one) until the projected bytes fit `limit`: sealed blocks at
+    ``sealed_block_bytes`` each plus each head's float tokens packed into blocks (and, in a
+    quantized cache, full ones sealed). Returns the slots each head frees, in take order."""
+    def float_bytes(n):
+        if sealed_block_bytes is None:
+            return -(-n // block_size) * block_bytes
+        return (n // block_size) * sealed_block_bytes + (block_bytes if n % block_size else 0)
+
+    units, fp_live, n_sealed = [], [], []
+    for h, hd in enumerate(heads):
+        blocks: Dict[int, list] = {}
+        n_fp = 0
+        for slot, o, key in zip(hd["slots"], hd["ords"], hd["keys"]):
+            entry = slot // block_size
+            if entry in hd["sealed"]:
+                blocks.setdefault(entry, []).append(((key[0], key[1], o, h, entry), slot))
+                continue
+            n_fp += 1
+            if key[0] != NEVER_GIVES_WAY:
+                units.append(((key[0], key[1], o, h, slot), [slot], h, False))
+        for entry, members in blocks.items():
+            top = max(m[0] for m in members)
+            if top[0] != NEVER_GIVES_WAY:
+                units.append((top, [m[1] for m in members], h, True))
+        fp_live.append(n_fp)
+        n_sealed.append(len(blocks))
+    units.sort(key=lambda u: u[0])
+    projected = sum(n * (sealed_block_bytes or 0) + float_bytes(f) for n, f in zip(n_sealed, fp_live))
+    out: List[List[int]] = [[] for _ in heads]
+    taken = 0
+    for _, slots, h, is_block in units:
+        if taken and projected <= limit:
+            break
+        out[h].extend(slots)
+        if is_block:
+            projected -= sealed_block_bytes
+        else:
+            projected += float_bytes(fp_live[h] - 1) - float_bytes(fp_live[h])
+            fp_live[h] -= 1
+        taken += 1
+    return out
