@@ -69,6 +69,25 @@ def geometry(model_or_config) -> Geometry:
     return Geometry(mt, n_layers, hq, hkv, hd, windows)
 
 
+def tensor_parallel_size(model) -> int:
+    """How many processes share the model's attention heads (transformers' tensor parallelism,
+    ``from_pretrained(..., tp_plan="auto")`` under torchrun); 1 without it."""
+    return int(getattr(model, "_tp_size", None) or 1)
+
+
+def local_geometry(model) -> Geometry:
+    """The geometry of this process's part of `model`: under tensor parallelism each rank holds
+    n_q_heads / tp and n_kv_heads / tp of the heads (transformers shards q/k/v column-wise)."""
+    geo = geometry(model)
+    tp = tensor_parallel_size(model)
+    if tp == 1:
+        return geo
+    if geo.n_kv_heads % tp or geo.n_q_heads % tp:
+        raise NotImplementedError(f"tensor parallelism over {tp} processes needs the {geo.n_q_heads} query and "
+                                  f"{geo.n_kv_heads} kv heads to divide evenly")
+    return Geometry(geo.model_type, geo.n_layers, geo.n_q_heads // tp, geo.n_kv_heads // tp, geo.head_dim, geo.windows)
+
+
 def attention_modules(model) -> list:
     """The model's attention modules (those with a layer_idx), in module order."""
     return [m for m in model.modules() if hasattr(m, "layer_idx") and "attention" in type(m).__name__.lower()]

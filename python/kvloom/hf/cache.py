@@ -126,12 +126,18 @@ class LoomCache(_HFCache):
     def __init__(self, model, policy=None, *, tokenizer=None, dtype=None, block_size: Optional[int] = None,
                  capacity_bytes: Optional[int] = None, kv_dtype: Optional[str] = None,
                  kv_budget: Optional[float] = None):
-        geo = arch.geometry(model)
+        geo = arch.local_geometry(model)  # under tensor parallelism: this rank's heads
         self.geometry = geo
         dtype = dtype or getattr(model, "dtype", torch.float32)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"KV dtype {dtype} is not supported; use float32, float16 or bfloat16")
         self.policy = make_policy(policy)
+        tp = arch.tensor_parallel_size(model)
+        if tp > 1 and (not self.policy.per_head or kv_budget is not None):
+            what = "kv_budget (its give-way order compares heads)" if self.policy.per_head else \
+                f"{type(self.policy).__name__} (it decides across a layer's kv heads)"
+            raise NotImplementedError(f"{what} is not supported under tensor parallelism yet ({tp} processes "
+                                      "share this model's heads)")
         if self.policy.needs_tokenizer and tokenizer is None:
             raise ValueError(f"{type(self.policy).__name__} needs the tokenizer (its token classes come from it): "
                              f"kvloom.Cache(model, policy=..., tokenizer=tok)")

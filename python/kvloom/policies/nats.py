@@ -155,6 +155,7 @@ class NAtS(Policy):
     """Token types from a learned scorer (default: the one shipped for SmolLM2-135M-Instruct)."""
 
     name: ClassVar[str] = "nats"
+    per_head: ClassVar[bool] = False  # the scorer types every kv head of the model at once
     scorer: Any = param(None, "a trained scorer: path (default: the shipped one) or a kvloom.nats.Scorer", kind=str)
     window: Optional[int] = param(None, "sliding-window length (default: the scorer's training window)", lo=1,
                                   kind=int)

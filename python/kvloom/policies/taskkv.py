@@ -27,6 +27,7 @@ class TaskKV(Policy):
 
     name: ClassVar[str] = "taskkv"
     aliases: ClassVar[tuple] = ("task-kv",)
+    per_head: ClassVar[bool] = False  # the layer centre spans every kv head
     beta: float = param(0.25, "heterogeneous heads at the first layer, as a fraction of the heads", lo=0.0)
     m: int = param(4, "heterogeneous heads at the last layer", lo=0)
     sinks: int = param(16, "first tokens kept by the other heads", lo=0)
