@@ -58,10 +58,14 @@ def test_bench_e2e_on_default_model_small(tmp_path, capsys):
     assert "| prompt tokens |" in capsys.readouterr().out
 
 
+# the fidelity protocol's smallest grid (one short needle case, a few perplexity and agreement tokens)
+SMALL_FIDELITY = ["--lengths", "160", "--depths", "0.5", "--seeds", "1", "--ppl-prefix", "64", "--ppl-tokens", "8",
+                  "--agree-tokens", "4"]
+
+
 def test_bench_quant_small(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["bench", "quant", "--lengths", "160", "--depths", "0.5", "--seeds", "1", "--ppl-prefix", "64",
-                     "--ppl-tokens", "8", "--agree-tokens", "4", "--formats", "int8", "--policies", "full,window",
+    assert cli.main(["bench", "quant", *SMALL_FIDELITY, "--formats", "int8", "--policies", "full,window",
                      "--backends", "quanto", "--out", str(out)]) == 0
     data = json.loads((out / "quant.json").read_text())
     rows = {r["policy"]: r for r in data["rows"]}
@@ -75,8 +79,7 @@ def test_bench_quant_small(tmp_path, capsys):
 
 def test_bench_budget_small(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["bench", "budget", "--lengths", "160", "--depths", "0.5", "--seeds", "1", "--ppl-prefix", "64",
-                     "--ppl-tokens", "8", "--agree-tokens", "4", "--policies", "window", "--formats", "fp,int8",
+    assert cli.main(["bench", "budget", *SMALL_FIDELITY, "--policies", "window", "--formats", "fp,int8",
                      "--budget", "0.5", "--out", str(out)]) == 0
     data = json.loads((out / "budget.json").read_text())
     rows = {r["policy"]: r for r in data["rows"]}

@@ -17,6 +17,11 @@ from ..hf.compat import cache_kwargs
 from .harness import Benchmark, add_common_options, floats, ints, table, words
 
 
+# needle protocols: the question inside the prompt, or asked after the document was compressed;
+# each names its grid kind ("needle" + suffix) and its result keys ("needle_accuracy" + suffix)
+SUFFIX = {"prompt": "", "after": "_after"}
+
+
 def settings(prompt_keep: float = 0.5) -> Dict[str, object]:
     """The policy settings compared (name -> policy factory argument)."""
     import kvloom
@@ -184,7 +189,7 @@ class Fidelity(Benchmark):
         if args.only:
             sets = {k: v for k, v in sets.items() if k in args.only or k == "full"}
         protocols = ["prompt", "after"] if args.question == "both" else [args.question]
-        kinds = {"prompt": "needle", "after": "needle_after"}
+        kinds = {p: "needle" + SUFFIX[p] for p in protocols}
         work = [(name, kinds[p], i) for name in sets for p in protocols for i in range(len(cases))]
         work += [(name, "ppl", 0) for name in sets] + [(name, "agree", j) for name in sets for j in range(len(agree_prompts))]
         work.sort(key=lambda w: list(sets).index(w[0]))  # Full first: the others are measured against it
@@ -197,14 +202,11 @@ class Fidelity(Benchmark):
         def one(w):
             name, kind, i = w
             setting = sets[name]
-            if kind in ("needle", "needle_after"):
+            if kind in kinds.values():
                 c = cases[i]
-                if kind == "needle":
-                    cache = make(setting, c["ids"].shape[1])
-                    out, tps, _ = _greedy(model, c["ids"], cache, 24)
-                else:
-                    cache = make(setting, c["doc_ids"].shape[1])
-                    out, tps, _ = _greedy(model, c["doc_ids"], cache, 24, then=c["question_ids"])
+                prompt, then = (c["ids"], None) if kind == "needle" else (c["doc_ids"], c["question_ids"])
+                cache = make(setting, prompt.shape[1])
+                out, tps, _ = _greedy(model, prompt, cache, 24, then=then)
                 return {"hit": c["answer"] in tok.decode(out, skip_special_tokens=True), "bytes": kv_bytes(cache),
                         "tok_s": tps}
             if kind == "ppl":
@@ -223,7 +225,7 @@ class Fidelity(Benchmark):
             rows.append({"policy": name,
                          "kv_bytes_vs_full": sum(r["bytes"] / results[("full", kinds[protocols[0]], i)]["bytes"]
                                                  for i, r in enumerate(needles)) / len(needles),
-                         **{f"needle_accuracy{'' if p == 'prompt' else '_after'}":
+                         **{f"needle_accuracy{SUFFIX[p]}":
                             sum(results[(name, kinds[p], i)]["hit"] for i in range(len(cases))) / len(cases)
                             for p in protocols},
                          **self.needle_by_length(name, results, cases, kinds, protocols),
@@ -245,24 +247,22 @@ class Fidelity(Benchmark):
             return {}
         out = {}
         for p in protocols:
-            out[f"needle_by_length{'' if p == 'prompt' else '_after'}"] = {
+            out[f"needle_by_length{SUFFIX[p]}"] = {
                 str(n): sum(results[(name, kinds[p], i)]["hit"] for i, c in enumerate(cases) if c["tokens"] == n)
                 / sum(c["tokens"] == n for c in cases) for n in lengths}
         return out
 
     def markdown(self, summary: dict) -> str:
         first = summary["rows"][0]
-        cols = [k for k in ("needle_accuracy", "needle_accuracy_after") if k in first]
-        heads = {"needle_accuracy": "needle accuracy", "needle_accuracy_after": "needle, question after"}
-        by_len = [k for k in ("needle_by_length", "needle_by_length_after") if k in first]
-        len_cols = [(k, n) for k in by_len for n in first[k]]
-        rows = [[r["policy"], f"{r['kv_bytes_vs_full']:.2f}", *(f"{r[c]:.2f}" for c in cols),
-                 *(f"{r[k][n]:.2f}" for k, n in len_cols), f"{r['perplexity']:.2f}",
+        heads = {"prompt": "needle accuracy", "after": "needle, question after"}
+        prots = [p for p in SUFFIX if "needle_accuracy" + SUFFIX[p] in first]
+        len_cols = [(p, n) for p in prots for n in first.get("needle_by_length" + SUFFIX[p], {})]
+        rows = [[r["policy"], f"{r['kv_bytes_vs_full']:.2f}", *(f"{r['needle_accuracy' + SUFFIX[p]]:.2f}" for p in prots),
+                 *(f"{r['needle_by_length' + SUFFIX[p]][n]:.2f}" for p, n in len_cols), f"{r['perplexity']:.2f}",
                  f"{r['perplexity_delta_pct']:+.1f}%", f"{r['greedy_prefix_agreement']:.2f}", f"{r['decode_tok_s']:.1f}"]
                 for r in summary["rows"]]
-        return table(["policy", "KV bytes vs Full", *(heads[c] for c in cols),
-                      *(f"{'after' if k.endswith('after') else 'prompt'} @{n}" for k, n in len_cols), "perplexity", "Δ ppl",
-                      "greedy prefix agreement", "decode tok/s"], rows)
+        return table(["policy", "KV bytes vs Full", *(heads[p] for p in prots), *(f"{p} @{n}" for p, n in len_cols),
+                      "perplexity", "Δ ppl", "greedy prefix agreement", "decode tok/s"], rows)
 
     def draw(self, summary: dict, plt):
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))

@@ -69,10 +69,7 @@ def _full_tokens(cache, attention_mask):
     without a budget or a mask (then every token counts)."""
     if attention_mask is None or cache.kv.kv_budget is None:
         return None
-    m = attention_mask[:, 0, -1, :]
-    if m.dtype != torch.bool:
-        m = m > torch.finfo(m.dtype).min / 2
-    return m.sum(-1).tolist()
+    return _visible_to_last_query(attention_mask, attention_mask.shape[-1]).sum(-1).tolist()
 
 
 def _visible_to_last_query(attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
