@@ -34,6 +34,7 @@ _LAZY = {
     "models": ("kvloom.models", None),
     "reference": ("kvloom.reference", None),
     "corpus": ("kvloom.corpus", None),
+    "distributed": ("kvloom.distributed", None),
 }
 
 

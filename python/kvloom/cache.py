@@ -508,9 +508,22 @@ class KVCache:
         raise :class:`kvloom.ConcurrencyError` (the file is then not written)."""
         from . import snapshot
 
+        return snapshot.write(path, "kvcache", *self._snapshot_parts(seqs))
+
+    def dumps(self, seqs: Optional[Sequence[int]] = None) -> bytes:
+        """:meth:`save` into memory: the snapshot's bytes (for a transport of your own;
+        :mod:`kvloom.distributed` sends them over torch.distributed)."""
+        from . import snapshot
+
+        return bytes(snapshot.dumps("kvcache", *self._snapshot_parts(seqs)))
+
+    def _snapshot_parts(self, seqs=None, extra=None):
         seqs = self.sequences() if seqs is None else _int_list(seqs, "seqs")
         blob = self._c.export_sequences(seqs)
-        return snapshot.write(path, "kvcache", {**self._snapshot_meta(), "sequences": seqs}, {"kv": blob})
+        meta = {**self._snapshot_meta(), "sequences": seqs}
+        if extra is not None:
+            meta["extra"] = extra
+        return meta, {"kv": blob}
 
     @classmethod
     def load(cls, path, *, device=None, capacity_bytes: Optional[int] = None, pool: Optional[BlockPool] = None) -> "KVCache":
@@ -526,6 +539,16 @@ class KVCache:
                                 pool=pool)
 
     @classmethod
+    def loads(cls, data, *, device=None, capacity_bytes: Optional[int] = None,
+              pool: Optional[BlockPool] = None) -> "KVCache":
+        """:meth:`load` from the bytes :meth:`dumps` made."""
+        from . import snapshot
+
+        meta, sections = snapshot.parse(data, "kvcache")
+        return cls._from_parsed(meta, sections, "snapshot bytes", device=device, capacity_bytes=capacity_bytes,
+                                pool=pool)
+
+    @classmethod
     def _from_parsed(cls, meta: dict, sections, where: str, **kw) -> "KVCache":
         from .snapshot import SnapshotError
 
@@ -537,11 +560,19 @@ class KVCache:
 
     def restore(self, path) -> List[int]:
         """Adds the sequences of a snapshot file to this cache (same geometry, dtype, block size
-        and layer sharing) under fresh ids, returned in the file's order."""
+        and layer sharing) under fresh ids, returned in the file's order. All or nothing: a
+        snapshot that cannot be added raises and leaves every sequence here as it was."""
         from . import snapshot
 
         meta, sections = snapshot.read(path, "kvcache")
         return self._import(sections, f"snapshot {path}", keep_ids=False)
+
+    def restore_bytes(self, data) -> List[int]:
+        """:meth:`restore` from the bytes :meth:`dumps` made."""
+        from . import snapshot
+
+        meta, sections = snapshot.parse(data, "kvcache")
+        return self._import(sections, "snapshot bytes", keep_ids=False)
 
     def _snapshot_meta(self) -> dict:
         def pol(p):

@@ -29,7 +29,7 @@ import struct
 from pathlib import Path
 from typing import Dict, Tuple
 
-__all__ = ["SnapshotError", "write", "read", "parse", "MAGIC", "VERSION"]
+__all__ = ["SnapshotError", "write", "dumps", "read", "parse", "MAGIC", "VERSION"]
 
 MAGIC = b"KVLOOM-SNAPSHOT\x00"
 VERSION = 1
@@ -42,26 +42,47 @@ class SnapshotError(ValueError):
     or made for another model or cache geometry. Nothing was changed."""
 
 
-def write(path, kind: str, meta: dict, sections: Dict[str, bytes]) -> int:
-    """Writes a snapshot atomically; returns its size in bytes."""
+def _header(kind: str, meta: dict, sections: Dict[str, bytes]) -> bytes:
     from . import __version__
 
-    path = Path(path)
     header = json.dumps({"kind": kind, "kvloom": __version__, "meta": meta,
                          "sections": [[name, len(data)] for name, data in sections.items()]},
                         separators=(",", ":"), allow_nan=False).encode()
     if len(header) > _MAX_HEADER:
         raise ValueError(f"snapshot header of {len(header)} bytes is too large")
+    return header
+
+
+def _chunks(kind: str, meta: dict, sections: Dict[str, bytes]):
+    """The snapshot's pieces in order, the sha256 of them all last."""
+    header = _header(kind, meta, sections)
     h = hashlib.sha256()
+    for chunk in (MAGIC, struct.pack("<II", VERSION, len(header)), header, *sections.values()):
+        h.update(chunk)
+        yield chunk
+    yield h.digest()
+
+
+def dumps(kind: str, meta: dict, sections: Dict[str, bytes]) -> bytearray:
+    """A snapshot in memory (what :func:`write` puts in a file); :func:`parse` reads it back."""
+    out = bytearray()
+    for chunk in _chunks(kind, meta, sections):
+        out += chunk
+    return out
+
+
+def write(path, kind: str, meta: dict, sections: Dict[str, bytes]) -> int:
+    """Writes a snapshot atomically; returns its size in bytes."""
+    path = Path(path)
+    chunks = _chunks(kind, meta, sections)
+    first = next(chunks)  # builds (and checks) the header before any file exists
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     size = 0
     try:
         with open(tmp, "wb") as f:
-            for chunk in (MAGIC, struct.pack("<II", VERSION, len(header)), header, *sections.values()):
+            for chunk in (first, *chunks):
                 f.write(chunk)
-                h.update(chunk)
                 size += len(chunk)
-            f.write(h.digest())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -79,7 +100,7 @@ def write(path, kind: str, meta: dict, sections: Dict[str, bytes]) -> int:
             os.close(fd)
     except OSError:
         pass
-    return size + 32
+    return size
 
 
 def read(path, kind: str) -> Tuple[dict, Dict[str, memoryview]]:

@@ -420,8 +420,14 @@ class LoomCache(_HFCache):
         exactly: the same attention outputs and the same greedy tokens as this cache."""
         from .. import snapshot
 
-        meta, sections = self._snapshot_parts()
-        return snapshot.write(path, "cache", meta, sections)
+        return snapshot.write(path, "cache", *self._snapshot_parts())
+
+    def dumps(self) -> bytes:
+        """:meth:`save` into memory: the snapshot's bytes, for a transport of your own
+        (:func:`kvloom.distributed.send_cache` sends them over torch.distributed)."""
+        from .. import snapshot
+
+        return bytes(snapshot.dumps("cache", *self._snapshot_parts()))
 
     @classmethod
     def load(cls, path, model, *, tokenizer=None, capacity_bytes: Optional[int] = None) -> "LoomCache":
@@ -433,11 +439,21 @@ class LoomCache(_HFCache):
         meta, sections = snapshot.read(path, "cache")
         return cls._from_snapshot_parts(meta, sections, model, f"snapshot {path}", tokenizer, capacity_bytes)
 
-    def _snapshot_parts(self):
+    @classmethod
+    def loads(cls, data, model, *, tokenizer=None, capacity_bytes: Optional[int] = None) -> "LoomCache":
+        """:meth:`load` from the bytes :meth:`dumps` made."""
+        from .. import snapshot
+
+        meta, sections = snapshot.parse(data, "cache")
+        return cls._from_snapshot_parts(meta, sections, model, "snapshot bytes", tokenizer, capacity_bytes)
+
+    def _snapshot_parts(self, extra=None):
         self._check_open()
         seqs = list(self.seqs or [])
         meta = {"model": model_fingerprint(self._model()), "kv": self.kv._snapshot_meta(), "seqs": seqs,
                 "lengths": [layer.cumulative_length for layer in self.layers]}
+        if extra is not None:
+            meta["extra"] = extra
         return meta, {"kv": self.kv._c.export_sequences(seqs)}
 
     @classmethod

@@ -1,0 +1,122 @@
+"""KV transfer between processes (issue 18): three real processes on torch.distributed (gloo),
+one thread each. Rank 0 prefills and sends; rank 1 receives, continues decoding exactly as if
+the sequence had never moved (every setting in dist_worker.SETTINGS), adds sequences to a cache
+that holds others, and meets a corrupted, truncated, foreign, timed-out and dead sender with a
+clear error that changes nothing."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvloom
+from kvloom import distributed as kd
+
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script, world, *args, timeout=300):
+    """`world` processes of `script`, ranked through the environment as torchrun does (no
+    elastic agent: a rank that exits early does not take the others down)."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], outs
+
+
+@pytest.mark.hf
+@pytest.mark.slow
+def test_transfer_between_processes(tmp_path):
+    from hf_helpers import tiny_model
+    sys.path.insert(0, str(HERE))
+    from dist_worker import SETTINGS
+
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    codes, outs = launch(HERE / "dist_worker.py", 3, tmp_path / "model", tmp_path)
+    assert codes == [0, 0, 0], "\n".join(o[-3000:] for o in outs)
+    r = json.loads((tmp_path / "rank1.json").read_text())
+    for name in SETTINGS:
+        got = r[name]
+        assert got["first"][0] == got["first"][1], name
+        assert got["tokens"] == got["here"] and got["same_logits"], name  # as if it had never moved
+        assert got["bytes"][0] == got["bytes"][1], name  # the receiver holds what the sender held
+        # on the wire: the cache's bytes, a few bytes of metadata per slot and a small header
+        assert got["bytes"][1] < got["wire"] < 1.1 * got["bytes"][1] + 8192, name
+    for name in ("window", "window_int4", "h2o_budget"):  # compressed: less than the full KV on the wire
+        assert r[name]["wire"] < 0.75 * r["full"]["wire"], name
+    assert r["window_int4"]["wire"] < r["window"]["wire"]
+    assert r["readme"][0] == r["readme"][1] and len(r["readme"][0]) == 48  # the README's prefill/generate flow
+    kv = r["kvcache"]
+    assert kv["same"] and kv["mine"] and kv["blocks"][0] == kv["blocks"][1]  # forks still share their blocks
+    e = r["errors"]
+    assert e[0].startswith("SnapshotError") and "checksum" in e[0]
+    assert e[1].startswith("SnapshotError") and "checksum" in e[1]
+    assert e[2].startswith("TransferError") and "not a kvloom transfer" in e[2]
+    assert e[3].startswith("TransferError") and "newer kvloom" in e[3]
+    assert e[4].startswith("TransferError") and "'cache'" in e[4]
+    assert e[5].startswith("TransferError") and "-5 bytes" in e[5]
+    assert r["after_errors"] and r["good_after_errors"]
+    assert r["timeout"].startswith("TransferError") and "rank 2" in r["timeout"] and "Timed out" in r["timeout"]
+    assert r["died"].startswith("TransferError") and "rank 0" in r["died"] and "no payload" in r["died"]
+    assert r["intact"]
+
+
+def test_misuse_is_refused_without_a_process_group():
+    cache = kvloom.KVCache(1, 1, 8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        kd.send_sequences(cache, [], 1)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        kd.total_memory_bytes(cache)
+    with pytest.raises(TypeError, match="send_cache"):
+        kd.send_sequences(object(), [], 1)
+    with pytest.raises(TypeError, match="KVCache"):
+        kd.recv_sequences(object(), 0)
+
+
+def test_dumps_loads_round_trip():
+    cache = kvloom.KVCache(2, 2, 8, block_size=4, policy=kvloom.Window(1, 3))
+    s = cache.add_sequence()
+    for layer in range(2):
+        cache.append(layer, s, torch.randn(2, 9, 8), torch.randn(2, 9, 8))
+        cache.apply_policy(layer, s)
+    data = cache.dumps()
+    back = kvloom.KVCache.loads(data)
+    assert back.sequences() == [s] and back.memory_bytes() == cache.memory_bytes()
+    for layer in range(2):
+        for h in range(2):
+            for x, y in zip(cache.gather(layer, h, s), back.gather(layer, h, s)):
+                assert torch.equal(x, y)
+    other = kvloom.KVCache(2, 2, 8, block_size=4)
+    keep = other.add_sequence()
+    other.append(0, keep, torch.ones(2, 2, 8), torch.ones(2, 2, 8))
+    new = other.restore_bytes(data)
+    assert len(new) == 1 and other.seq_length(keep) == 2 and other.memory_bytes() > 0
+    bad = bytearray(data)
+    bad[-40] ^= 1
+    before = other.memory_bytes()
+    with pytest.raises(kvloom.SnapshotError, match="checksum"):
+        other.restore_bytes(bytes(bad))
+    with pytest.raises(kvloom.SnapshotError, match="checksum"):
+        kvloom.KVCache.loads(bytes(bad))
+    assert other.memory_bytes() == before
