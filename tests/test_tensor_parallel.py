@@ -1,8 +1,8 @@
-"""kvloom.Cache under transformers' tensor parallelism (issue 18, first step): two real
-processes (torchrun, gloo on the CPU, one thread each), each holding half of a tiny Llama's
-heads; every rank's cache holds its local kv heads only, greedy Full equals DynamicCache token
-for token, and each per-head policy gives the single-process tokens with the single-process
-bytes split across the ranks."""
+"""kvloom.Cache under transformers' tensor parallelism (issue 18): two real processes (torchrun,
+gloo on the CPU, one thread each), each holding half of a tiny Llama's heads; every rank's cache
+holds its local kv heads only, greedy Full equals DynamicCache token for token, and every policy
+(Task-KV's layer centre gathered across the ranks, NAtS's types sliced to the rank's heads)
+keeps, head by head, what one process keeps and gives the single-process tokens."""
 import json
 import os
 import subprocess
@@ -20,12 +20,18 @@ HERE = Path(__file__).parent
 @pytest.mark.hf
 @pytest.mark.slow
 def test_cache_under_tensor_parallelism(tmp_path):
-    from hf_helpers import generate, tiny_model
+    from hf_helpers import generate
     sys.path.insert(0, str(HERE))
     from tp_worker import POLICIES
 
-    model = tiny_model("llama")  # 4 query heads, 2 kv heads: one kv head per rank
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)  # 8 query heads, 4 kv heads: two kv heads per rank
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     model.save_pretrained(tmp_path / "model")
+    kvloom.nats.Scorer(3, 128, 4, window=6).save(tmp_path / "scorer.pt")  # random weights: mixed types
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(HERE / "tp_worker.py"), str(tmp_path / "model"), str(tmp_path)]
@@ -36,14 +42,18 @@ def test_cache_under_tensor_parallelism(tmp_path):
     kvloom.enable(model)
     single = {}
     for name, make in POLICIES.items():
-        cache = kvloom.Cache(model, policy=make())
-        single[name] = (generate(model, {"input_ids": ids}, cache, max_new_tokens=12)[0].tolist(), cache.memory_bytes())
+        cache = kvloom.Cache(model, policy=make(str(tmp_path)))
+        single[name] = (generate(model, {"input_ids": ids}, cache, max_new_tokens=12)[0].tolist(), cache.memory_bytes(),
+                        cache.kv.lengths(cache.seqs[0]))
     for r in ranks:
         assert r["tp"] == 2
-        assert "TaskKV" in r["refused_taskkv"] and "kv_budget" in r["refused_budget"]  # not yet: a clear error
+        assert "kv_budget" in r["refused_budget"]  # not yet: a clear error
         assert r["full"]["tokens"] == r["dynamic"]  # Full == DynamicCache + sdpa under TP
         for name in POLICIES:
-            assert r[name]["kv_heads"] == 1
+            assert r[name]["kv_heads"] == 2
             assert r[name]["tokens"] == single[name][0], name
+            assert r[name]["total"] == single[name][1], name
     for name in POLICIES:
         assert sum(r[name]["bytes"] for r in ranks) == single[name][1], name
+        # head by head, every rank kept what one process keeps for those heads
+        assert [ranks[0][name]["lengths"][i] + ranks[1][name]["lengths"][i] for i in range(3)] == single[name][2], name

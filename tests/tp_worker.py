@@ -10,8 +10,11 @@ import torch
 import kvloom
 from transformers import AutoModelForCausalLM, DynamicCache
 
-POLICIES = {"full": lambda: kvloom.Full(), "window": lambda: kvloom.Window(2, 8),
-            "h2o": lambda: kvloom.HeavyHitter(0.2, 4)}
+# name -> policy, made from the test's folder (NAtS's scorer is saved there)
+POLICIES = {"full": lambda d: kvloom.Full(), "window": lambda d: kvloom.Window(2, 8),
+            "h2o": lambda d: kvloom.HeavyHitter(0.2, 4),
+            "taskkv": lambda d: kvloom.TaskKV(beta=0.5, m=1, sinks=2, recent=4, budget=0.3, top_t=8),
+            "nats": lambda d: kvloom.NAtS(scorer=os.path.join(d, "scorer.pt"))}
 
 
 def main(model_dir: str, out: str) -> None:
@@ -25,15 +28,16 @@ def main(model_dir: str, out: str) -> None:
                                         **kvloom.hf.cache_kwargs(DynamicCache()))[0].tolist()
         kvloom.enable(model)
         for name, make in POLICIES.items():
-            cache = kvloom.Cache(model, policy=make())
+            cache = kvloom.Cache(model, policy=make(out))
             toks = model.generate(ids, max_new_tokens=12, do_sample=False, **kvloom.hf.cache_kwargs(cache))
             res[name] = {"tokens": toks[0].tolist(), "bytes": cache.memory_bytes(), "kv_heads": cache.kv.n_kv_heads}
-    for what, kw in (("taskkv", {"policy": kvloom.TaskKV()}), ("budget", {"kv_budget": 0.5})):
-        try:
-            kvloom.Cache(model, **kw)
-            res[f"refused_{what}"] = ""
-        except NotImplementedError as e:
-            res[f"refused_{what}"] = str(e)
+            res[name]["total"] = kvloom.distributed.total_memory_bytes(cache)
+            res[name]["lengths"] = cache.kv.lengths(cache.seqs[0])  # [layer][local kv head]
+    try:
+        kvloom.Cache(model, kv_budget=0.5)
+        res["refused_budget"] = ""
+    except NotImplementedError as e:
+        res["refused_budget"] = str(e)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
 

@@ -75,6 +75,23 @@ def tensor_parallel_size(model) -> int:
     return int(getattr(model, "_tp_size", None) or 1)
 
 
+def tensor_parallel_group(model):
+    """The process group whose ranks share the model's heads (rank order = head order), or None
+    without tensor parallelism. It is the mesh of the attention weights (DTensors); the default
+    group if the weights do not say."""
+    if tensor_parallel_size(model) == 1:
+        return None
+    for m in attention_modules(model):
+        for p in m.parameters():
+            mesh = getattr(p, "device_mesh", None)
+            if mesh is not None:
+                names = getattr(mesh, "mesh_dim_names", None) or ()
+                return mesh.get_group("tp") if mesh.ndim > 1 and "tp" in names else mesh.get_group()
+    import torch.distributed as dist
+
+    return dist.group.WORLD
+
+
 def local_geometry(model) -> Geometry:
     """The geometry of this process's part of `model`: under tensor parallelism each rank holds
     n_q_heads / tp and n_kv_heads / tp of the heads (transformers shards q/k/v column-wise)."""

@@ -133,11 +133,16 @@ class LoomCache(_HFCache):
             raise TypeError(f"KV dtype {dtype} is not supported; use float32, float16 or bfloat16")
         self.policy = make_policy(policy)
         tp = arch.tensor_parallel_size(model)
-        if tp > 1 and (not self.policy.per_head or kv_budget is not None):
-            what = "kv_budget (its give-way order compares heads)" if self.policy.per_head else \
-                f"{type(self.policy).__name__} (it decides across a layer's kv heads)"
-            raise NotImplementedError(f"{what} is not supported under tensor parallelism yet ({tp} processes "
-                                      "share this model's heads)")
+        if tp > 1 and kv_budget is not None:
+            raise NotImplementedError(f"kv_budget (its give-way order compares a layer's heads) is not supported "
+                                      f"under tensor parallelism yet ({tp} processes share this model's heads)")
+        self._tp_group = arch.tensor_parallel_group(model)
+        self.n_kv_heads_total = arch.geometry(model).n_kv_heads
+        self.head_offset = 0  # the model's index of this rank's first kv head
+        if self._tp_group is not None:
+            import torch.distributed as dist
+
+            self.head_offset = dist.get_rank(self._tp_group) * geo.n_kv_heads
         if self.policy.needs_tokenizer and tokenizer is None:
             raise ValueError(f"{type(self.policy).__name__} needs the tokenizer (its token classes come from it): "
                              f"kvloom.Cache(model, policy=..., tokenizer=tok)")
@@ -169,6 +174,26 @@ class LoomCache(_HFCache):
         self._config = arch.text_config(model)
         self._attn_ids = {id(m) for m in arch.attention_modules(model)}
         self.seqs: Optional[List[int]] = None  # one C++ sequence per batch row
+
+    # --- a layer-wide view under tensor parallelism ------------------------------------
+    def local_heads(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The part of `x` (one entry per kv head of the model along `dim`) that belongs to this
+        rank's heads; `x` itself without tensor parallelism."""
+        if self._tp_group is None:
+            return x
+        return x.narrow(dim, self.head_offset, self.kv.n_kv_heads)
+
+    def all_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` holds one row per kv head of this rank; returns the rows of every kv head of the
+        model, in the model's order, gathered from the ranks that share the heads (every rank
+        must call it at the same point). `x` itself without tensor parallelism."""
+        if self._tp_group is None:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(self._tp_group))]
+        dist.all_gather(parts, x.contiguous(), group=self._tp_group)
+        return torch.cat(parts)
 
     def _install_ids_hook(self) -> None:
         me = weakref.ref(self)

@@ -65,9 +65,6 @@ class Policy:
     aliases: ClassVar[Tuple[str, ...]] = ()
     needs_scores: ClassVar[bool] = False
     needs_tokenizer: ClassVar[bool] = False
-    # False: decides from all kv heads of a layer at once (or from per-model state), which a
-    # rank under tensor parallelism does not hold; kvloom.Cache refuses it there
-    per_head: ClassVar[bool] = True
 
     def __post_init__(self):
         for p in self.params():

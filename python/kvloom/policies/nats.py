@@ -155,7 +155,6 @@ class NAtS(Policy):
     """Token types from a learned scorer (default: the one shipped for SmolLM2-135M-Instruct)."""
 
     name: ClassVar[str] = "nats"
-    per_head: ClassVar[bool] = False  # the scorer types every kv head of the model at once
     scorer: Any = param(None, "a trained scorer: path (default: the shipped one) or a kvloom.nats.Scorer", kind=str)
     window: Optional[int] = param(None, "sliding-window length (default: the scorer's training window)", lo=1,
                                   kind=int)
@@ -193,7 +192,8 @@ class NAtS(Policy):
             raise RuntimeError("NAtS needs the attention layer's input hidden states (the cache's hooks did not see "
                                "this forward); is the cache used with the model it was built for?")
         first = cache.layers[layer].cumulative_length
-        t = self.scorer.types(layer, h[:, -n:], first_ord=first).contiguous()
+        # the scorer types every kv head of the model; under tensor parallelism this rank keeps its own
+        t = cache.local_heads(self.scorer.types(layer, h[:, -n:], first_ord=first)).contiguous()
         st.types[layer] = t
         return t
 

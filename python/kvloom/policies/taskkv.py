@@ -27,7 +27,6 @@ class TaskKV(Policy):
 
     name: ClassVar[str] = "taskkv"
     aliases: ClassVar[tuple] = ("task-kv",)
-    per_head: ClassVar[bool] = False  # the layer centre spans every kv head
     beta: float = param(0.25, "heterogeneous heads at the first layer, as a fraction of the heads", lo=0.0)
     m: int = param(4, "heterogeneous heads at the last layer", lo=0)
     sinks: int = param(16, "first tokens kept by the other heads", lo=0)
@@ -41,29 +40,36 @@ class TaskKV(Policy):
     def decide(self, col_means, values, layer: int, n_layers: int):
         """The layer's split from each kv head's observation-window column means C [T] and
         values [T, D] (both in prompt order): (heterogeneous heads, {head: middle positions})."""
+        hetero = self.heterogeneous(self.semantic_vectors(col_means, values), layer, n_layers)
+        return hetero, {h: self.middle(C) for h, C in enumerate(col_means) if h not in hetero}
+
+    def semantic_vectors(self, col_means, values) -> torch.Tensor:
+        """[heads, D] float64: each head's C[I]·V[I] over its top-``top_t`` tokens I."""
         vecs = []
         for C, v in zip(col_means, values):
             top = torch.topk(C, min(self.top_t, C.numel())).indices
             vecs.append((C[top, None].double() * v.double()[top]).sum(0))
-        vecs = torch.stack(vecs)
+        return torch.stack(vecs)
+
+    def heterogeneous(self, vecs: torch.Tensor, layer: int, n_layers: int) -> list:
+        """The heads (rows of the layer's semantic vectors) that keep everything: the f(r)
+        farthest from the layer centre and the single nearest one."""
         dist = (vecs - vecs.mean(0)).norm(dim=1)
         order = torch.argsort(dist, descending=True).tolist()
-        hetero = set(order[: self.n_heterogeneous(layer, n_layers, len(col_means))]) | {order[-1]}
-        middles = {}
-        for h, C in enumerate(col_means):
-            if h in hetero:
-                continue
-            T = C.numel()
-            k_mid = max(0, math.ceil(self.budget * T) - self.sinks - self.recent)
-            lo, hi = self.sinks, T - self.recent
-            if k_mid == 0 or hi <= lo:
-                middles[h] = []
-                continue
-            pooled = torch.nn.functional.max_pool1d(C[None, None].float(), self.pool, stride=1,
-                                                    padding=self.pool // 2)[0, 0][:T]
-            cand = pooled[lo:hi]
-            middles[h] = sorted((torch.topk(cand, min(k_mid, cand.numel())).indices + lo).tolist())
-        return sorted(hetero), middles
+        return sorted(set(order[: self.n_heterogeneous(layer, n_layers, len(vecs))]) | {order[-1]})
+
+    def middle(self, C) -> list:
+        """A non-heterogeneous head's middle activations: prompt positions of the highest
+        max-pooled column means between the sinks and the recent tokens, up to the budget."""
+        T = C.numel()
+        k_mid = max(0, math.ceil(self.budget * T) - self.sinks - self.recent)
+        lo, hi = self.sinks, T - self.recent
+        if k_mid == 0 or hi <= lo:
+            return []
+        pooled = torch.nn.functional.max_pool1d(C[None, None].float(), self.pool, stride=1,
+                                                padding=self.pool // 2)[0, 0][:T]
+        cand = pooled[lo:hi]
+        return sorted((torch.topk(cand, min(k_mid, cand.numel())).indices + lo).tolist())
 
     def n_heterogeneous(self, layer: int, n_layers: int, n_heads: int) -> int:
         """f(r): n·beta at the first layer, falling linearly to m at the last."""
@@ -94,13 +100,17 @@ class TaskKV(Policy):
                 col_means.append(torch.tensor([by_ord[o] for o in ords.tolist()]))
                 values.append(v.cpu())  # the split is decided on the host (once per prompt)
             offset = kv.seq_length(s) - T  # prompt ords start after evicted left padding
-            hetero, middles = self.decide(col_means, values, layer, cache.geometry.n_layers)
+            # the layer centre spans every kv head of the model: under tensor parallelism the
+            # ranks exchange their heads' semantic vectors and each decides as one process would
+            vecs = cache.all_heads(self.semantic_vectors(col_means, values))
+            hetero = self.heterogeneous(vecs, layer, cache.geometry.n_layers)
             for h in range(Hkv):
-                if h in hetero:
+                if cache.head_offset + h in hetero:
                     plan = _core.make_plan("keep_set", {"label": "taskkv:heterogeneous", "keep_all": 1})
                 else:
                     plan = _core.make_plan("keep_set", {"label": "taskkv:sinks+recent+middle", "sinks": self.sinks + offset,
-                                                        "recent": self.recent, "ords": [o + offset for o in middles[h]]})
+                                                        "recent": self.recent,
+                                                        "ords": [o + offset for o in self.middle(col_means[h])]})
                 kv.set_head_plan(layer, h, s, plan)
 
     @classmethod
