@@ -1,7 +1,7 @@
 // Snapshots of sequences: cache::export_sequences / cache::import_sequences.
 //
-// Format version 1 (little-endian; "str" is u32 length + bytes):
-//   magic "KVLSNAP1" | u32 version (1)
+// Format version 3 (little-endian; "str" is u32 length + bytes):
+//   magic "KVLSNAP1" | u32 version (3)
 //   u32 dtype (0 fp32, 1 fp16, 2 bf16) | u32 head_dim | u32 block_size | u32 n_layers | u32 n_kv_heads
 //   i32 layer_store[n_layers]                       (CLA: the layer each layer reads)
 //   u32 n_plans, per plan: str name,
@@ -9,18 +9,20 @@
 //   u64 n_blocks                                    (distinct blocks: forks share theirs)
 //   u32 n_seqs, per sequence: i64 id, then per owner layer (layer_store[l] == l) and kv head:
 //       i64 appended | u32 plan (index, or 0xffffffff: none) | u32 n_table | i64 table[n_table]
-//       (-1: hole, else a block index) | per slot (n_table x block_size): u8 live[], i32 ord[],
-//       i32 pos[], f32 score[], u8 class[]
+//       (-1: hole, else a block index) | per slot of the table's blocks (holes have none:
+//       n_held x block_size slots, table order): u8 live[], i32 ord[], i32 pos[], f32 score[], u8 class[]
 //   n_blocks x (keys [block_size][head_dim], values [block_size][head_dim]) in the storage dtype,
 //       rows live in no head written as zeros
 //   magic "KVLSEND1"
 //
-// Version 2 (a cache with quantized storage, cache::set_quantized) differs in three places:
+// Version 4 (a cache with quantized storage, cache::set_quantized) differs in three places:
 //   u32 quant_bits follows n_kv_heads; u64 n_sealed follows n_blocks; a table entry <= -2 names
 //   sealed block -(entry + 2); after the full-precision blocks come n_sealed quantized blocks
 //   of quant_layout::bytes each (kvloom/quant.h), the codes and value scales of rows live in no
 //   head written as zeros (the key scales are the block's: they were computed when it sealed).
-// A version-1 blob loads into a quantized cache too (its blocks are all full precision).
+// Versions 1 and 2 (read, no longer written) are 3 and 4 with slot metadata for the holes too
+// (n_table x block_size slots). A float blob (1, 3) loads into a quantized cache too (its blocks
+// are all full precision).
 //
 // The importer reads the whole blob and checks every count, index and value against the
 // bytes present and against this cache (geometry, layer sharing, plans re-made by name)
@@ -48,8 +50,9 @@ namespace {
 
 constexpr char kMagic[9] = "KVLSNAP1";
 constexpr char kEnd[9] = "KVLSEND1";
-constexpr uint32_t kVersion = 1;
-constexpr uint32_t kVersionQuant = 2;
+constexpr uint32_t kVersion = 3;       // float storage
+constexpr uint32_t kVersionQuant = 4;  // quantized storage
+constexpr uint32_t kVersionHoles = 1;  // versions 1 and 2: slot metadata for table holes too
 constexpr uint32_t kNoPlan = 0xffffffffu;
 constexpr int64_t kMaxSeqId = int64_t(1) << 24;
 
@@ -243,12 +246,16 @@ std::vector<uint8_t> cache::export_sequences(const std::vector<int64_t>& seqs) c
           const block_id b = hs.table_[e];
           w.put<int64_t>(b < 0 ? -1 : hs.sealed(e) ? -2 - sealed_ix.at(b) : block_ix.at(b));
         }
-        const size_t n = hs.live_.size();
-        w.put_array(hs.live_.data(), n);
-        w.put_array(hs.ord_.data(), n);
-        w.put_array(hs.pos_.data(), n);
-        w.put_array(hs.score_.data(), n);
-        w.put_array(hs.cls_.data(), n);
+        // slot metadata of the held blocks only: a long-running Window's table is mostly holes
+        auto put_held = [&](const auto& v) {
+          for (size_t e = 0; e < hs.table_.size(); ++e)
+            if (hs.table_[e] >= 0) w.put_array(v.data() + e * bs, static_cast<size_t>(bs));
+        };
+        put_held(hs.live_);
+        put_held(hs.ord_);
+        put_held(hs.pos_);
+        put_held(hs.score_);
+        put_held(hs.cls_);
       }
     }
   }
@@ -293,9 +300,9 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
   reader r(data, size);
   if (size < 8 || std::memcmp(r.take(8, "magic"), kMagic, 8) != 0) bad("not a kvloom sequence snapshot (bad magic)");
   const uint32_t version = r.get<uint32_t>("version");
-  if (version != kVersion && version != kVersionQuant)
-    bad("format version " + std::to_string(version) + ", this kvloom reads versions " + std::to_string(kVersion) +
-        " and " + std::to_string(kVersionQuant));
+  if (version < 1 || version > kVersionQuant)
+    bad("format version " + std::to_string(version) + ", this kvloom reads versions 1 to " + std::to_string(kVersionQuant));
+  const bool holes = version <= kVersionHoles + 1;  // 1 and 2 carry metadata for the holes
   const int bs = pool_->block_size();
   const int64_t D = pool_->head_dim();
   const uint32_t want[5] = {dtype_code(pool_->type()), static_cast<uint32_t>(D), static_cast<uint32_t>(bs),
@@ -306,7 +313,7 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
     if (got != want[i])
       bad(std::string("made for ") + names[i] + " " + std::to_string(got) + ", this cache has " + std::to_string(want[i]));
   }
-  const bool quant = version == kVersionQuant;
+  const bool quant = version == 2 || version == kVersionQuant;
   if (quant) {
     const uint32_t bits = r.get<uint32_t>("quantized bits");
     const uint32_t mine = qpool_ ? static_cast<uint32_t>(qpool_->quant()->bits) : 0;
@@ -350,20 +357,27 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
         const uint32_t pi = r.get<uint32_t>("plan index");
         if (pi != kNoPlan && pi >= plans.size()) bad(at + ": plan index " + std::to_string(pi) + " out of range");
         if (pi != kNoPlan) hs.plan_ = plans[pi];
-        const uint64_t n_table = r.count("block table size", 8 + static_cast<size_t>(bs) * 14);
+        const uint64_t n_table = r.count("block table size", 8 + (holes ? static_cast<size_t>(bs) * 14 : 0));
         hi.blocks.resize(static_cast<size_t>(n_table));
         r.get_array(hi.blocks.data(), hi.blocks.size(), "block table");
         const size_t n = static_cast<size_t>(n_table) * bs;
-        hs.live_.resize(n);
-        hs.ord_.resize(n);
-        hs.pos_.resize(n);
-        hs.score_.resize(n);
-        hs.cls_.resize(n);
-        r.get_array(hs.live_.data(), n, "live flags");
-        r.get_array(hs.ord_.data(), n, "token indices");
-        r.get_array(hs.pos_.data(), n, "positions");
-        r.get_array(hs.score_.data(), n, "scores");
-        r.get_array(hs.cls_.data(), n, "classes");
+        hs.live_.assign(n, 0);
+        hs.ord_.assign(n, 0);
+        hs.pos_.assign(n, 0);
+        hs.score_.assign(n, 0.0f);
+        hs.cls_.assign(n, 0);
+        // the slots with metadata in the blob: every slot (versions 1, 2) or the held blocks' ones
+        std::vector<size_t> with;
+        for (size_t e = 0; e < hi.blocks.size(); ++e)
+          if (holes || hi.blocks[e] != -1) with.push_back(e);
+        auto get_held = [&](auto& v, const char* what) {
+          for (size_t e : with) r.get_array(v.data() + e * bs, static_cast<size_t>(bs), what);
+        };
+        get_held(hs.live_, "live flags");
+        get_held(hs.ord_, "token indices");
+        get_held(hs.pos_, "positions");
+        get_held(hs.score_, "scores");
+        get_held(hs.cls_, "classes");
         hs.table_.assign(static_cast<size_t>(n_table), -1);
         hs.block_live_.assign(static_cast<size_t>(n_table), 0);
         if (qpool_) hs.sealed_.assign(static_cast<size_t>(n_table), 0);
