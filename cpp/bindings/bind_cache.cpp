@@ -172,6 +172,50 @@ void bind_inspect(cache_class& c) {
             return py::make_tuple(tier, value);
           },
           py::arg("layer"), py::arg("head"), py::arg("seq"), "(tier, value) of each live slot's budget key, in slot order")
+      .def(
+          "budget_units",
+          [](const cache& c, int layer, int64_t seq) {
+            size_t projected = 0;
+            const std::vector<cache::budget_unit> u = c.budget_units(layer, seq, &projected);
+            const py::ssize_t n = static_cast<py::ssize_t>(u.size());
+            py::array_t<int32_t> tier(n), ord(n), head(n);
+            py::array_t<double> value(n);
+            py::array_t<int64_t> index(n), frees(n);
+            py::array_t<bool> block(n);
+            for (py::ssize_t i = 0; i < n; ++i) {
+              tier.mutable_at(i) = u[i].key.tier;
+              value.mutable_at(i) = u[i].key.value;
+              ord.mutable_at(i) = u[i].ord;
+              head.mutable_at(i) = u[i].head;
+              index.mutable_at(i) = u[i].index;
+              block.mutable_at(i) = u[i].block;
+              frees.mutable_at(i) = static_cast<int64_t>(u[i].frees);
+            }
+            py::dict out;
+            for (auto [k, v] : {std::pair<const char*, py::object>{"tier", tier}, {"value", value}, {"ord", ord},
+                                {"head", head}, {"index", index}, {"block", block}, {"frees", frees}})
+              out[k] = v;
+            return py::make_tuple(out, projected);
+          },
+          py::arg("layer"), py::arg("seq"),
+          "({tier, value, ord, head, index, block, frees} arrays in give-way order, projected bytes)")
+      .def(
+          "give_way",
+          [](cache& c, int layer, int64_t seq, const std::vector<int>& heads, const std::vector<int64_t>& indices,
+             const std::vector<bool>& blocks) {
+            if (heads.size() != indices.size() || heads.size() != blocks.size())
+              throw std::invalid_argument("give_way: heads, indices and blocks must have one entry per unit");
+            std::vector<cache::budget_unit> units(heads.size());
+            for (size_t i = 0; i < units.size(); ++i) {
+              units[i].head = heads[i];
+              units[i].index = indices[i];
+              units[i].block = blocks[i];
+            }
+            py::gil_scoped_release nogil;
+            return c.give_way(layer, seq, units);
+          },
+          py::arg("layer"), py::arg("seq"), py::arg("heads"), py::arg("indices"), py::arg("blocks"))
+      .def("layer_bytes", &cache::layer_bytes, py::arg("layer"), py::arg("seq"))
       .def("block_table", &cache::block_table, py::arg("layer"), py::arg("head"), py::arg("seq"))
       .def("sealed_entries", &cache::sealed_entries, py::arg("layer"), py::arg("head"), py::arg("seq"))
       .def(

@@ -675,15 +675,7 @@ size_t cache::head_bytes(const head_store& hs) const {
 
 namespace {
 
-struct give_way_unit {
-  give_way_key key;
-  int32_t ord;    // of the slot (a sealed block: the ord of the slot that gave the key)
-  int head;
-  int64_t index;  // the slot, or for a sealed block its table entry
-  bool block;
-};
-
-bool gives_way_before(const give_way_unit& a, const give_way_unit& b) {
+bool gives_way_before(const cache::budget_unit& a, const cache::budget_unit& b) {
   if (a.key.tier != b.key.tier) return a.key.tier < b.key.tier;
   if (a.key.value != b.key.value) return a.key.value < b.key.value;
   if (a.ord != b.ord) return a.ord < b.ord;
@@ -710,82 +702,133 @@ std::vector<give_way_key> cache::give_way_keys(int layer, int head, int64_t seq)
   return out;
 }
 
-int64_t cache::enforce_budget(int layer, sequence& s, int64_t seq, int64_t full_tokens) {
+size_t cache::layer_bytes_unlocked(int layer, const sequence& s) const {
+  size_t held = 0;
+  for (int h = 0; h < n_kv_heads_; ++h) held += head_bytes(s.heads[hidx(layer, h)]);
+  return held;
+}
+
+size_t cache::layer_bytes(int layer, int64_t seq) const {
+  use_scope scope(*this, {seq}, false, "layer_bytes");
+  check_layer(layer);
+  return layer_bytes_unlocked(layer, seq_ref(seq));
+}
+
+std::vector<cache::budget_unit> cache::budget_units_unlocked(int layer, const sequence& s, size_t* projected) const {
   const int bs = pool_->block_size();
   const size_t fbb = pool_->block_bytes(), qbb = qpool_ ? qpool_->block_bytes() : 0;
-  if (full_tokens < 0) full_tokens = s.heads[hidx(layer, 0)].appended();
-  const size_t limit = budget_bytes(full_tokens);
   // bytes a head will hold with `fp` live float tokens once compacted (and sealed)
   auto float_bytes = [&](int64_t fp) -> size_t {
     if (!qpool_) return static_cast<size_t>((fp + bs - 1) / bs) * fbb;
     return static_cast<size_t>(fp / bs) * qbb + (fp % bs ? fbb : 0);
   };
-  int64_t total = 0;
-  std::vector<give_way_unit> units;
-  std::vector<std::vector<int32_t>> victims(static_cast<size_t>(n_kv_heads_));
-  for (;;) {
-    size_t held = 0;
-    for (int h = 0; h < n_kv_heads_; ++h) held += head_bytes(s.heads[hidx(layer, h)]);
-    if (held <= limit) break;
-    // every unit that may give way, and where each head stands
-    units.clear();
-    std::vector<int64_t> fp_live(static_cast<size_t>(n_kv_heads_), 0), sealed_held(static_cast<size_t>(n_kv_heads_), 0);
-    for (int h = 0; h < n_kv_heads_; ++h) {
-      const head_store& hs = s.heads[hidx(layer, h)];
-      for (size_t e = 0; e < hs.table_.size(); ++e) {
-        if (hs.table_[e] < 0) continue;
-        const int64_t first = static_cast<int64_t>(e) * bs;
-        if (!hs.sealed(e)) {
-          for (int64_t sl = first; sl < first + bs; ++sl) {
-            if (!hs.live(sl)) continue;
-            ++fp_live[h];
-            const give_way_key k = key_of(hs, sl);
-            if (k.tier != kNeverGivesWay) units.push_back({k, hs.ord(sl), h, sl, false});
-          }
-          continue;
-        }
-        ++sealed_held[h];
-        give_way_unit u{{0, 0.0}, 0, h, static_cast<int64_t>(e), true};
-        bool any = false;
+  std::vector<budget_unit> units;
+  std::vector<int64_t> fp_live(static_cast<size_t>(n_kv_heads_), 0);
+  size_t total = 0;
+  for (int h = 0; h < n_kv_heads_; ++h) {
+    const head_store& hs = s.heads[hidx(layer, h)];
+    size_t sealed_held = 0;
+    for (size_t e = 0; e < hs.table_.size(); ++e) {
+      if (hs.table_[e] < 0) continue;
+      const int64_t first = static_cast<int64_t>(e) * bs;
+      if (!hs.sealed(e)) {
         for (int64_t sl = first; sl < first + bs; ++sl) {
           if (!hs.live(sl)) continue;
-          const give_way_unit one{key_of(hs, sl), hs.ord(sl), h, static_cast<int64_t>(e), true};
-          if (!any || gives_way_before(u, one)) u = one;  // the block's key: its last to give way
-          any = true;
+          ++fp_live[h];
+          const give_way_key k = key_of(hs, sl);
+          if (k.tier != kNeverGivesWay) units.push_back({k, hs.ord(sl), h, sl, false, 0});
         }
-        if (any && u.key.tier != kNeverGivesWay) units.push_back(u);
+        continue;
       }
+      ++sealed_held;
+      budget_unit u{{0, 0.0}, 0, h, static_cast<int64_t>(e), true, qbb};
+      bool any = false;
+      for (int64_t sl = first; sl < first + bs; ++sl) {
+        if (!hs.live(sl)) continue;
+        const budget_unit one{key_of(hs, sl), hs.ord(sl), h, static_cast<int64_t>(e), true, qbb};
+        if (!any || gives_way_before(u, one)) u = one;  // the block's key: its last to give way
+        any = true;
+      }
+      if (any && u.key.tier != kNeverGivesWay) units.push_back(u);
     }
-    if (units.empty()) break;  // only protected tokens are left
-    std::sort(units.begin(), units.end(), gives_way_before);
+    total += sealed_held * qbb + float_bytes(fp_live[h]);
+  }
+  std::sort(units.begin(), units.end(), gives_way_before);
+  for (budget_unit& u : units) {  // in give-way order, each float token packs its head tighter
+    if (u.block) continue;
+    const int64_t fp = fp_live[static_cast<size_t>(u.head)]--;
+    u.frees = float_bytes(fp) - float_bytes(fp - 1);
+  }
+  if (projected) *projected = total;
+  return units;
+}
+
+std::vector<cache::budget_unit> cache::budget_units(int layer, int64_t seq, size_t* projected) const {
+  use_scope scope(*this, {seq}, false, "budget_units");
+  check_layer(layer);
+  return budget_units_unlocked(layer_store_[layer], seq_ref(seq), projected);
+}
+
+int64_t cache::give_way_unlocked(int layer, sequence& s, int64_t seq, const std::vector<budget_unit>& units) {
+  const int bs = pool_->block_size();
+  std::vector<std::vector<int32_t>> victims(static_cast<size_t>(n_kv_heads_));
+  for (const budget_unit& u : units) {
+    if (u.head < 0 || u.head >= n_kv_heads_) fail_index("give_way: head " + std::to_string(u.head) + " out of range");
+    const head_store& hs = s.heads[hidx(layer, u.head)];
+    auto& out = victims[static_cast<size_t>(u.head)];
+    if (u.block) {
+      if (u.index < 0 || u.index >= static_cast<int64_t>(hs.table_.size()) || hs.table_[u.index] < 0 ||
+          !hs.sealed(static_cast<size_t>(u.index)))
+        fail_index("give_way: table entry " + std::to_string(u.index) + " of head " + std::to_string(u.head) +
+                   " holds no sealed block");
+      for (int64_t sl = u.index * bs; sl < (u.index + 1) * bs; ++sl)
+        if (hs.live(sl)) out.push_back(static_cast<int32_t>(sl));
+    } else {
+      out.push_back(static_cast<int32_t>(u.index));
+    }
+  }
+  // check every head's victims before changing any head: all or nothing
+  for (int h = 0; h < n_kv_heads_; ++h) {
+    auto& v = victims[static_cast<size_t>(h)];
+    std::sort(v.begin(), v.end());
+    const head_store& hs = s.heads[hidx(layer, h)];
+    for (size_t i = 0; i < v.size(); ++i)
+      if (v[i] < 0 || v[i] >= hs.n_slots() || !hs.live(v[i]) || (i > 0 && v[i - 1] == v[i]))
+        fail_index("give_way: slot " + std::to_string(v[i]) + " of head " + std::to_string(h) +
+                   " is not a live slot named once");
+  }
+  int64_t total = 0;
+  for (int h = 0; h < n_kv_heads_; ++h) {
+    auto& v = victims[static_cast<size_t>(h)];
+    if (v.empty()) continue;
+    evict_unlocked(layer, h, seq, v.data(), static_cast<int64_t>(v.size()));
+    compact(s.heads[hidx(layer, h)]);
+    seal_full(s.heads[hidx(layer, h)]);
+    total += static_cast<int64_t>(v.size());
+  }
+  return total;
+}
+
+int64_t cache::give_way(int layer, int64_t seq, const std::vector<budget_unit>& units) {
+  use_scope scope(*this, {seq}, true, "give_way");
+  check_layer(layer);
+  return give_way_unlocked(layer_store_[layer], seq_ref(seq), seq, units);
+}
+
+int64_t cache::enforce_budget(int layer, sequence& s, int64_t seq, int64_t full_tokens) {
+  if (full_tokens < 0) full_tokens = s.heads[hidx(layer, 0)].appended();
+  const size_t limit = budget_bytes(full_tokens);
+  int64_t total = 0;
+  // Rounds on the real state: where forks share blocks, compaction can fall short of the
+  // projection; every round takes at least one unit, so the loop ends.
+  while (layer_bytes_unlocked(layer, s) > limit) {
     size_t projected = 0;
-    for (int h = 0; h < n_kv_heads_; ++h) projected += sealed_held[h] * qbb + float_bytes(fp_live[h]);
-    for (auto& v : victims) v.clear();
-    size_t taken = 0;
-    for (const give_way_unit& u : units) {
-      if (taken > 0 && projected <= limit) break;
-      const head_store& hs = s.heads[hidx(layer, u.head)];
-      auto& out = victims[static_cast<size_t>(u.head)];
-      if (u.block) {
-        for (int64_t sl = u.index * bs; sl < (u.index + 1) * bs; ++sl)
-          if (hs.live(sl)) out.push_back(static_cast<int32_t>(sl));
-        projected -= qbb;
-        --sealed_held[u.head];
-      } else {
-        out.push_back(static_cast<int32_t>(u.index));
-        projected -= float_bytes(fp_live[u.head]);
-        projected += float_bytes(--fp_live[u.head]);
-      }
-      ++taken;
-    }
-    for (int h = 0; h < n_kv_heads_; ++h) {
-      auto& v = victims[static_cast<size_t>(h)];
-      if (v.empty()) continue;
-      evict_unlocked(layer, h, seq, v.data(), static_cast<int64_t>(v.size()));
-      compact(s.heads[hidx(layer, h)]);
-      seal_full(s.heads[hidx(layer, h)]);
-      total += static_cast<int64_t>(v.size());
-    }
+    std::vector<budget_unit> units = budget_units_unlocked(layer, s, &projected);
+    if (units.empty()) break;  // only protected tokens are left
+    size_t n = 0;
+    while (n < units.size() && (n == 0 || projected > limit)) projected -= units[n++].frees;
+    units.resize(n);
+    total += give_way_unlocked(layer, s, seq, units);
   }
   return total;
 }

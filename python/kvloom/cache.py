@@ -1,6 +1,8 @@
 """Python face of the C++ paged KV cache."""
 from __future__ import annotations
 
+import math
+
 import operator
 import os
 from typing import List, Optional, Sequence, Tuple, Union
@@ -215,6 +217,23 @@ class KVCache:
             self._c.set_quantized(self._qpool)
         if kv_budget is not None:
             self._c.set_budget(kv_budget)
+        self._kv_budget = kv_budget
+        self._shared = None  # (group, head_offset, total_heads): share_heads
+
+    def share_heads(self, group, head_offset: int, total_heads: int) -> None:
+        """Tensor parallelism: this cache holds kv heads ``head_offset .. head_offset +
+        n_kv_heads - 1`` of a model with ``total_heads``, the others live in the caches of the
+        other ranks of the torch.distributed ``group``. The ``kv_budget`` then counts the whole
+        layer and every rank evicts exactly what one cache of all the heads would (the ranks
+        merge their give-way units: :func:`kvloom.distributed.enforce_budget`), so with a budget
+        each :meth:`apply_policy` is a collective: every rank calls it for the same layer and
+        sequence in the same order. ``kvloom.Cache`` does this for a model under TP."""
+        head_offset, total_heads = _int(head_offset, "head_offset"), _int(total_heads, "total_heads")
+        if not (0 <= head_offset and head_offset + self.n_kv_heads <= total_heads):
+            raise ValueError(f"heads {head_offset}..{head_offset + self.n_kv_heads - 1} are not among the "
+                             f"{total_heads} kv heads")
+        self._shared = (group, head_offset, total_heads)
+        self._c.set_budget(0.0)  # the budget is enforced across the ranks, in kvloom.distributed
 
     @staticmethod
     def _check_pool(pool, dtype, block_size, capacity_bytes, device) -> None:
@@ -268,15 +287,22 @@ class KVCache:
     @property
     def kv_budget(self) -> Optional[float]:
         """The memory budget (a fraction of ``Full``'s bytes), or None."""
-        b = self._c.budget
-        return b if b > 0 else None
+        return self._kv_budget
 
     def budget_bytes(self, full_tokens: int) -> int:
         """The bytes one layer of a sequence may hold under the budget when ``Full`` would hold
-        ``full_tokens`` tokens per head (see ``kv_budget``)."""
+        ``full_tokens`` tokens per head (see ``kv_budget``; under :meth:`share_heads`, the bytes
+        of the whole layer, every rank's heads)."""
         if self.kv_budget is None:
             raise ValueError("this cache has no kv_budget")
-        return self._c.budget_bytes(_int(full_tokens, "full_tokens"))
+        full_tokens = _int(full_tokens, "full_tokens")
+        if self._shared is None:
+            return self._c.budget_bytes(full_tokens)
+        heads, bs = self._shared[2], self.block_size
+        fbb = self._pool.block_bytes
+        qbb = self._qpool.block_bytes if self._qpool is not None else 0
+        want = math.floor(self._kv_budget * float(heads * ((full_tokens + bs - 1) // bs) * fbb))
+        return max(heads * (fbb + qbb), want)
 
     @property
     def sealed_pool(self) -> Optional[BlockPool]:
@@ -382,7 +408,7 @@ class KVCache:
         if full_tokens is None:
             full_tokens = -1
             window = self._layer_window.get(layer)
-            if window is not None and self._c.budget > 0:
+            if window is not None and self._kv_budget is not None:
                 full_tokens = min(self._c.seq_length(seq), window)
         else:
             full_tokens = _int(full_tokens, "full_tokens")
@@ -390,7 +416,12 @@ class KVCache:
                 raise ValueError(f"full_tokens must be >= 0, got {full_tokens}")
         freed = self._layer_policy.get(layer, self._policy).evict(self, layer, seq)
         use_stream(self._device)  # compaction moves rows on the device
-        return freed + self._c.apply_policy(layer, seq, full_tokens)
+        freed += self._c.apply_policy(layer, seq, full_tokens)
+        if self._shared is not None and self._kv_budget is not None:
+            from .distributed import enforce_budget
+
+            freed += enforce_budget(self, layer, seq, self._c.seq_length(seq) if full_tokens < 0 else full_tokens)
+        return freed
 
     def give_way_keys(self, layer: int, head: int, seq: int):
         """The budget rule's key of each live slot of one head, in :meth:`slots` order:

@@ -10,7 +10,8 @@ Two things live here:
   :func:`recv_sequences` move chosen sequences of a low-level ``KVCache`` into a cache that may
   hold others. What travels is the cache as it is: after eviction, in its stored format
   (quantized blocks stay quantized), so the bytes on the wire are the compressed cache's bytes
-  plus 14 bytes of metadata per slot and a small JSON header, not the full KV.
+  plus 14 bytes of metadata per slot of the blocks it holds and a small JSON header, not the
+  full KV.
 
 Wire format, version 1, point-to-point on the group (``tag`` keeps concurrent transfers apart)::
 
@@ -40,7 +41,7 @@ import torch
 
 from .snapshot import dumps, parse
 
-__all__ = ["TransferError", "total_memory_bytes", "send_cache", "recv_cache", "send_sequences",
+__all__ = ["TransferError", "total_memory_bytes", "enforce_budget", "send_cache", "recv_cache", "send_sequences",
            "recv_sequences", "WIRE_MAGIC", "WIRE_VERSION", "DEFAULT_MAX_BYTES"]
 
 WIRE_MAGIC = 0x4B564C4F4F4D5458  # "KVLOOMTX"
@@ -92,6 +93,58 @@ def total_memory_bytes(cache, group=None) -> int:
     n = torch.tensor([int(cache.memory_bytes())], dtype=torch.int64)
     dist.all_reduce(n, group=group)
     return int(n.item())
+
+
+# --- a budget across the ranks that share a layer's heads -------------------------------
+_UNIT_FIELDS = ("tier", "value", "ord", "head", "index", "block", "frees")
+
+
+def enforce_budget(cache, layer: int, seq: int, full_tokens: int) -> int:
+    """The ``kv_budget`` of a ``KVCache`` that holds some of a layer's heads
+    (:meth:`KVCache.share_heads`): every rank of the group calls this for the same layer and
+    sequence. Each round, the ranks sum the layer's bytes; while over the budget they gather
+    every rank's give-way units (C++ ``budget_units``: key, ord, head renumbered to the model's,
+    bytes each frees), merge them in the one give-way order, take units until the projected
+    layer fits (at least one) and each evicts its own: exactly the single-process
+    ``cache::enforce_budget``. Returns the slots this rank freed."""
+    import numpy as np
+
+    dist = _dist()
+    group, offset, _ = cache._shared
+    limit = cache.budget_bytes(full_tokens)
+    mine_lo, mine_hi = offset, offset + cache.n_kv_heads
+    freed = 0
+    while True:
+        units, projected = cache._c.budget_units(layer, seq)
+        n = len(units["tier"])
+        # [n, 7] float64 is exact for every field (ints far below 2**53)
+        local = np.stack([units[f].astype(np.float64) for f in _UNIT_FIELDS], axis=1) if n else np.zeros((0, 7))
+        local[:, 3] += offset
+        sums = torch.tensor([cache._c.layer_bytes(layer, seq), projected, n], dtype=torch.float64)
+        counts = [torch.zeros(3, dtype=torch.float64) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(counts, sums, group=group)
+        held = sum(int(c[0]) for c in counts)
+        total_units = sum(int(c[2]) for c in counts)
+        if held <= limit or total_units == 0:  # fits, or only protected tokens are left
+            return freed
+        width = max(int(c[2]) for c in counts)
+        padded = torch.zeros(width, 7, dtype=torch.float64)
+        padded[:n] = torch.from_numpy(local)
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded, group=group)
+        merged = np.concatenate([p[:int(c[2])].numpy() for p, c in zip(parts, counts)])
+        order = np.lexsort((merged[:, 4], merged[:, 3], merged[:, 2], merged[:, 1], merged[:, 0]))
+        merged = merged[order]
+        proj = sum(int(c[1]) for c in counts)
+        take = 0
+        while take < len(merged) and (take == 0 or proj > limit):
+            proj -= int(merged[take, 6])
+            take += 1
+        chosen = merged[:take]
+        chosen = chosen[(chosen[:, 3] >= mine_lo) & (chosen[:, 3] < mine_hi)]
+        if len(chosen):
+            freed += cache._c.give_way(layer, seq, (chosen[:, 3] - offset).astype(int).tolist(),
+                                       chosen[:, 4].astype(np.int64).tolist(), chosen[:, 5].astype(bool).tolist())
 
 
 # --- the wire -------------------------------------------------------------------------

@@ -132,13 +132,16 @@ def resolve(model: Optional[str] = None) -> Tuple[str, dict]:
     return name, {}
 
 
-def load(model: Optional[str] = None, dtype=torch.float32, attn_implementation: str = "sdpa") -> Tuple[object, object]:
-    """(model, tokenizer) for a path or hub id; None means the embedded default model."""
+def load(model: Optional[str] = None, dtype=torch.float32, attn_implementation: str = "sdpa",
+         **from_pretrained) -> Tuple[object, object]:
+    """(model, tokenizer) for a path or hub id; None means the embedded default model. Other
+    keywords go to ``from_pretrained`` (e.g. ``kvloom.hf.compat.tensor_parallel_kwargs()``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, kw = resolve(model)
     tok = AutoTokenizer.from_pretrained(path, **kw)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **kw)
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                             **kw, **from_pretrained)
     m.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

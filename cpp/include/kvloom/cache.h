@@ -145,6 +145,28 @@ class cache {
   size_t budget_bytes(int64_t full_tokens) const;
   // The budget rule's key of each live slot of one head, in slot order.
   std::vector<give_way_key> give_way_keys(int layer, int head, int64_t seq) const;
+  // What the budget chooses from, for one layer of one sequence as it stands: every float token
+  // and every sealed block that may give way (a sealed block only whole, keyed by its last token
+  // to give way; each head's newest token never), sorted in give-way order (key, then ord, head,
+  // index), each with the bytes its going takes off the layer's projected size: what the layer
+  // holds once its float tokens are packed into blocks and full ones sealed (`*projected`). A
+  // float token frees a block only when its head's float tokens fit in one block fewer. The
+  // budget takes units in this order until the projection fits; under tensor parallelism
+  // kvloom.Cache merges the units of every rank (heads renumbered) and walks them the same way.
+  struct budget_unit {
+    give_way_key key;
+    int32_t ord;    // of the slot (a sealed block: of the slot that gave the key)
+    int head;
+    int64_t index;  // the slot, or for a sealed block its table entry
+    bool block;
+    size_t frees;   // bytes off the projection, taken after the units before it of its head
+  };
+  std::vector<budget_unit> budget_units(int layer, int64_t seq, size_t* projected) const;
+  // Evicts the named units (head, index, block) of one layer of one sequence, then compacts and
+  // seals the heads touched; returns the slots freed.
+  int64_t give_way(int layer, int64_t seq, const std::vector<budget_unit>& units);
+  // Bytes of the blocks one layer of one sequence holds (all its heads, at their pools' sizes).
+  size_t layer_bytes(int layer, int64_t seq) const;
   // Adds, to every live slot of (layer, seqs[b]), the attention probability it receives
   // from the queries q[b] [B, Hq, Tq, D] (summed over each kv head's query group and the Tq
   // queries). Query i of a row sits at logical index seq_length - Tq + i and sees only
@@ -218,6 +240,9 @@ class cache {
   void check_quantizable(const tensor_view& k, const tensor_view& v) const;
   // The budget's evictions for (layer, seq) after its plans ran; returns slots freed.
   int64_t enforce_budget(int layer, sequence& s, int64_t seq, int64_t full_tokens);
+  std::vector<budget_unit> budget_units_unlocked(int layer, const sequence& s, size_t* projected) const;
+  int64_t give_way_unlocked(int layer, sequence& s, int64_t seq, const std::vector<budget_unit>& units);
+  size_t layer_bytes_unlocked(int layer, const sequence& s) const;
   size_t head_bytes(const head_store& hs) const;  // blocks held by one head, at their pools' sizes
   block_pool& pool_of(const head_store& hs, size_t entry) const;
   const std::shared_ptr<const head_plan>& plan_for(int layer) const {

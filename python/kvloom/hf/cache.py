@@ -132,10 +132,6 @@ class LoomCache(_HFCache):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"KV dtype {dtype} is not supported; use float32, float16 or bfloat16")
         self.policy = make_policy(policy)
-        tp = arch.tensor_parallel_size(model)
-        if tp > 1 and kv_budget is not None:
-            raise NotImplementedError(f"kv_budget (its give-way order compares a layer's heads) is not supported "
-                                      f"under tensor parallelism yet ({tp} processes share this model's heads)")
         self._tp_group = arch.tensor_parallel_group(model)
         self.n_kv_heads_total = arch.geometry(model).n_kv_heads
         self.head_offset = 0  # the model's index of this rank's first kv head
@@ -151,6 +147,8 @@ class LoomCache(_HFCache):
         self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=self.policy,
                           block_size=block_size, capacity_bytes=capacity_bytes, device=device, kv_dtype=kv_dtype,
                           kv_budget=kv_budget, layer_store=None if self._store == list(range(geo.n_layers)) else self._store)
+        if self._tp_group is not None:  # the budget counts the whole layer, across the ranks
+            self.kv.share_heads(self._tp_group, self.head_offset, self.n_kv_heads_total)
         self._class_table = None
         self._ids = None
         self._hook = None

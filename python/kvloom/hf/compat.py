@@ -37,3 +37,17 @@ def passed_cache(cache=None, past_key_values=None):
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise TypeError("got both cache= and past_key_values= with different objects; pass one")
     return cache if cache is not None else past_key_values
+
+
+def tensor_parallel_kwargs() -> dict:
+    """The ``from_pretrained`` keywords that shard a model's heads over the processes of a
+    torchrun job: ``distributed_config=DistributedConfig(tp_plan="auto")`` where that exists
+    (passing ``tp_plan=`` directly is deprecated there), ``tp_plan="auto"`` before."""
+    try:
+        from transformers.distributed import DistributedConfig
+
+        if "tp_plan" in inspect.signature(DistributedConfig).parameters:
+            return {"distributed_config": DistributedConfig(tp_plan="auto")}
+    except ImportError:
+        pass
+    return {"tp_plan": "auto"}
