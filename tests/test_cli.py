@@ -128,6 +128,27 @@ def test_bench_hogwild_small(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_bench_distributed_small(tmp_path, capsys):
+    """Real processes: TP on 1 and 3 ranks (2 does not divide SmolLM2's heads) and a transfer."""
+    out = tmp_path / "out"
+    assert cli.main(["bench", "distributed", "--procs", "1,2,3", "--context", "48", "--new-tokens", "2", "--repeats", "1",
+                     "--tp-settings", "full,budget", "--transfer-settings", "full,window_int4", "--out", str(out)]) == 0
+    data = json.loads((out / "distributed.json").read_text())
+    assert [(r["procs"], r["setting"]) for r in data["rows"]] == [(1, "full"), (1, "budget"), (3, "full"), (3, "budget")]
+    assert data["skipped_procs"] == [2]
+    for r in data["rows"]:
+        assert len(r["rank_bytes"]) == r["procs"] and r["same_tokens"]
+    full = {r["procs"]: r for r in data["rows"] if r["setting"] == "full"}
+    assert full[3]["total_bytes"] == full[1]["total_bytes"] == 3 * full[3]["rank_bytes"][0]
+    sent = {r["setting"]: r for r in data["transfer"]}
+    assert all(r["same_tokens"] and r["same_held"] for r in sent.values())
+    assert sent["window_int4"]["wire_bytes"] < sent["full"]["wire_bytes"]
+    assert "Prefill → decode transfer" in capsys.readouterr().out
+    assert cli.main(["bench", "distributed", "--tp-settings", "nope", "--out", str(out)]) == 2
+    assert "--tp-settings: unknown nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_bench_sharing_small(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["bench", "sharing", "--steps", "1", "--seq-len", "64", "--batch-size", "1", "--eval-tokens", "128",

@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
 def test_cache_under_tensor_parallelism(tmp_path):
     from hf_helpers import generate
     sys.path.insert(0, str(HERE))
-    from tp_worker import POLICIES
+    from tp_worker import POLICIES, side_path
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -45,13 +45,17 @@ def test_cache_under_tensor_parallelism(tmp_path):
         cache = kvloom.Cache(model, **make(str(tmp_path)))
         single[name] = (generate(model, {"input_ids": ids}, cache, max_new_tokens=12)[0].tolist(), cache.memory_bytes(),
                         cache.kv.lengths(cache.seqs[0]))
+    single_side = side_path(model, ids)
     for r in ranks:
         assert r["tp"] == 2
+        side = {k: v for k, v in r["side_path"].items() if k != "bytes"}
+        assert side == {k: v for k, v in single_side.items() if k != "bytes"}  # fork, close, rollback under TP
         assert r["full"]["tokens"] == r["dynamic"]  # Full == DynamicCache + sdpa under TP
         for name in POLICIES:
             assert r[name]["kv_heads"] == 2
             assert r[name]["tokens"] == single[name][0], name
             assert r[name]["total"] == single[name][1], name
+    assert sum(r["side_path"]["bytes"] for r in ranks) == single_side["bytes"]
     for name in POLICIES:
         assert sum(r[name]["bytes"] for r in ranks) == single[name][1], name
         # head by head, every rank kept what one process keeps for those heads

@@ -21,6 +21,29 @@ POLICIES = {"full": lambda d: {"policy": kvloom.Full()}, "window": lambda d: {"p
                                           "kv_dtype": "int8"}}
 
 
+def _greedy(model, cache, token, n):
+    out = []
+    for _ in range(n):
+        token = model(token, **kvloom.hf.cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+        out.append(int(token))
+    return out, token
+
+
+@torch.no_grad()
+def side_path(model, ids):
+    """A CIFLEX-style side path: fork after the prompt, decode on the fork, close it, decode on
+    the main cache, roll back three tokens and decode again (H2O: the fork keeps its plans)."""
+    cache = kvloom.Cache(model, policy=kvloom.HeavyHitter(0.2, 4))
+    first = model(ids, **kvloom.hf.cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+    fork = cache.fork()
+    side, _ = _greedy(model, fork, first, 6)
+    fork.close()
+    main, last = _greedy(model, cache, first, 6)
+    cache.rollback(3)
+    again, _ = _greedy(model, cache, torch.tensor([[main[2]]]), 4)
+    return {"side": side, "main": main, "again": again, "bytes": cache.memory_bytes()}
+
+
 def main(model_dir: str, out: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -37,6 +60,7 @@ def main(model_dir: str, out: str) -> None:
             res[name] = {"tokens": toks[0].tolist(), "bytes": cache.memory_bytes(), "kv_heads": cache.kv.n_kv_heads}
             res[name]["total"] = kvloom.distributed.total_memory_bytes(cache)
             res[name]["lengths"] = cache.kv.lengths(cache.seqs[0])  # [layer][local kv head]
+        res["side_path"] = side_path(model, ids)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
 

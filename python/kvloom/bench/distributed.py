@@ -64,6 +64,7 @@ SETTINGS = {  # name -> (label, kvloom.Cache keywords from the prompt length, or
     "window": ("kvloom Window 25%", lambda n: {"policy": ("window", {"sinks": 4, "recent": max(8, n // 4) - 4})}),
     "window_int4": ("kvloom Window 25% int4", lambda n: {"policy": ("window", {"sinks": 4, "recent": max(8, n // 4) - 4}),
                                                         "kv_dtype": "int4"}),
+    "budget": ("kvloom Full, kv_budget 0.25", lambda n: {"kv_budget": 0.25}),
     "taskkv": ("kvloom Task-KV 40%", lambda n: {"policy": ("taskkv", {"beta": 0.0, "m": 0, "sinks": 4, "recent": 32,
                                                                       "budget": 0.4})}),
 }
@@ -187,7 +188,7 @@ class DistributedBench(Benchmark):
         p.add_argument("--context", type=int, default=2048, help="prompt tokens (default 2048)")
         p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per run (default 32)")
         p.add_argument("--repeats", type=int, default=2, help="repeats per case, best kept (default 2)")
-        p.add_argument("--tp-settings", type=words, default=["dynamic", "full", "window", "taskkv"],
+        p.add_argument("--tp-settings", type=words, default=["dynamic", "full", "window", "budget", "taskkv"],
                        help=f"caches under tensor parallelism ({', '.join(SETTINGS)})")
         p.add_argument("--transfer-settings", type=words, default=["full", "window", "window_int4", "taskkv"],
                        help=f"caches sent from prefill to decode ({', '.join(s for s in SETTINGS if s != 'dynamic')})")
