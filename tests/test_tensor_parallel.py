@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
 def test_cache_under_tensor_parallelism(tmp_path):
     from hf_helpers import generate
     sys.path.insert(0, str(HERE))
-    from tp_worker import POLICIES, side_path
+    from tp_worker import POLICIES, kv_budget_paths, side_path
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -46,6 +46,12 @@ def test_cache_under_tensor_parallelism(tmp_path):
         single[name] = (generate(model, {"input_ids": ids}, cache, max_new_tokens=12)[0].tolist(), cache.memory_bytes(),
                         cache.kv.lengths(cache.seqs[0]))
     single_side = side_path(model, ids)
+    one = kv_budget_paths(0, 1)  # per step, per sequence: the live ords of each (layer, head)
+    for defer in (0, 1):  # the ranks' halves, settled at once or deferred, are the single cache
+        halves = [r["kv_budget_paths"][defer] for r in ranks]
+        for step, want in enumerate(one):
+            got = [a[:2] + b[:2] + a[2:] + b[2:] for a, b in zip(halves[0][step], halves[1][step])]
+            assert got == want, (defer, step)
     for r in ranks:
         assert r["tp"] == 2
         side = {k: v for k, v in r["side_path"].items() if k != "bytes"}

@@ -44,6 +44,36 @@ def side_path(model, ids):
     return {"side": side, "main": main, "again": again, "bytes": cache.memory_bytes()}
 
 
+def kv_budget_paths(rank: int, world: int, defer: bool = False):
+    """A low-level KVCache of 4 kv heads (this rank's share of them) under an int8 H2O with a
+    budget, fed chunks then single tokens: the live slots of each head after every step. With
+    world 1 it is the single-process cache; else its budget is settled across the ranks, at
+    once or deferred to flush_budget."""
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(5)
+    H, mine = 4, 4 // world
+    kv = kvloom.KVCache(2, mine, 8, block_size=4, policy=kvloom.HeavyHitter(0.4, 3), kv_budget=0.35, kv_dtype="int8")
+    if world > 1:
+        kv.share_heads(dist.group.WORLD, rank * mine, H, defer=defer)
+    own = slice(rank * mine, (rank + 1) * mine)
+    seqs = [kv.add_sequence()]
+    trace = []
+    for step, n in enumerate([13, 1, 1, 6, 1, 1, 1, 9, 1, 1]):
+        if step == 4:
+            seqs.append(kv.fork(seqs[0]))  # forks share blocks: rounds on the real state
+        for s in seqs:
+            for layer in range(2):
+                k, v = torch.randn(H, n, 8, generator=g), torch.randn(H, n, 8, generator=g)
+                q = torch.randn(1, 2 * H, n, 8, generator=g)
+                kv.append(layer, s, k[own], v[own])
+                kv.accumulate_attention(layer, q[:, 2 * own.start:2 * own.stop], [s])
+                kv.apply_policy(layer, s)
+        kv.flush_budget()
+        trace.append([[kv.slots(layer, h, s)[1].tolist() for layer in range(2) for h in range(mine)] for s in seqs])
+    return trace
+
+
 def main(model_dir: str, out: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -61,6 +91,7 @@ def main(model_dir: str, out: str) -> None:
             res[name]["total"] = kvloom.distributed.total_memory_bytes(cache)
             res[name]["lengths"] = cache.kv.lengths(cache.seqs[0])  # [layer][local kv head]
         res["side_path"] = side_path(model, ids)
+    res["kv_budget_paths"] = [kv_budget_paths(rank, 2, defer) for defer in (False, True)]
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
 

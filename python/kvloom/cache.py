@@ -219,21 +219,39 @@ class KVCache:
             self._c.set_budget(kv_budget)
         self._kv_budget = kv_budget
         self._shared = None  # (group, head_offset, total_heads): share_heads
+        self._defer = False
+        self._pending: list = []  # (layer, seq, full_tokens) whose budget waits for flush_budget
 
-    def share_heads(self, group, head_offset: int, total_heads: int) -> None:
+    def share_heads(self, group, head_offset: int, total_heads: int, *, defer: bool = False) -> None:
         """Tensor parallelism: this cache holds kv heads ``head_offset .. head_offset +
         n_kv_heads - 1`` of a model with ``total_heads``, the others live in the caches of the
         other ranks of the torch.distributed ``group``. The ``kv_budget`` then counts the whole
         layer and every rank evicts exactly what one cache of all the heads would (the ranks
         merge their give-way units: :func:`kvloom.distributed.enforce_budget`), so with a budget
         each :meth:`apply_policy` is a collective: every rank calls it for the same layer and
-        sequence in the same order. ``kvloom.Cache`` does this for a model under TP."""
+        sequence in the same order. With ``defer=True`` the budget waits for
+        :meth:`flush_budget` (also a collective), which settles every layer waiting in one
+        exchange; that gives the same state as long as nothing reads the layers in between
+        (``kvloom.Cache`` flushes at the end of each forward, and defers only without layer
+        sharing, where a later layer would read an earlier one's KV in the same forward)."""
         head_offset, total_heads = _int(head_offset, "head_offset"), _int(total_heads, "total_heads")
         if not (0 <= head_offset and head_offset + self.n_kv_heads <= total_heads):
             raise ValueError(f"heads {head_offset}..{head_offset + self.n_kv_heads - 1} are not among the "
                              f"{total_heads} kv heads")
         self._shared = (group, head_offset, total_heads)
+        self._defer = bool(defer)
         self._c.set_budget(0.0)  # the budget is enforced across the ranks, in kvloom.distributed
+
+    def flush_budget(self) -> int:
+        """Settles the budget of the layers :meth:`apply_policy` deferred (see
+        :meth:`share_heads`); returns the slots this rank freed. A collective."""
+        if not self._pending:
+            return 0
+        from .distributed import enforce_budget
+
+        items, self._pending = self._pending, []
+        live = set(self.sequences())
+        return enforce_budget(self, [it for it in items if it[1] in live])
 
     @staticmethod
     def _check_pool(pool, dtype, block_size, capacity_bytes, device) -> None:
@@ -418,9 +436,13 @@ class KVCache:
         use_stream(self._device)  # compaction moves rows on the device
         freed += self._c.apply_policy(layer, seq, full_tokens)
         if self._shared is not None and self._kv_budget is not None:
-            from .distributed import enforce_budget
+            item = (layer, seq, self._c.seq_length(seq) if full_tokens < 0 else full_tokens)
+            if self._defer:
+                self._pending.append(item)
+            else:
+                from .distributed import enforce_budget
 
-            freed += enforce_budget(self, layer, seq, self._c.seq_length(seq) if full_tokens < 0 else full_tokens)
+                freed += enforce_budget(self, [item])
         return freed
 
     def give_way_keys(self, layer: int, head: int, seq: int):

@@ -99,52 +99,71 @@ def total_memory_bytes(cache, group=None) -> int:
 _UNIT_FIELDS = ("tier", "value", "ord", "head", "index", "block", "frees")
 
 
-def enforce_budget(cache, layer: int, seq: int, full_tokens: int) -> int:
+def enforce_budget(cache, items) -> int:
     """The ``kv_budget`` of a ``KVCache`` that holds some of a layer's heads
-    (:meth:`KVCache.share_heads`): every rank of the group calls this for the same layer and
-    sequence. Each round, the ranks sum the layer's bytes; while over the budget they gather
-    every rank's give-way units (C++ ``budget_units``: key, ord, head renumbered to the model's,
-    bytes each frees), merge them in the one give-way order, take units until the projected
-    layer fits (at least one) and each evicts its own: exactly the single-process
-    ``cache::enforce_budget``. Returns the slots this rank freed."""
+    (:meth:`KVCache.share_heads`), for ``items``: (layer, seq, full_tokens) triples, the same on
+    every rank of the group (each rank calls this with them). One exchange sums every item's
+    bytes over the ranks; then each item still over its budget, in order, goes round by round:
+    the ranks gather every rank's give-way units (C++ ``budget_units``: key, ord, head
+    renumbered to the model's, bytes each frees), merge them in the one give-way order, take
+    units until the projected layer fits (at least one), each evicts its own, and they sum the
+    bytes again. That is the single-process ``cache::enforce_budget``, item by item. Returns
+    the slots this rank freed."""
+    dist = _dist()
+    group = cache._shared[0]
+    limits = [cache.budget_bytes(ft) for _, _, ft in items]
+    found, every = _layer_sums(dist, group, cache, items)
+    freed = 0
+    for i in range(len(items)):
+        while _over(every[:, i], limits[i]):
+            freed += _give_way_round(dist, group, cache, items[i], found[i], every[:, i], limits[i])
+            found_i, every_i = _layer_sums(dist, group, cache, [items[i]])
+            found[i], every[:, i] = found_i[0], every_i[:, 0]
+    return freed
+
+
+def _layer_sums(dist, group, cache, items):
+    """Each item's C++ budget units here, and [rank, item, (bytes held, projected bytes,
+    units)] from every rank (float64: exact for these integers)."""
+    found = [cache._c.budget_units(layer, seq) for layer, seq, _ in items]
+    sums = torch.tensor([[cache._c.layer_bytes(layer, seq), proj, len(u["tier"])]
+                         for (layer, seq, _), (u, proj) in zip(items, found)], dtype=torch.float64).reshape(-1, 3)
+    every = [torch.empty_like(sums) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, sums, group=group)
+    return found, torch.stack(every)
+
+
+def _over(sums, limit) -> bool:
+    """Over the budget with something left to give way (else only protected tokens remain)."""
+    return sums[:, 0].sum().item() > limit and sums[:, 2].sum().item() > 0
+
+
+def _give_way_round(dist, group, cache, item, found, sums, limit) -> int:
     import numpy as np
 
-    dist = _dist()
-    group, offset, _ = cache._shared
-    limit = cache.budget_bytes(full_tokens)
-    mine_lo, mine_hi = offset, offset + cache.n_kv_heads
-    freed = 0
-    while True:
-        units, projected = cache._c.budget_units(layer, seq)
-        n = len(units["tier"])
-        # [n, 7] float64 is exact for every field (ints far below 2**53)
-        local = np.stack([units[f].astype(np.float64) for f in _UNIT_FIELDS], axis=1) if n else np.zeros((0, 7))
-        local[:, 3] += offset
-        sums = torch.tensor([cache._c.layer_bytes(layer, seq), projected, n], dtype=torch.float64)
-        counts = [torch.zeros(3, dtype=torch.float64) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(counts, sums, group=group)
-        held = sum(int(c[0]) for c in counts)
-        total_units = sum(int(c[2]) for c in counts)
-        if held <= limit or total_units == 0:  # fits, or only protected tokens are left
-            return freed
-        width = max(int(c[2]) for c in counts)
-        padded = torch.zeros(width, 7, dtype=torch.float64)
-        padded[:n] = torch.from_numpy(local)
-        parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded, group=group)
-        merged = np.concatenate([p[:int(c[2])].numpy() for p, c in zip(parts, counts)])
-        order = np.lexsort((merged[:, 4], merged[:, 3], merged[:, 2], merged[:, 1], merged[:, 0]))
-        merged = merged[order]
-        proj = sum(int(c[1]) for c in counts)
-        take = 0
-        while take < len(merged) and (take == 0 or proj > limit):
-            proj -= int(merged[take, 6])
-            take += 1
-        chosen = merged[:take]
-        chosen = chosen[(chosen[:, 3] >= mine_lo) & (chosen[:, 3] < mine_hi)]
-        if len(chosen):
-            freed += cache._c.give_way(layer, seq, (chosen[:, 3] - offset).astype(int).tolist(),
-                                       chosen[:, 4].astype(np.int64).tolist(), chosen[:, 5].astype(bool).tolist())
+    units, _ = found
+    offset = cache._shared[1]
+    n = len(units["tier"])
+    local = np.stack([units[f].astype(np.float64) for f in _UNIT_FIELDS], axis=1) if n else np.zeros((0, 7))
+    local[:, 3] += offset  # the model's head numbers: the merged order breaks ties by them
+    width = int(sums[:, 2].max().item())
+    padded = torch.zeros(width, 7, dtype=torch.float64)
+    padded[:n] = torch.from_numpy(local)
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, padded, group=group)
+    merged = np.concatenate([p[:int(c)].numpy() for p, c in zip(parts, sums[:, 2].tolist())])
+    merged = merged[np.lexsort((merged[:, 4], merged[:, 3], merged[:, 2], merged[:, 1], merged[:, 0]))]
+    proj, take = sums[:, 1].sum().item(), 0
+    while take < len(merged) and (take == 0 or proj > limit):
+        proj -= merged[take, 6]
+        take += 1
+    chosen = merged[:take]
+    chosen = chosen[(chosen[:, 3] >= offset) & (chosen[:, 3] < offset + cache.n_kv_heads)]
+    if not len(chosen):
+        return 0
+    layer, seq, _ = item
+    return cache._c.give_way(layer, seq, (chosen[:, 3] - offset).astype(int).tolist(),
+                             chosen[:, 4].astype(np.int64).tolist(), chosen[:, 5].astype(bool).tolist())
 
 
 # --- the wire -------------------------------------------------------------------------

@@ -147,11 +147,17 @@ class LoomCache(_HFCache):
         self.kv = KVCache(geo.n_layers, geo.n_kv_heads, geo.head_dim, dtype=dtype, policy=self.policy,
                           block_size=block_size, capacity_bytes=capacity_bytes, device=device, kv_dtype=kv_dtype,
                           kv_budget=kv_budget, layer_store=None if self._store == list(range(geo.n_layers)) else self._store)
-        if self._tp_group is not None:  # the budget counts the whole layer, across the ranks
-            self.kv.share_heads(self._tp_group, self.head_offset, self.n_kv_heads_total)
         self._class_table = None
         self._ids = None
         self._hook = None
+        self._flush_hook = None
+        if self._tp_group is not None:  # the budget counts the whole layer, across the ranks
+            # settled once per forward, in one exchange, unless a later layer reads an earlier
+            # one's KV in the same forward (CLA)
+            defer = kv_budget is not None and self._store == list(range(geo.n_layers))
+            self.kv.share_heads(self._tp_group, self.head_offset, self.n_kv_heads_total, defer=defer)
+            if defer:
+                self._install_flush_hook(model)
         self._embed = None
         self._closed = False
         self.policy_state = None
@@ -193,6 +199,16 @@ class LoomCache(_HFCache):
         dist.all_gather(parts, x.contiguous(), group=self._tp_group)
         return torch.cat(parts)
 
+    def _install_flush_hook(self, model) -> None:
+        me = weakref.ref(self)
+
+        def flush(_module, _args, _out):  # every rank runs the forward: a safe place for a collective
+            cache = me()
+            if cache is not None and not cache._closed:
+                cache.kv.flush_budget()
+
+        self._flush_hook = model.register_forward_hook(flush)
+
     def _install_ids_hook(self) -> None:
         me = weakref.ref(self)
 
@@ -213,6 +229,8 @@ class LoomCache(_HFCache):
                 f"attn_implementation='kvloom'); the model uses {self._config._attn_implementation!r}")
         if not 0 <= layer_idx < self.geometry.n_layers:
             raise IndexError(f"layer {layer_idx} out of range: this cache was built for {self.geometry.n_layers} layers")
+        if layer_idx == 0 and self.kv._pending:  # a forward whose end the flush hook did not see
+            self.kv.flush_budget()
         if key_states.dim() != 4 or key_states.shape != value_states.shape:
             raise ValueError(f"expected key/value states [batch, kv_heads, tokens, head_dim], got "
                              f"{tuple(key_states.shape)} and {tuple(value_states.shape)}")
@@ -276,9 +294,10 @@ class LoomCache(_HFCache):
         return self._class_table[ids.clamp(0, self._class_table.numel() - 1)].contiguous()
 
     def __del__(self):
-        hook = getattr(self, "_hook", None)
-        if hook is not None:
-            hook.remove()
+        for name in ("_hook", "_flush_hook"):
+            hook = getattr(self, name, None)
+            if hook is not None:
+                hook.remove()
         state = getattr(self, "policy_state", None)
         if state is not None:
             state.remove()
@@ -391,8 +410,11 @@ class LoomCache(_HFCache):
             new.layers.append(layer)
         new._ids = None
         new._hook = None
+        new._flush_hook = None
         if new._embed is not None:
             new._install_ids_hook()
+        if self._flush_hook is not None:
+            new._install_flush_hook(self._model())
         new.policy_state = None if self.policy_state is None else self.policy.attach(new, self._model())
         return new
 
@@ -416,9 +438,10 @@ class LoomCache(_HFCache):
         self._closed = True
         for layer in self.layers:
             layer.cumulative_length = 0
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for name in ("_hook", "_flush_hook"):
+            if getattr(self, name) is not None:
+                getattr(self, name).remove()
+                setattr(self, name, None)
         if self.policy_state is not None:
             self.policy_state.remove()
             self.policy_state = None
