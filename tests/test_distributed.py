@@ -4,9 +4,6 @@ the sequence had never moved (every setting in dist_worker.SETTINGS), adds seque
 that holds others, and meets a corrupted, truncated, foreign, timed-out and dead sender with a
 clear error that changes nothing."""
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,34 +12,9 @@ import torch
 
 import kvloom
 from kvloom import distributed as kd
+from kvloom.bench.distributed import launch  # ranks through the environment, as torchrun does
 
 HERE = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(script, world, *args, timeout=300):
-    """`world` processes of `script`, ranked through the environment as torchrun does (no
-    elastic agent: a rank that exits early does not take the others down)."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            p.kill()
-    return [p.returncode for p in procs], outs
 
 
 @pytest.mark.hf
@@ -53,8 +25,7 @@ def test_transfer_between_processes(tmp_path):
     from dist_worker import SETTINGS
 
     tiny_model("llama").save_pretrained(tmp_path / "model")
-    codes, outs = launch(HERE / "dist_worker.py", 3, tmp_path / "model", tmp_path)
-    assert codes == [0, 0, 0], "\n".join(o[-3000:] for o in outs)
+    launch([str(HERE / "dist_worker.py"), str(tmp_path / "model"), str(tmp_path)], 3, timeout=300)
     r = json.loads((tmp_path / "rank1.json").read_text())
     for name in SETTINGS:
         got = r[name]
