@@ -37,23 +37,36 @@ def launch(argv: List[str], world: int, timeout: float = 1800) -> List[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = []
+    procs, logs = [], []
     try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
+        for rank in range(world):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": str(world),
+                   "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+            # a file, not a pipe: a rank blocked on a full pipe would stall the others' collectives
+            logs.append(tempfile.TemporaryFile(mode="w+"))
+            procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
+                                          text=True))
+        deadline, late = time.monotonic() + timeout, False
+        try:
+            for p in procs:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            late = True
     finally:
         for p in procs:
-            p.kill()
-    if any(p.returncode for p in procs):
-        raise RuntimeError("a process failed:\n" + "\n".join(f"--- rank {r} (exit {p.returncode}):\n{o[-3000:]}"
-                                                              for r, (p, o) in enumerate(zip(procs, outs))))
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        outs = []
+        for f in logs:
+            f.seek(0)
+            outs.append(f.read())
+            f.close()
+    if late or any(p.returncode for p in procs):
+        what = f"timed out after {timeout:g} s" if late else "a process failed"
+        raise RuntimeError(what + ":\n" + "\n".join(f"--- rank {r} (exit {p.returncode}):\n{o[-3000:]}"
+                                                     for r, (p, o) in enumerate(zip(procs, outs))))
     return outs
 
 
