@@ -1,6 +1,6 @@
 """kvloom.Cache under transformers' tensor parallelism (issue 18): two real processes (torchrun,
-gloo on the CPU, one thread each), each holding half of a tiny Llama's heads; every rank's cache
-holds its local kv heads only, greedy Full equals DynamicCache token for token, and every policy
+gloo on the CPU, one thread each), each holding half of a tiny Llama's or Qwen2's heads; every
+rank's cache holds its local kv heads only, greedy Full equals DynamicCache token for token, and every policy
 (Task-KV's layer centre gathered across the ranks, NAtS's types sliced to the rank's heads)
 keeps, head by head, what one process keeps and gives the single-process tokens."""
 import json
@@ -19,16 +19,18 @@ HERE = Path(__file__).parent
 
 @pytest.mark.hf
 @pytest.mark.slow
-def test_cache_under_tensor_parallelism(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cache_under_tensor_parallelism(arch, tmp_path):
     from hf_helpers import generate
     sys.path.insert(0, str(HERE))
     from tp_worker import POLICIES, kv_budget_paths, side_path
 
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     torch.manual_seed(0)  # 8 query heads, 4 kv heads: two kv heads per rank
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](
+        vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=512)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     model.save_pretrained(tmp_path / "model")
     kvloom.nats.Scorer(3, 128, 4, window=6).save(tmp_path / "scorer.pt")  # random weights: mixed types
