@@ -68,3 +68,22 @@ def test_cache_under_tensor_parallelism(arch, tmp_path):
         assert sum(r[name]["bytes"] for r in ranks) == single[name][1], name
         # head by head, every rank kept what one process keeps for those heads
         assert [ranks[0][name]["lengths"][i] + ranks[1][name]["lengths"][i] for i in range(3)] == single[name][2], name
+
+
+@pytest.mark.hf
+@pytest.mark.slow
+def test_hogwild_under_tensor_parallelism(tmp_path):
+    """Hogwild! workers over one shared cache, SmolLM2 on 3 ranks (one kv head each): the
+    workers' texts and the transcript equal one process's."""
+    from hf_helpers import smollm2
+    sys.path.insert(0, str(HERE))
+    from tp_hogwild_worker import run
+
+    from kvloom.bench.distributed import launch
+
+    launch([str(HERE / "tp_hogwild_worker.py"), str(tmp_path / "r.json")], 3, timeout=600)
+    got = json.loads((tmp_path / "r.json").read_text())
+    model, tok = smollm2()
+    kvloom.enable(model)
+    assert got.pop("tp") == 3
+    assert got == run(model, tok)
