@@ -72,18 +72,24 @@ def test_cache_under_tensor_parallelism(arch, tmp_path):
 
 @pytest.mark.hf
 @pytest.mark.slow
-def test_hogwild_under_tensor_parallelism(tmp_path):
-    """Hogwild! workers over one shared cache, SmolLM2 on 3 ranks (one kv head each): the
-    workers' texts and the transcript equal one process's."""
+def test_smollm2_on_three_ranks(tmp_path):
+    """SmolLM2 on 3 ranks (one kv head each): greedy kvloom Full equals DynamicCache + sdpa and
+    one process, and two Hogwild! workers over one shared cache write one process's texts."""
     from hf_helpers import smollm2
     sys.path.insert(0, str(HERE))
-    from tp_hogwild_worker import run
+    from tp_smollm2_worker import run
 
     from kvloom.bench.distributed import launch
 
-    launch([str(HERE / "tp_hogwild_worker.py"), str(tmp_path / "r.json")], 3, timeout=600)
+    launch([str(HERE / "tp_smollm2_worker.py"), str(tmp_path / "r.json")], 3, timeout=600)
     got = json.loads((tmp_path / "r.json").read_text())
     model, tok = smollm2()
+    before = model.config._attn_implementation  # the shared model: leave it as it was
     kvloom.enable(model)
+    try:
+        here = run(model, tok)
+    finally:
+        model.set_attn_implementation(before)
     assert got.pop("tp") == 3
-    assert got == run(model, tok)
+    assert got["full"] == got["dynamic"]
+    assert got == here
