@@ -52,7 +52,6 @@ constexpr char kMagic[9] = "KVLSNAP1";
 constexpr char kEnd[9] = "KVLSEND1";
 constexpr uint32_t kVersion = 3;       // float storage
 constexpr uint32_t kVersionQuant = 4;  // quantized storage
-constexpr uint32_t kVersionHoles = 1;  // versions 1 and 2: slot metadata for table holes too
 constexpr uint32_t kNoPlan = 0xffffffffu;
 constexpr int64_t kMaxSeqId = int64_t(1) << 24;
 
@@ -302,7 +301,7 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
   const uint32_t version = r.get<uint32_t>("version");
   if (version < 1 || version > kVersionQuant)
     bad("format version " + std::to_string(version) + ", this kvloom reads versions 1 to " + std::to_string(kVersionQuant));
-  const bool holes = version <= kVersionHoles + 1;  // 1 and 2 carry metadata for the holes
+  const bool holes = version < kVersion;  // versions 1 and 2 carry slot metadata for the holes too
   const int bs = pool_->block_size();
   const int64_t D = pool_->head_dim();
   const uint32_t want[5] = {dtype_code(pool_->type()), static_cast<uint32_t>(D), static_cast<uint32_t>(bs),

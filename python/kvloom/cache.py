@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-
 import operator
 import os
 from typing import List, Optional, Sequence, Tuple, Union

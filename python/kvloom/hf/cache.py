@@ -209,6 +209,13 @@ class LoomCache(_HFCache):
 
         self._flush_hook = model.register_forward_hook(flush)
 
+    def _remove_hooks(self) -> None:
+        for name in ("_hook", "_flush_hook"):  # (getattr: __del__ may see a half-built cache)
+            hook = getattr(self, name, None)
+            if hook is not None:
+                hook.remove()
+                setattr(self, name, None)
+
     def _install_ids_hook(self) -> None:
         me = weakref.ref(self)
 
@@ -294,10 +301,7 @@ class LoomCache(_HFCache):
         return self._class_table[ids.clamp(0, self._class_table.numel() - 1)].contiguous()
 
     def __del__(self):
-        for name in ("_hook", "_flush_hook"):
-            hook = getattr(self, name, None)
-            if hook is not None:
-                hook.remove()
+        self._remove_hooks()
         state = getattr(self, "policy_state", None)
         if state is not None:
             state.remove()
@@ -438,10 +442,7 @@ class LoomCache(_HFCache):
         self._closed = True
         for layer in self.layers:
             layer.cumulative_length = 0
-        for name in ("_hook", "_flush_hook"):
-            if getattr(self, name) is not None:
-                getattr(self, name).remove()
-                setattr(self, name, None)
+        self._remove_hooks()
         if self.policy_state is not None:
             self.policy_state.remove()
             self.policy_state = None
