@@ -6,7 +6,6 @@
 // a pinned staging ring (an upload waits only when the ring is full of copies the GPU has not
 // started), so the decode path never waits for the GPU. Shared math (fp16/bf16 conversion,
 // the online softmax in the log2 domain) is the __host__ __device__ code the CPU paths use.
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
@@ -21,6 +20,7 @@
 #include "cuda_info.h"
 #include "device.h"
 #include "kvloom/device.h"
+#include "launch.h"
 
 #ifndef KVLOOM_CUDA_ARCHS
 #define KVLOOM_CUDA_ARCHS ""
@@ -102,11 +102,11 @@ class staging_ring {
 
 staging_ring& ring_for(int device) {
   static std::mutex mu;
-  static std::vector<staging_ring*> rings;  // one per device, for the life of the process
+  static auto* rings = new std::vector<staging_ring*>();  // one per device, for the life of the process
   std::lock_guard<std::mutex> lock(mu);
-  if (static_cast<int>(rings.size()) <= device) rings.resize(static_cast<size_t>(device) + 1, nullptr);
-  if (!rings[device]) rings[device] = new staging_ring();
-  return *rings[device];
+  if (static_cast<int>(rings->size()) <= device) rings->resize(static_cast<size_t>(device) + 1, nullptr);
+  if (!(*rings)[device]) (*rings)[device] = new staging_ring();
+  return *(*rings)[device];
 }
 
 template <class T>
@@ -200,15 +200,15 @@ class cuda_device_ops final : public detail::device_ops {
     const int threads = 256;
     if (bytes % 16 == 0) {
       const int64_t words = static_cast<int64_t>(bytes / 16);
-      copy_spans_kernel<uint4><<<grid_for(static_cast<int64_t>(spans.size()) * words, threads), threads, 0, s>>>(
+      KVLOOM_LAUNCH(copy_spans_kernel<uint4>, grid_for(static_cast<int64_t>(spans.size()) * words, threads), threads, 0, s)(
           d, static_cast<int64_t>(spans.size()), words);
     } else if (bytes % 4 == 0) {
       const int64_t words = static_cast<int64_t>(bytes / 4);
-      copy_spans_kernel<uint32_t><<<grid_for(static_cast<int64_t>(spans.size()) * words, threads), threads, 0, s>>>(
+      KVLOOM_LAUNCH(copy_spans_kernel<uint32_t>, grid_for(static_cast<int64_t>(spans.size()) * words, threads), threads, 0, s)(
           d, static_cast<int64_t>(spans.size()), words);
     } else {
       const int64_t words = static_cast<int64_t>(bytes);
-      copy_spans_kernel<uint8_t><<<grid_for(static_cast<int64_t>(spans.size()) * words, threads), threads, 0, s>>>(
+      KVLOOM_LAUNCH(copy_spans_kernel<uint8_t>, grid_for(static_cast<int64_t>(spans.size()) * words, threads), threads, 0, s)(
           d, static_cast<int64_t>(spans.size()), words);
     }
     KV_CUDA(cudaGetLastError());
@@ -224,7 +224,7 @@ class cuda_device_ops final : public detail::device_ops {
     const src3 src{k.data, v.data, k.strides[0], k.strides[1], k.strides[2], v.strides[0], v.strides[1], v.strides[2], k.type};
     if (k.type != v.type) fail_type("k and v must share one dtype");
     const int threads = 256;
-    write_rows_kernel<<<grid_for(static_cast<int64_t>(rows.size()) * D, threads), threads, 0, s>>>(
+    KVLOOM_LAUNCH(write_rows_kernel, grid_for(static_cast<int64_t>(rows.size()) * D, threads), threads, 0, s)(
         d, static_cast<int64_t>(rows.size()), src, dst_type, D);
     KV_CUDA(cudaGetLastError());
     release(d, s);
@@ -239,7 +239,7 @@ class cuda_device_ops final : public detail::device_ops {
     auto* d = upload_vec(rows, device_id, s);
     const dst2 out{k_out.data, v_out.data, k_out.strides[0], k_out.strides[1], v_out.strides[0], v_out.strides[1], k_out.type};
     const int threads = 256;
-    read_rows_kernel<<<grid_for(static_cast<int64_t>(rows.size()) * D, threads), threads, 0, s>>>(
+    KVLOOM_LAUNCH(read_rows_kernel, grid_for(static_cast<int64_t>(rows.size()) * D, threads), threads, 0, s)(
         d, static_cast<int64_t>(rows.size()), src_type, D, out);
     KV_CUDA(cudaGetLastError());
     release(d, s);
@@ -272,7 +272,7 @@ class cuda_device_ops final : public detail::device_ops {
     KV_CUDA(cudaMallocAsync(&scratch, bytes, s));
     const dst2 out{scratch, nullptr, D, 1, 0, 0, dtype::f32};
     const int threads = 256;
-    read_rows_kernel<<<grid_for(static_cast<int64_t>(rows.size()) * D, threads), threads, 0, s>>>(
+    KVLOOM_LAUNCH(read_rows_kernel, grid_for(static_cast<int64_t>(rows.size()) * D, threads), threads, 0, s)(
         d, static_cast<int64_t>(rows.size()), src_type, D, out);
     KV_CUDA(cudaGetLastError());
     KV_CUDA(cudaMemcpyAsync(host_out, scratch, bytes, cudaMemcpyDeviceToHost, s));
@@ -330,7 +330,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // One work item: a range of chunks of one (row, kv head), every query of its group; writes the
 // item's softmax state (running max m, sum l, weighted values acc) for the merge.
 __global__ void decode_split_kernel(decode_args a) {
-  extern __shared__ float sm[];
+  KVLOOM_DYNAMIC_SMEM(float, sm);
   const int G = a.G, D = a.D;
   float* qbase = sm;                  // [G * D]
   float* qrot = qbase + G * D;        // [G * D]
@@ -663,9 +663,9 @@ void cuda_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtyp
   const size_t shared = sizeof(float) * (static_cast<size_t>(3 * G * D) + 3 * G + static_cast<size_t>(G) * max_n);
   if (shared > 48 * 1024)
     KV_CUDA(cudaFuncSetAttribute(decode_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-  decode_split_kernel<<<static_cast<unsigned>(items.size()), 128, shared, s>>>(a);
+  KVLOOM_LAUNCH(decode_split_kernel, static_cast<unsigned>(items.size()), 128, shared, s)(a);
   KV_CUDA(cudaGetLastError());
-  decode_merge_kernel<<<static_cast<unsigned>(dt.size()), 128, 0, s>>>(a);
+  KVLOOM_LAUNCH(decode_merge_kernel, static_cast<unsigned>(dt.size()), 128, 0, s)(a);
   KV_CUDA(cudaGetLastError());
   for (const void* p : {static_cast<const void*>(a.chunks), static_cast<const void*>(a.items),
                         static_cast<const void*>(a.tasks), static_cast<const void*>(a.masks),
@@ -708,7 +708,7 @@ void cuda_prompt_stats(const tensor_view& q, int64_t G, dtype kv_type, int64_t D
   for (int64_t t0 = 0; t0 < Tq; t0 += 65535) {  // gridDim.y is at most 65535
     a.t0 = t0;
     const dim3 grid(static_cast<unsigned>(heads.size()), static_cast<unsigned>(std::min<int64_t>(65535, Tq - t0)));
-    prompt_stats_kernel<<<grid, kStatThreads, 0, s>>>(a);
+    KVLOOM_LAUNCH(prompt_stats_kernel, grid, kStatThreads, 0, s)(a);
     KV_CUDA(cudaGetLastError());
   }
   if (mode == 0 && !keys.empty())

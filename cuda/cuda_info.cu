@@ -1,10 +1,9 @@
 // The CUDA target. Kernels mirroring the CPU ones land here; for now it proves the CUDA
 // toolchain builds against the shared headers (the fp16/bf16 math in common.h is
 // __host__ __device__) and reports what the runtime sees.
-#include <cuda_runtime.h>
-
-#include "kvloom/common.h"
 #include "cuda_info.h"
+#include "kvloom/common.h"
+#include "launch.h"
 
 namespace kvloom {
 namespace cuda {
@@ -29,7 +28,7 @@ bool widen_bf16_on_device(const uint16_t* host_in, float* host_out, int n) {
   bool ok = cudaMalloc(&din, sizeof(uint16_t) * n) == cudaSuccess && cudaMalloc(&dout, sizeof(float) * n) == cudaSuccess &&
             cudaMemcpy(din, host_in, sizeof(uint16_t) * n, cudaMemcpyHostToDevice) == cudaSuccess;
   if (ok) {
-    widen_bf16<<<(n + 255) / 256, 256>>>(din, dout, n);
+    KVLOOM_LAUNCH(widen_bf16, (n + 255) / 256, 256, 0, nullptr)(din, dout, n);
     ok = cudaGetLastError() == cudaSuccess &&
          cudaMemcpy(host_out, dout, sizeof(float) * n, cudaMemcpyDeviceToHost) == cudaSuccess;
   }

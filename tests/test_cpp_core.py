@@ -1,7 +1,8 @@
 """The C++ core on its own: its unit tests built with AddressSanitizer + UndefinedBehaviorSanitizer
 (CMake option KVLOOM_SANITIZE), again with ThreadSanitizer (KVLOOM_TSAN) for the concurrent
-appends, forks and the thread pool, and, where nvcc is installed, with the CUDA target (its
-test skips itself without a GPU); run through ctest.
+appends, forks and the thread pool, both with the CUDA backend on the host simulator
+(KVLOOM_CUDA_SIM: the CUDA tests run there without a GPU), and, where nvcc is installed, with
+the real CUDA target (its test skips itself without a GPU); run through ctest.
 
 The same builds are installed (``cmake --install``) into temporary prefixes, and the two
 programs in ``examples/cpp`` and ``examples/c`` are built out of tree against the *installed*
@@ -27,8 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.skipif(os.environ.get("KVLOOM_SKIP_CPP_TESTS") == "1", reason="KVLOOM_SKIP_CPP_TESTS=1"),
               pytest.mark.slow]
 
-FLAGS = {"tsan": ["-DKVLOOM_TSAN=ON", "-DKVLOOM_CUDA=0", "-DCMAKE_BUILD_TYPE=Debug"],
-         "asan+ubsan": ["-DKVLOOM_SANITIZE=ON", "-DKVLOOM_CUDA=0", "-DCMAKE_BUILD_TYPE=Debug"],
+# The sanitizer builds carry the CUDA backend compiled against the host simulator (cuda/sim):
+# its kernels run on threads, so a missing barrier is a data race TSan reports and an
+# out-of-bounds read one ASan reports, with no GPU.
+FLAGS = {"tsan": ["-DKVLOOM_TSAN=ON", "-DKVLOOM_CUDA_SIM=ON", "-DCMAKE_BUILD_TYPE=Debug"],
+         "asan+ubsan": ["-DKVLOOM_SANITIZE=ON", "-DKVLOOM_CUDA_SIM=ON", "-DCMAKE_BUILD_TYPE=Debug"],
          # the CUDA target and its test (which skips itself without a device), optimised
          "cuda": ["-DKVLOOM_CUDA=1", "-DCMAKE_BUILD_TYPE=Release"],
          "release": ["-DKVLOOM_CUDA=0", "-DCMAKE_BUILD_TYPE=Release"]}
@@ -81,6 +85,8 @@ def test_cpp_unit_tests_under_sanitizers(tmp_path_factory, kind):
     r = _run([_tool("ctest") or "ctest", "--output-on-failure", "-V"], build)
     assert "0 failed" in r.stdout and "runtime error" not in r.stdout + r.stderr
     assert "ThreadSanitizer" not in r.stdout + r.stderr
+    if kind != "cuda":  # the simulated device is always there: the CUDA tests ran, none skipped
+        assert "PASS cuda_decode_attention_matches_host" in r.stdout and "no CUDA device" not in r.stdout
 
 
 def _python_reference():
