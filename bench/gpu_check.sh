@@ -59,13 +59,15 @@ SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer
 # 1. the C++ core with the CUDA backend and its unit tests, then the Python package
 step cpp_build 200 bash -c "cmake -S . -B build-gpu -G Ninja -DKVLOOM_BUILD_TESTS=ON -DKVLOOM_CUDA=1 \
   -DCMAKE_CUDA_ARCHITECTURES=$ARCH -DCMAKE_BUILD_TYPE=RelWithDebInfo && cmake --build build-gpu -j"
-step cpp_tests 60 ./build-gpu/kvloom_core_tests
+# KVLOOM_VERIFY_DEVICE_TABLES=1: every upload of a device block table is read back and checked
+# against the host metadata (the tests only; it synchronises, so never in the benchmark)
+step cpp_tests 60 env KVLOOM_VERIFY_DEVICE_TABLES=1 ./build-gpu/kvloom_core_tests
 step pip_install 240 env CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$ARCH" pip install --no-build-isolation --no-deps -v .
 step kvloom_info 30 python -m kvloom info
 # 2. compute-sanitizer over the CUDA tests
-step memcheck 120 "$SAN" --tool memcheck --error-exitcode 9 --leak-check full ./build-gpu/kvloom_core_tests cuda
+step memcheck 120 env KVLOOM_VERIFY_DEVICE_TABLES=1 "$SAN" --tool memcheck --error-exitcode 9 --leak-check full ./build-gpu/kvloom_core_tests cuda
 # 3. the Python CUDA tests (and the policy suite, on the CPU of the GPU machine)
-step pytest_cuda 240 python -m pytest tests/test_cuda.py -q -p no:cacheprovider -x --junitxml="$OUT/pytest_cuda.xml"
+step pytest_cuda 240 env KVLOOM_VERIFY_DEVICE_TABLES=1 python -m pytest tests/test_cuda.py -q -p no:cacheprovider -x --junitxml="$OUT/pytest_cuda.xml"
 # 4. the GPU benchmark (kernel rows first; end to end after)
 step bench_gpu 240 python -m kvloom bench gpu --out "$OUT"
 step racecheck 90 "$SAN" --tool racecheck --error-exitcode 9 ./build-gpu/kvloom_core_tests cuda

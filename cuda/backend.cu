@@ -1,11 +1,11 @@
-// The CUDA side of the device seam (cpp/src/device.h) and CUDA decode attention.
+// The CUDA side of the device seam (cpp/src/device.h) and the prompt statistics; attention
+// (decode and chunks, over device-mirrored block tables) is in attention.cu.
 //
 // Block memory lives in cudaMalloc arenas; everything that moves bytes in or out of blocks is
-// a kernel on the calling thread's current stream. Descriptors (which rows go where, which
-// chunks a query reads) are built on the host from the cache's metadata and uploaded through
-// a pinned staging ring (an upload waits only when the ring is full of copies the GPU has not
-// started), so the decode path never waits for the GPU. Shared math (fp16/bf16 conversion,
-// the online softmax in the log2 domain) is the __host__ __device__ code the CPU paths use.
+// a kernel on the calling thread's current stream. Descriptors (which rows go where) are built
+// on the host from the cache's metadata and uploaded through a pinned staging ring (an upload
+// waits only when the ring is full of copies the GPU has not started). Shared math (fp16/bf16
+// conversion) is the __host__ __device__ code the CPU paths use.
 
 #include <algorithm>
 #include <cmath>
@@ -18,9 +18,8 @@
 
 #include "cuda_backend.h"
 #include "cuda_info.h"
-#include "device.h"
+#include "cuda_common.h"
 #include "kvloom/device.h"
-#include "launch.h"
 
 #ifndef KVLOOM_CUDA_ARCHS
 #define KVLOOM_CUDA_ARCHS ""
@@ -28,32 +27,14 @@
 
 namespace kvloom {
 
-namespace {
+namespace detail {
+namespace cu {
 
-[[noreturn]] void cuda_fail(cudaError_t e, const char* what) {
+void fail(cudaError_t e, const char* what) {
   throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(e));
 }
 
-#define KV_CUDA(expr)                          \
-  do {                                         \
-    const cudaError_t e_ = (expr);             \
-    if (e_ != cudaSuccess) cuda_fail(e_, #expr); \
-  } while (0)
-
-cudaStream_t stream() { return static_cast<cudaStream_t>(detail::current_stream()); }
-
-// Makes `id` the current device for a scope.
-struct device_scope {
-  int prev = -1;
-  explicit device_scope(int id) {
-    KV_CUDA(cudaGetDevice(&prev));
-    if (prev != id) KV_CUDA(cudaSetDevice(id));
-  }
-  ~device_scope() {
-    int now = -1;
-    if (cudaGetDevice(&now) == cudaSuccess && now != prev) cudaSetDevice(prev);
-  }
-};
+namespace {
 
 // A pinned host ring for uploads: slot i is reused only after the copy recorded on its event
 // has run, so a host buffer is never overwritten while the GPU may still read it.
@@ -62,8 +43,6 @@ class staging_ring {
   static constexpr size_t kSlotBytes = size_t(1) << 20;
   static constexpr int kSlots = 16;
 
-  // Copies `bytes` of host data into new stream-ordered device memory (freed with
-  // cudaFreeAsync by the caller, on the same stream, after the kernels that read it).
   void* upload(const void* host, size_t bytes, cudaStream_t s) {
     void* dev = nullptr;
     KV_CUDA(cudaMallocAsync(&dev, std::max<size_t>(bytes, 16), s));
@@ -109,18 +88,31 @@ staging_ring& ring_for(int device) {
   return *(*rings)[device];
 }
 
-template <class T>
-T* upload_vec(const std::vector<T>& v, int device, cudaStream_t s) {
-  return static_cast<T*>(ring_for(device).upload(v.data(), v.size() * sizeof(T), s));
+}  // namespace
+
+void* upload(const void* host, size_t bytes, int device, cudaStream_t s) { return ring_for(device).upload(host, bytes, s); }
+
+int sm_count(int device) {
+  static int cached[64] = {};
+  if (device < 0 || device >= 64) return 80;
+  if (!cached[device]) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 80;
+    cached[device] = n;
+  }
+  return cached[device];
 }
 
-void release(void* dev, cudaStream_t s) {
-  if (dev) KV_CUDA(cudaFreeAsync(dev, s));
-}
+}  // namespace cu
+}  // namespace detail
 
-int grid_for(int64_t work, int threads) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, 65535 * 4)));
-}
+namespace {
+
+using detail::cu::device_scope;
+using detail::cu::grid_for;
+using detail::cu::release;
+using detail::cu::stream;
+using detail::cu::upload_vec;
 
 // --- data movement kernels -----------------------------------------------------------------
 template <class W>
@@ -282,188 +274,7 @@ class cuda_device_ops final : public detail::device_ops {
   }
 };
 
-// --- decode attention ---------------------------------------------------------------------
-struct dchunk {
-  const void* k;
-  const void* v;
-  int64_t k_stride, v_stride;  // elements between consecutive rows
-  int32_t live_off;            // offset of its live mask in the mask area, -1: all live
-  int32_t n;
-  int32_t seg;
-  int32_t pad_;
-};
-
-struct ditem {
-  int32_t task;
-  int32_t c0, c1;
-  int32_t pad_;
-};
-
-struct dtask {
-  int64_t b, h;
-  int32_t first_item, n_items;
-};
-
-struct decode_args {
-  const void* q;
-  int64_t qs0, qs1, qs2;  // q [B, Hq, D] strides (elements)
-  dtype q_type;
-  dtype kv_type;
-  void* out;
-  int64_t os0, os1, os2;
-  dtype out_type;
-  const dchunk* chunks;
-  const ditem* items;
-  const dtask* tasks;
-  const uint8_t* masks;
-  const int64_t* deltas;  // [B * n_seg]
-  int n_seg;
-  const float* inv_freq;  // [n_freq]
-  int n_freq;
-  int G, D, max_n;
-  float qscale;  // scale * log2(e): scores in the log2 domain
-  float* partial;  // [n_items][G * (D + 2)]: m[G], l[G], acc[G][D]
-};
-
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// One work item: a range of chunks of one (row, kv head), every query of its group; writes the
-// item's softmax state (running max m, sum l, weighted values acc) for the merge.
-__global__ void decode_split_kernel(decode_args a) {
-  KVLOOM_DYNAMIC_SMEM(float, sm);
-  const int G = a.G, D = a.D;
-  float* qbase = sm;                  // [G * D]
-  float* qrot = qbase + G * D;        // [G * D]
-  float* acc = qrot + G * D;          // [G * D]
-  float* m = acc + G * D;             // [G]
-  float* l = m + G;                   // [G]
-  float* corr = l + G;                // [G]
-  float* s = corr + G;                // [G * max_n]
-  const ditem it = a.items[blockIdx.x];
-  const dtask t = a.tasks[it.task];
-  for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
-    const int g = e / D, d = e % D;
-    const size_t qi = static_cast<size_t>(t.b * a.qs0 + (t.h * G + g) * a.qs1 + d * a.qs2);
-    qbase[e] = load_as_f32(a.q, a.q_type, qi) * a.qscale;
-    acc[e] = 0.f;
-  }
-  for (int g = threadIdx.x; g < G; g += blockDim.x) {
-    m[g] = kNegInf;
-    l[g] = 0.f;
-  }
-  __syncthreads();
-  int cur_seg = -1;
-  const float* q = qbase;
-  for (int c = it.c0; c < it.c1; ++c) {
-    const dchunk ch = a.chunks[c];
-    if (ch.seg != cur_seg) {
-      cur_seg = ch.seg;
-      const int64_t delta = a.deltas ? a.deltas[t.b * a.n_seg + cur_seg] : 0;
-      if (delta == 0 || a.n_freq == 0) {
-        q = qbase;
-      } else {
-        const int nf = a.n_freq;
-        for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
-          const int g = e / D, d = e % D;
-          const float* x = qbase + g * D;
-          float y;
-          if (d < nf) {
-            const double ang = static_cast<double>(delta) * static_cast<double>(a.inv_freq[d]);
-            y = x[d] * static_cast<float>(cos(ang)) - x[d + nf] * static_cast<float>(sin(ang));
-          } else if (d < 2 * nf) {
-            const double ang = static_cast<double>(delta) * static_cast<double>(a.inv_freq[d - nf]);
-            y = x[d] * static_cast<float>(cos(ang)) + x[d - nf] * static_cast<float>(sin(ang));
-          } else {
-            y = x[d];
-          }
-          qrot[e] = y;
-        }
-        q = qrot;
-      }
-      __syncthreads();
-    }
-    const uint8_t* live = ch.live_off >= 0 ? a.masks + ch.live_off : nullptr;
-    // scores of every (query, key) pair of the chunk
-    for (int p = threadIdx.x; p < G * ch.n; p += blockDim.x) {
-      const int g = p / ch.n, r = p % ch.n;
-      float dot = kNegInf;
-      if (!live || live[r]) {
-        dot = 0.f;
-        const float* qg = q + g * D;
-        for (int d = 0; d < D; ++d) dot += qg[d] * load_as_f32(ch.k, a.kv_type, static_cast<size_t>(r * ch.k_stride + d));
-      }
-      s[g * a.max_n + r] = dot;
-    }
-    __syncthreads();
-    // online softmax: new running max, the correction of the old state, probabilities
-    for (int g = threadIdx.x; g < G; g += blockDim.x) {
-      float mx = m[g];
-      for (int r = 0; r < ch.n; ++r) mx = fmaxf(mx, s[g * a.max_n + r]);
-      float sum = 0.f;
-      for (int r = 0; r < ch.n; ++r) {
-        const float x = s[g * a.max_n + r];
-        const float p = x == kNegInf ? 0.f : exp2f(x - mx);
-        s[g * a.max_n + r] = p;
-        sum += p;
-      }
-      const float cr = m[g] == kNegInf ? (mx == kNegInf ? 1.f : 0.f) : exp2f(m[g] - mx);
-      corr[g] = cr;
-      l[g] = l[g] * cr + sum;
-      m[g] = mx;
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
-      const int g = e / D, d = e % D;
-      float x = acc[e] * corr[g];
-      for (int r = 0; r < ch.n; ++r) {
-        if (live && !live[r]) continue;  // evicted rows are never read
-        const float p = s[g * a.max_n + r];
-        x += p * load_as_f32(ch.v, a.kv_type, static_cast<size_t>(r * ch.v_stride + d));
-      }
-      acc[e] = x;
-    }
-    __syncthreads();
-  }
-  float* out = a.partial + static_cast<size_t>(blockIdx.x) * (G * (D + 2));
-  for (int g = threadIdx.x; g < G; g += blockDim.x) {
-    out[g] = m[g];
-    out[G + g] = l[g];
-  }
-  for (int e = threadIdx.x; e < G * D; e += blockDim.x) out[2 * G + e] = acc[e];
-}
-
-// Merges the items of one (row, kv head) and writes out = acc / l in the output dtype (zeros
-// for a head with no live key, the zero-weighted sum of values where every score is -inf; NaN
-// where a score was NaN).
-__global__ void decode_merge_kernel(decode_args a) {
-  const dtask t = a.tasks[blockIdx.x];
-  const int G = a.G, D = a.D, state = G * (D + 2);
-  for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
-    const int g = e / D, d = e % D;
-    float M = kNegInf;
-    bool poisoned = false;  // a NaN score made an item's l NaN
-    for (int i = 0; i < t.n_items; ++i) {
-      const float* st = a.partial + static_cast<size_t>(t.first_item + i) * state;
-      M = fmaxf(M, st[g]);
-      poisoned = poisoned || st[G + g] != st[G + g];
-    }
-    float L = 0.f, o = 0.f;
-    if (poisoned) {
-      o = __int_as_float(0x7fc00000);  // NaN
-    } else if (M == kNegInf) {  // no live key or only -inf scores: the zero-weighted sum
-      for (int i = 0; i < t.n_items; ++i) o += a.partial[static_cast<size_t>(t.first_item + i) * state + 2 * G + e];
-    } else {
-      for (int i = 0; i < t.n_items; ++i) {
-        const float* st = a.partial + static_cast<size_t>(t.first_item + i) * state;
-        const float w = st[g] == kNegInf ? 0.f : exp2f(st[g] - M);
-        L += st[G + g] * w;
-        o += st[2 * G + e] * w;
-      }
-      o /= L;
-    }
-    store_from_f32(a.out, a.out_type, static_cast<size_t>(t.b * a.os0 + (t.h * G + g) * a.os1 + d * a.os2), o);
-  }
-}
 
 // --- prompt statistics ---------------------------------------------------------------------
 struct stats_args {
@@ -574,17 +385,6 @@ __global__ void prompt_stats_kernel(stats_args a) {
   }
 }
 
-int sm_count(int device) {
-  static int cached[64] = {};
-  if (device < 0 || device >= 64) return 80;
-  if (!cached[device]) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 80;
-    cached[device] = n;
-  }
-  return cached[device];
-}
-
 }  // namespace
 
 namespace detail {
@@ -592,86 +392,6 @@ namespace detail {
 const device_ops* cuda_ops() {
   static const cuda_device_ops ops;
   return &ops;
-}
-
-void cuda_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype kv_type,
-                 const std::vector<kv_chunk>& chunks, const std::vector<head_task>& tasks, int n_seg,
-                 const std::vector<int64_t>& deltas, float scale, const rope_spec& rope) {
-  const int D = static_cast<int>(q.shape[2]);
-  const int G = static_cast<int>(q.shape[1] / Hkv);
-  if (G * D > 8192) fail_value("CUDA decode attention supports query groups x head_dim up to 8192, got " +
-                               std::to_string(G) + " x " + std::to_string(D));
-  device_scope ds(q.device_id);
-  const cudaStream_t s = stream();
-  // chunks and their live masks
-  std::vector<dchunk> dc(chunks.size());
-  std::vector<uint8_t> masks;
-  int max_n = 1;
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    const kv_chunk& c = chunks[i];
-    dc[i] = {c.k, c.v, c.k_stride, c.v_stride, -1, c.n, c.seg, 0};
-    if (c.live) {
-      dc[i].live_off = static_cast<int32_t>(masks.size());
-      masks.insert(masks.end(), c.live, c.live + c.n);
-    }
-    max_n = std::max(max_n, static_cast<int>(c.n));
-  }
-  // split long heads into items so every SM has work; merge afterwards
-  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
-  const int64_t want_items = std::max<int64_t>(n_tasks, 4 * sm_count(q.device_id));
-  std::vector<ditem> items;
-  std::vector<dtask> dt(tasks.size());
-  for (int64_t ti = 0; ti < n_tasks; ++ti) {
-    const head_task& t = tasks[ti];
-    const int64_t nc = t.c1 - t.c0;
-    int64_t splits = (want_items + n_tasks - 1) / n_tasks;
-    splits = std::max<int64_t>(1, std::min<int64_t>(splits, nc / 4));
-    dt[ti] = {t.b, t.h, static_cast<int32_t>(items.size()), static_cast<int32_t>(splits)};
-    for (int64_t sp = 0; sp < splits; ++sp)
-      items.push_back({static_cast<int32_t>(ti), static_cast<int32_t>(t.c0 + nc * sp / splits),
-                       static_cast<int32_t>(t.c0 + nc * (sp + 1) / splits), 0});
-  }
-  if (items.empty()) return;
-  std::vector<float> inv(rope.inv_freq, rope.inv_freq + rope.n_freq);
-  decode_args a{};
-  a.q = q.data;
-  a.qs0 = q.strides[0];
-  a.qs1 = q.strides[1];
-  a.qs2 = q.strides[2];
-  a.q_type = q.type;
-  a.kv_type = kv_type;
-  a.out = out.data;
-  a.os0 = out.strides[0];
-  a.os1 = out.strides[1];
-  a.os2 = out.strides[2];
-  a.out_type = out.type;
-  a.chunks = upload_vec(dc, q.device_id, s);
-  a.items = upload_vec(items, q.device_id, s);
-  a.tasks = upload_vec(dt, q.device_id, s);
-  a.masks = masks.empty() ? nullptr : upload_vec(masks, q.device_id, s);
-  a.deltas = deltas.empty() ? nullptr : upload_vec(deltas, q.device_id, s);
-  a.n_seg = n_seg;
-  a.inv_freq = inv.empty() ? nullptr : upload_vec(inv, q.device_id, s);
-  a.n_freq = rope.n_freq;
-  a.G = G;
-  a.D = D;
-  a.max_n = max_n;
-  a.qscale = (scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(D))) * 1.4426950408889634f;
-  float* partial = nullptr;
-  KV_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&partial), items.size() * static_cast<size_t>(G * (D + 2)) * sizeof(float), s));
-  a.partial = partial;
-  const size_t shared = sizeof(float) * (static_cast<size_t>(3 * G * D) + 3 * G + static_cast<size_t>(G) * max_n);
-  if (shared > 48 * 1024)
-    KV_CUDA(cudaFuncSetAttribute(decode_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-  KVLOOM_LAUNCH(decode_split_kernel, static_cast<unsigned>(items.size()), 128, shared, s)(a);
-  KV_CUDA(cudaGetLastError());
-  KVLOOM_LAUNCH(decode_merge_kernel, static_cast<unsigned>(dt.size()), 128, 0, s)(a);
-  KV_CUDA(cudaGetLastError());
-  for (const void* p : {static_cast<const void*>(a.chunks), static_cast<const void*>(a.items),
-                        static_cast<const void*>(a.tasks), static_cast<const void*>(a.masks),
-                        static_cast<const void*>(a.deltas), static_cast<const void*>(a.inv_freq),
-                        static_cast<const void*>(partial)})
-    release(const_cast<void*>(p), s);
 }
 
 void cuda_prompt_stats(const tensor_view& q, int64_t G, dtype kv_type, int64_t D, const std::vector<stat_head>& heads,

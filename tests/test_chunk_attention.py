@@ -1,6 +1,7 @@
-"""Chunk attention over the cache (C++) against a float64 reference: a chunk of query tokens
-over each head's live keys plus the chunk itself, causal by token position whatever was
-evicted, with transformers' padding mask, GQA/MQA, forks and both kernel paths."""
+"""Chunk attention over the cache (C++, and the gathering path long chunks take on CUDA caches)
+against a float64 reference: a chunk of query tokens over each head's live keys plus the chunk
+itself, causal by token position whatever was evicted, with transformers' padding mask,
+GQA/MQA, forks and every kernel path."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -39,8 +40,9 @@ def reference(cache, layer, q, seqs, mask, scale):
        past=st.integers(0, 70), Tq=st.integers(1, 40), B=st.integers(1, 3), block=st.sampled_from([4, 16]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        evict=st.floats(0, 0.6), fork=st.booleans(), masked=st.sampled_from([None, "bool", "float"]),
-       seed=st.integers(0, 10_000))
-def test_chunk_attention_matches_reference(isa, heads, D, past, Tq, B, block, dtype, evict, fork, masked, seed):
+       path=st.sampled_from(["kernel", "kernel", "gather"]), seed=st.integers(0, 10_000))
+def test_chunk_attention_matches_reference(isa, heads, D, past, Tq, B, block, dtype, evict, fork, masked, path, seed):
+    """path "gather": the gathering path long chunks on CUDA caches take, run here on the CPU."""
     Hq, Hkv = heads
     g = torch.Generator().manual_seed(seed)
     cache = kvloom.KVCache(1, Hkv, D, dtype=dtype, block_size=block)
@@ -66,7 +68,10 @@ def test_chunk_attention_matches_reference(isa, heads, D, past, Tq, B, block, dt
         vis = torch.rand(B, Tq, K, generator=g) > 0.2  # padding-like holes, plus causality on top
         mask = vis if masked == "bool" else torch.zeros(B, Tq, K).masked_fill(~vis, torch.finfo(torch.float32).min)
     scale = D ** -0.5
-    got = cache.chunk_attention(0, q, seqs, mask=mask, scale=scale)
+    if path == "kernel":
+        got = cache.chunk_attention(0, q, seqs, mask=mask, scale=scale)
+    else:
+        got = cache._chunk_by_gather(0, q, seqs, mask, scale)
     want = reference(cache, 0, q, seqs, mask, scale).to(dtype)
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
 

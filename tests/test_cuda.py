@@ -5,9 +5,11 @@ skips without a GPU (and a CUDA build of kvloom); bench/gpu_check.sh runs them o
   appends, forks with copy-on-write, rollbacks, evictions, policy runs with compaction);
 - decode attention (dense, over the cache, with segment views) equals the float64 reference
   on the same device within each dtype's tolerance;
+- chunk attention (the kernel for short chunks, the gathering path for long ones) equals the
+  CPU cache's;
 - prompt statistics on a device cache equal the CPU cache's;
 - through transformers on random-init Llama/Qwen2/Qwen3/Mistral/Gemma 3: greedy Full equals
-  DynamicCache + sdpa token for token; every policy generates and frees memory; CIFLEX side
+  DynamicCache + sdpa token for token, and so do a continued turn's logits; every policy generates and frees memory; CIFLEX side
   paths, Hogwild! and CLA run; Full's decode step issues no host synchronisation from Python.
 """
 import pytest
@@ -116,6 +118,41 @@ def test_cache_attention_with_views_matches_cpu(n, heads, dtype, seed, delta):
     torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[dtype])
 
 
+@settings(max_examples=20, deadline=None)
+@given(heads=st.sampled_from([(8, 2), (9, 3), (4, 4), (6, 1)]), past=st.integers(1, 300),
+       Tq=st.sampled_from([1, 3, 17, 40]), B=st.integers(1, 2),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), evict=st.floats(0, 0.6),
+       masked=st.sampled_from([None, "bool", "float"]), seed=st.integers(0, 1000))
+def test_chunk_attention_on_a_device_cache_equals_cpu(heads, past, Tq, B, dtype, evict, masked, seed):
+    """Short chunks run kvloom's kernel over the device tables, long ones (Tq x group above
+    KVCache.CUDA_CHUNK_KERNEL_ROWS) the gathering path: both equal the CPU cache's kernel."""
+    Hq, Hkv = heads
+    g = torch.Generator().manual_seed(seed)
+    cpu, gpu = _pair(dtype, block_size=16, n_layers=1, heads=Hkv, D=64)
+    seqs = [(cpu.add_sequence(), gpu.add_sequence()) for _ in range(B)]
+    for s, sd in seqs:
+        k, v = torch.randn(Hkv, past, 64, generator=g), torch.randn(Hkv, past, 64, generator=g)
+        cpu.append(0, s, k, v)
+        gpu.append(0, sd, k.to(DEV), v.to(DEV))
+        for h in range(Hkv):
+            drop = [int(x) for x in cpu.slots(0, h, s)[0] if torch.rand(1, generator=g).item() < evict]
+            if drop:
+                cpu.evict(0, h, s, drop)
+                gpu.evict(0, h, sd, drop)
+        k, v = torch.randn(Hkv, Tq, 64, generator=g), torch.randn(Hkv, Tq, 64, generator=g)
+        cpu.append(0, s, k, v)
+        gpu.append(0, sd, k.to(DEV), v.to(DEV))
+    q = torch.randn(B, Hq, Tq, 64, generator=g).to(dtype)
+    mask = None
+    if masked:
+        vis = torch.rand(B, Tq, past + Tq, generator=g) > 0.2
+        mask = vis if masked == "bool" else torch.zeros(B, Tq, past + Tq).masked_fill(~vis, torch.finfo(torch.float32).min)
+    want = cpu.chunk_attention(0, q, [s for s, _ in seqs], mask=mask)
+    got = gpu.chunk_attention(0, q.to(DEV), [sd for _, sd in seqs], mask=None if mask is None else mask.to(DEV))
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[dtype])
+
+
 def test_prompt_statistics_on_a_device_cache_equal_the_cpu_ones():
     from kvloom.policies.fastgen import hybrid_recovery
 
@@ -173,6 +210,28 @@ def test_full_equals_dynamic_cache_on_gpu(arch):
     cache = kvloom.Cache(model)
     assert cache.kv.device.type == "cuda"
     assert _greedy(model, cache, ids) == want
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_continued_turn_equals_dynamic_cache_on_gpu(arch):
+    """A second chunk on a non-empty cache (a continued conversation) runs kvloom's chunk
+    attention on the device: its logits equal DynamicCache + sdpa's."""
+    from transformers import DynamicCache
+
+    from kvloom.hf import cache_kwargs
+
+    model = _tiny(arch)
+    gen = torch.Generator().manual_seed(7)
+    ids, more = torch.randint(3, 250, (1, 50), generator=gen).to(DEV), torch.randint(3, 250, (1, 9), generator=gen).to(DEV)
+
+    def run(cache):
+        with torch.no_grad():
+            model(ids, **cache_kwargs(cache), use_cache=True)
+            return model(more, **cache_kwargs(cache), use_cache=True).logits
+
+    want = run(DynamicCache())
+    kvloom.enable(model)
+    torch.testing.assert_close(run(kvloom.Cache(model)), want, atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.parametrize("name", kvloom.policies.names())

@@ -235,16 +235,8 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
   }
 }
 
-// The chunks' live masks point into host metadata; on CUDA the backend uploads them.
-void run_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype kv_type,
-                const std::vector<kv_chunk>& chunks, const std::vector<head_task>& tasks, int n_seg,
-                const std::vector<int64_t>& deltas, float scale, const rope_spec& rope) {
-  if (q.device == device_kind::cpu) return run_decode_host(q, out, Hkv, kv_type, chunks, tasks, n_seg, deltas, scale, rope);
-#ifdef KVLOOM_WITH_CUDA
-  detail::cuda_decode(q, out, Hkv, kv_type, chunks, tasks, n_seg, deltas, scale, rope);
-#else
-  fail_value("a CUDA tensor reached decode attention, but this build of kvloom has no CUDA backend");
-#endif
+[[noreturn, maybe_unused]] void no_cuda() {
+  fail_value("a CUDA tensor reached attention, but this build of kvloom has no CUDA backend");
 }
 
 void check_q_out(const tensor_view& q, const tensor_view& out) {
@@ -302,6 +294,13 @@ void decode_attention_dense(const tensor_view& q, const std::vector<dense_segmen
   if (total_T > std::numeric_limits<int32_t>::max())
     fail_value("decode attention over " + std::to_string(total_T) + " keys: at most 2^31 - 1 are supported");
   if (B == 0) return;
+  if (q.device == device_kind::cuda) {
+#ifdef KVLOOM_WITH_CUDA
+    return detail::cuda_attend_dense(q, segments, out, scale, rope);
+#else
+    no_cuda();
+#endif
+  }
 
   const int n_seg = static_cast<int>(segments.size());
   std::vector<int64_t> deltas(static_cast<size_t>(B * n_seg), 0);
@@ -333,7 +332,7 @@ void decode_attention_dense(const tensor_view& q, const std::vector<dense_segmen
       t.c1 = static_cast<int64_t>(chunks.size());
       tasks.push_back(t);
     }
-  run_decode(q, out, Hkv, kv_type, chunks, tasks, n_seg, deltas, scale, rope);
+  run_decode_host(q, out, Hkv, kv_type, chunks, tasks, n_seg, deltas, scale, rope);
 }
 
 void decode_attention_quantized(const tensor_view& q, const tensor_view& blocks, int64_t T, const quant_layout& L,
@@ -397,6 +396,13 @@ void decode_attention_cache(const cache& c, int layer, const std::vector<std::ve
     }
   }
   if (B == 0) return;
+  if (q.device == device_kind::cuda) {
+#ifdef KVLOOM_WITH_CUDA
+    return detail::cuda_attend_cache(c, layer, views, q, out, scale, rope);
+#else
+    no_cuda();
+#endif
+  }
   std::vector<int64_t> deltas(static_cast<size_t>(B * n_seg), 0);
   std::vector<kv_chunk> chunks;
   std::vector<head_task> tasks;
@@ -431,7 +437,7 @@ void decode_attention_cache(const cache& c, int layer, const std::vector<std::ve
       tasks.push_back(t);
     }
   }
-  run_decode(q, out, Hkv, c.type(), chunks, tasks, n_seg, deltas, scale, rope);
+  run_decode_host(q, out, Hkv, c.type(), chunks, tasks, n_seg, deltas, scale, rope);
 }
 
 namespace {
@@ -459,11 +465,10 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
                            const tensor_view* mask, const tensor_view& out, float scale) {
   check_rank(q, 4, "q");
   check_float(q, "q");
-  check_cpu(q, "q");
+  check_device(q, c.pool().device(), c.pool().device_id(), "q");
   check_rank(out, 4, "out");
   check_float(out, "out");
-  check_cpu(out, "out");
-  if (c.pool().device() != device_kind::cpu) fail_value("chunk attention over the cache runs on CPU caches only");
+  check_device(out, c.pool().device(), c.pool().device_id(), "out");
   const int64_t B = q.shape[0], Hq = q.shape[1], Tq = q.shape[2], D = q.shape[3];
   for (int i = 0; i < 4; ++i)
     if (out.shape[i] != q.shape[i]) fail_value("out must have the shape of q " + q.describe() + ", got " + out.describe());
@@ -484,7 +489,7 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
   float threshold = 0.f;
   if (mask) {
     check_rank(*mask, 3, "mask");
-    check_cpu(*mask, "mask");
+    check_device(*mask, c.pool().device(), c.pool().device_id(), "mask");
     if (mask->type != dtype::u8 && !dtype_is_float(mask->type)) fail_type("mask must be bool/uint8 or a float additive mask");
     if (mask->shape[0] != B || mask->shape[1] != Tq)
       fail_value("mask must be [batch=" + std::to_string(B) + ", tokens=" + std::to_string(Tq) + ", K], got " + mask->describe());
@@ -495,6 +500,13 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
     threshold = mask->type == dtype::f16 ? -32752.f : mask->type == dtype::u8 ? 0.f : -1.7e38f;
   }
   if (B == 0 || Tq == 0) return;
+  if (q.device == device_kind::cuda) {
+#ifdef KVLOOM_WITH_CUDA
+    return detail::cuda_chunk_attention(c, layer, seqs, appended, q, mask, threshold, out, scale);
+#else
+    no_cuda();
+#endif
+  }
   const int64_t G = Hq / Hkv;
   const int64_t n_tiles = (Tq + kChunkTile - 1) / kChunkTile;
   const int bs = c.block_size();

@@ -220,6 +220,8 @@ void cache::release(head_store& hs) {
   hs.cls_.clear();
   hs.n_live_ = 0;
   hs.hint_ = 0;
+  hs.touch_all();
+  hs.mirror_.reset();
 }
 
 void cache::seq_drop(int64_t seq) {
@@ -282,6 +284,7 @@ void cache::free_slot(head_store& hs, int64_t slot, std::vector<block_id>* relea
   const int bs = pool_->block_size();
   const int64_t bi = slot / bs;
   assert(hs.live_[slot]);
+  hs.touch(bi);
   hs.live_[slot] = 0;
   hs.ord_[slot] = -1;
   hs.pos_[slot] = 0;
@@ -355,6 +358,7 @@ void cache::compact(head_store& hs) {
     const char* sb = static_cast<const char*>(pool_->block_keys(hs.table_[src / bs]));
     moves.push_back({db + (dst % bs) * row, sb + (src % bs) * row});
     moves.push_back({db + pool_->value_offset() + (dst % bs) * row, sb + pool_->value_offset() + (src % bs) * row});
+    hs.touch(dst / bs);
     hs.live_[dst] = 1;
     hs.ord_[dst] = hs.ord_[src];
     hs.pos_[dst] = hs.pos_[src];
@@ -509,8 +513,12 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
       cow.push_back({pool_->block_keys(nb), pool_->block_keys(hs.table_[bi])});
       released.push_back(hs.table_[bi]);
       hs.table_[bi] = nb;
+      hs.touch(bi);
     }
-    for (int64_t bi : p.hole_entries) hs.table_[bi] = fresh[next++];
+    for (int64_t bi : p.hole_entries) {
+      hs.table_[bi] = fresh[next++];
+      hs.touch(bi);
+    }
     if (p.new_entries > 0) {
       const size_t old = hs.table_.size();
       const size_t total = old + static_cast<size_t>(p.new_entries);
@@ -528,6 +536,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
       const int64_t bi = slot / bs, off = slot % bs;
       char* kb = static_cast<char*>(pool_->block_keys(hs.table_[bi]));
       rows.push_back({kb + off * row_bytes, kb + pool_->value_offset() + off * row_bytes, h, static_cast<int32_t>(j)});
+      hs.touch(bi);
       const int32_t ord = static_cast<int32_t>(hs.n_appended_ + j);
       hs.live_[slot] = 1;
       hs.ord_[slot] = ord;
@@ -588,6 +597,7 @@ void cache::seal_full(head_store& hs, const std::vector<uint8_t>* skip) {
     pool_->decref(hs.table_[bi]);
     hs.table_[bi] = qb;
     hs.sealed_[bi] = 1;
+    hs.touch(static_cast<int64_t>(bi));
   }
 }
 

@@ -12,12 +12,19 @@
 namespace kvloom {
 namespace detail {
 
-// Decode attention over prepared chunks, on q's CUDA device and the current stream: the
-// chunk list (with each chunk's live mask, read from host metadata) and the query rotations
-// are uploaded, the key ranges are split across thread blocks and their softmax states merged.
-void cuda_decode(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype kv_type,
-                 const std::vector<kv_chunk>& chunks, const std::vector<head_task>& tasks, int n_seg,
-                 const std::vector<int64_t>& deltas, float scale, const rope_spec& rope);
+// Decode attention of q [B, Hq, D] over views of a CUDA cache (decode_attention_cache, which
+// validated the arguments), on q's device and the current stream; reads the device mirrors of
+// the head stores' tables (uploading what changed) and never waits for the GPU.
+void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
+                       const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope);
+// Chunk attention of q [B, Hq, Tq, D] over a CUDA cache (chunk_attention_cache, validated):
+// appended[b] is row b's logical length, mask an optional [B, Tq, K] view on q's device.
+void cuda_chunk_attention(const cache& c, int layer, const std::vector<int64_t>& seqs, const std::vector<int64_t>& appended,
+                          const tensor_view& q, const tensor_view* mask, float mask_threshold, const tensor_view& out,
+                          float scale);
+// Dense decode attention on CUDA tensors (decode_attention_dense, validated).
+void cuda_attend_dense(const tensor_view& q, const std::vector<dense_segment>& segments, const tensor_view& out, float scale,
+                       const rope_spec& rope);
 
 // Prompt statistics over device keys without the T x T map. heads[i] lists its live keys in
 // ord order at keys[first_key, first_key + n_keys); query t of row b (q [B, Hq, Tq, D]) is the

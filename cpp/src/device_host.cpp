@@ -5,6 +5,7 @@
 #include <string>
 
 #include "device.h"
+#include "device_mirror.h"
 
 namespace kvloom {
 
@@ -90,6 +91,7 @@ void* current_stream() { return g_stream; }
 
 #ifndef KVLOOM_WITH_CUDA
 const device_ops* cuda_ops() { return nullptr; }
+void mirror_release(mirror_state*) {}  // no mirror is ever made without CUDA
 #endif
 
 }  // namespace detail

@@ -14,12 +14,20 @@
 // its last token.
 //
 // The cache (cache.cpp, scores.cpp) maintains the invariants; kernels and plans only read.
+//
+// Every change to the table, the sealed flags or a slot's live flag or ord marks its table
+// entry with touch(entry) (release: touch_all): on a CUDA cache that is what the device mirror
+// of the store uploads before the next kernel reads it (device_mirror.h). A missed touch is a
+// stale device table; the simulated CUDA build checks every mirror after each upload.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <vector>
 
+#include "device_mirror.h"
 #include "kvloom/block_pool.h"
 
 namespace kvloom {
@@ -41,6 +49,14 @@ struct head_store {
   const std::vector<uint16_t>& block_live() const { return block_live_; }
   int64_t hint() const { return hint_; }
   const head_plan* plan() const { return plan_.get(); }
+  void touch(int64_t entry) const {
+    dirty_lo_ = std::min(dirty_lo_, entry);
+    dirty_hi_ = std::max(dirty_hi_, entry + 1);
+  }
+  void touch_all() const {
+    dirty_lo_ = 0;
+    dirty_hi_ = std::numeric_limits<int64_t>::max();
+  }
 
   std::vector<block_id> table_;          // [n_blocks], -1 = no block
   std::vector<uint8_t> sealed_;          // [n_blocks] in a quantized cache (else empty): 1 = quantized pool
@@ -54,6 +70,12 @@ struct head_store {
   int64_t n_appended_ = 0;
   int64_t hint_ = 0;  // no block before this table index has a free slot
   std::shared_ptr<const head_plan> plan_;
+  // Table entries [dirty_lo_, dirty_hi_) changed since the device mirror's last upload (empty
+  // when lo >= hi). The backend reads and clears them with the mirror, under its own lock (a
+  // decode on a const cache updates them; writers of the store hold it exclusively).
+  mutable int64_t dirty_lo_ = 0;
+  mutable int64_t dirty_hi_ = std::numeric_limits<int64_t>::max();
+  mutable detail::mirror_handle mirror_;
 };
 
 }  // namespace kvloom

@@ -193,6 +193,11 @@ inline int __float_as_int(float f) {
   std::memcpy(&i, &f, 4);
   return i;
 }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 inline float __fdividef(float a, float b) { return a / b; }
 // exp2f, fmaxf, fminf, sinf, ... are the C library's (<cmath>).
 template <class T>

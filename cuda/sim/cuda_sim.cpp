@@ -4,6 +4,7 @@
 #include "cuda_runtime.h"
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +12,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace kvsim {
@@ -38,14 +40,22 @@ class barrier {
     expected_ = n;
     arrived_ = 0;
   }
-  void arrive_and_wait() {
-    std::unique_lock<std::mutex> lk(mu_);
-    const uint64_t gen = gen_;
-    if (++arrived_ >= expected_) {
-      release_locked();
-      return;
+  // The last thread to arrive runs on_last (if any) before it releases the others.
+  template <class F = void (*)()>
+  void arrive_and_wait(F on_last = nullptr) {
+    uint64_t gen;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      gen = gen_.load(std::memory_order_relaxed);
+      if (++arrived_ >= expected_) {
+        if constexpr (!std::is_same_v<F, void (*)()>) on_last();
+        release_locked();
+        return;
+      }
     }
-    cv_.wait(lk, [&] { return gen_ != gen; });
+    // Waiting threads yield rather than sleep: a block has far more threads than the machine
+    // has cores, and a futex sleep and wake-up per thread per barrier is most of the cost.
+    while (gen_.load(std::memory_order_acquire) == gen) std::this_thread::yield();
   }
   void drop() {
     std::lock_guard<std::mutex> lk(mu_);
@@ -56,21 +66,19 @@ class barrier {
  private:
   void release_locked() {
     arrived_ = 0;
-    ++gen_;
-    cv_.notify_all();
+    gen_.fetch_add(1, std::memory_order_acq_rel);
   }
   std::mutex mu_;
-  std::condition_variable cv_;
   int expected_ = 0;
   int arrived_ = 0;
-  uint64_t gen_ = 0;
+  std::atomic<uint64_t> gen_{0};
 };
 
 struct block_team {
   int n_threads = 0;
   barrier block;                 // __syncthreads
   std::vector<barrier> warps;    // __syncwarp and shuffles, one per warp
-  std::vector<uint64_t> words;   // [n_threads] shuffle slots
+  std::vector<uint64_t> words;   // [2][n_threads] shuffle slots
   unsigned char* smem = nullptr; // dynamic shared memory
   int warp_size(int w) const { return std::min(32, n_threads - 32 * w); }
   void reset() {
@@ -222,14 +230,17 @@ void sync_warp() { team().warps[t_linear / 32].arrive_and_wait(); }
 
 int lane_id() { return t_linear % 32; }
 
+// Two slot sets used in turn: the barrier of exchange k + 1 (which every lane reaches only
+// after reading exchange k) is what keeps exchange k + 2 from overwriting slots still read.
+thread_local unsigned t_exchanges = 0;
+
 uint64_t warp_exchange(uint64_t mine, int src) {
   block_team& tm = team();
   const int w = t_linear / 32;
-  tm.words[t_linear] = mine;
+  const size_t set = (t_exchanges++ & 1) * tm.words.size() / 2;
+  tm.words[set + t_linear] = mine;
   tm.warps[w].arrive_and_wait();
-  const uint64_t got = src >= 0 && src < tm.warp_size(w) ? tm.words[w * 32 + src] : mine;
-  tm.warps[w].arrive_and_wait();  // nobody overwrites a slot before every lane has read
-  return got;
+  return src >= 0 && src < tm.warp_size(w) ? tm.words[set + w * 32 + src] : mine;
 }
 
 void* dynamic_smem() { return team().smem; }
@@ -258,27 +269,18 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, size_t smem_limit, const
   block_team tm;
   tm.n_threads = static_cast<int>(nthreads);
   tm.warps = std::vector<barrier>(static_cast<size_t>((nthreads + 31) / 32));
-  tm.words.assign(nthreads, 0);
+  tm.words.assign(2 * nthreads, 0);
   std::vector<unsigned char> smem(std::max<size_t>(smem_bytes, 16) + 16);
   tm.smem = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
   tm.reset();
   // every block ends at this barrier; its last thread resets the block's barriers for the next
-  std::mutex end_mu;
-  std::condition_variable end_cv;
-  int end_arrived = 0;
-  uint64_t end_gen = 0;
+  barrier end;
+  end.reset(tm.n_threads);
   auto end_of_block = [&] {
-    std::unique_lock<std::mutex> lk(end_mu);
-    const uint64_t gen = end_gen;
-    if (++end_arrived == tm.n_threads) {
-      end_arrived = 0;
+    end.arrive_and_wait([&] {
       tm.reset();
       std::memset(tm.smem, 0xff, smem_bytes);  // the next block finds garbage, not the last one's data
-      ++end_gen;
-      end_cv.notify_all();
-      return;
-    }
-    end_cv.wait(lk, [&] { return end_gen != gen; });
+    });
   };
   std::memset(tm.smem, 0xff, smem_bytes);
   g_workers.run(tm.n_threads, [&](int i) {
@@ -290,6 +292,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem_bytes, size_t smem_limit, const
       for (unsigned y = 0; y < grid.y; ++y)
         for (unsigned x = 0; x < grid.x; ++x) {
           t_block_idx = {x, y, z};
+          t_exchanges = 0;  // every lane of a warp starts the block on the same slot set
           body();
           tm.block.drop();  // this thread has left the block
           tm.warps[i / 32].drop();

@@ -510,19 +510,74 @@ class KVCache:
         appended to each ``seqs[b]``; query t sees the live keys up to its own position (causal
         by token index, whatever was evicted) that ``mask`` allows: an optional [B, Tq, K]
         bool/float attention mask indexed by token position (transformers' mask, without its
-        head dimension). Returns out [B, Hq, Tq, head_dim] in q's dtype (CPU caches)."""
-        from .ops import _check_scale
+        head dimension). A query that sees no key gets zeros. Returns out [B, Hq, Tq, head_dim]
+        in q's dtype.
 
-        from .ops import _check_q
+        CPU and CUDA caches run kvloom's chunk kernels, which read each head's live slots in
+        place. On CUDA a chunk with more than :attr:`CUDA_CHUNK_KERNEL_ROWS` query rows per kv
+        head (Tq x the query group) gathers each head's live keys and runs torch SDPA instead:
+        its flash kernels read the keys once for the whole chunk, where kvloom's kernel reads
+        them once per tile of 8 query rows."""
+        from .ops import _check_q, _check_scale
 
         q = as_tensor(q, "q")
         _check_q(q, rank=4)  # before the output is allocated
         if mask is not None:
             mask = as_tensor(mask, "mask")
+        seqs = _int_list(seqs, "seqs")
+        scale = 0.0 if scale is None else _check_scale(scale)
+        rows = q.shape[2] * (q.shape[1] // max(1, self.n_kv_heads))
+        if self._device.type == "cuda" and rows > self.CUDA_CHUNK_KERNEL_ROWS and q.device == self._device:
+            return self._chunk_by_gather(_int(layer, "layer"), q, seqs, mask, scale or None)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        self._c.chunk_attend(_int(layer, "layer"), q, out, _int_list(seqs, "seqs"), mask,
-                             0.0 if scale is None else _check_scale(scale))
+        use_stream(self._device)
+        self._c.chunk_attend(_int(layer, "layer"), q, out, seqs, mask, scale)
         return out
+
+    #: Query rows per kv head (chunk tokens x query group) up to which a chunk on a CUDA cache
+    #: runs kvloom's kernel; longer chunks gather and run torch SDPA (see chunk_attention).
+    #: Not tuned on a GPU yet.
+    CUDA_CHUNK_KERNEL_ROWS = 64
+
+    def _chunk_by_gather(self, layer: int, q: torch.Tensor, seqs: List[int], mask, scale):
+        """chunk_attention by gathering: each head's live keys, padded to the longest head, with
+        the same visibility (causal by ord, then the mask), through torch SDPA."""
+        B, Hq, Tq, D = q.shape
+        Hkv = self.n_kv_heads
+        if len(seqs) != B:
+            raise ValueError(f"need one sequence per batch row: {len(seqs)} for batch {B}")
+        if mask is not None and (mask.dim() != 3 or mask.shape[0] != B or mask.shape[1] != Tq):
+            raise ValueError(f"mask must be [batch={B}, tokens={Tq}, K], got {list(mask.shape)}")
+        per = [[self.gather(layer, h, s) for h in range(Hkv)] for s in seqs]
+        L = max(1, max(k.shape[0] for row in per for k, *_ in row))
+        dev = q.device
+        K = q.new_zeros(B, Hkv, L, D)
+        V = q.new_zeros(B, Hkv, L, D)
+        vis = torch.zeros(B, Hkv, Tq, L, dtype=torch.bool, device=dev)
+        for b, row in enumerate(per):
+            first = self.seq_length(seqs[b]) - Tq
+            if first < 0:
+                raise ValueError(f"the chunk's {Tq} tokens must be appended to sequence {seqs[b]} first")
+            q_ord = torch.arange(first, first + Tq, device=dev)
+            for h, (k, v, ords, _) in enumerate(row):
+                n = k.shape[0]
+                if n == 0:
+                    continue
+                K[b, h, :n] = k.to(K.dtype)
+                V[b, h, :n] = v.to(V.dtype)
+                o = ords.long().to(dev)
+                m = o[None, :] <= q_ord[:, None]
+                if mask is not None:
+                    mm = mask[b][:, o]
+                    m = m & (mm if mm.dtype == torch.bool else mm > torch.finfo(mm.dtype).min / 2 if mm.is_floating_point()
+                             else mm != 0)
+                vis[b, h, :, :n] = m
+        G = Hq // Hkv
+        vis = vis.repeat_interleave(G, dim=1)
+        empty = ~vis.any(dim=-1, keepdim=True)  # such a query gets zeros, as from the kernel
+        attn_mask = vis | (empty & (torch.arange(L, device=dev) == 0))
+        out = torch.nn.functional.scaled_dot_product_attention(q, K, V, attn_mask=attn_mask, scale=scale, enable_gqa=G > 1)
+        return out.masked_fill(empty, 0)
 
     def accumulate_attention(self, layer: int, q, seqs: Sequence[int], *, scale: Optional[float] = None) -> None:
         """Adds to each live slot of (layer, seqs[b]) the attention it receives from q[b]

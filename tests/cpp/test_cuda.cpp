@@ -5,10 +5,14 @@
 // GPU; bench/gpu_check.sh runs these under compute-sanitizer on a GPU machine).
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "cuda_info.h"
@@ -215,4 +219,230 @@ TEST(cuda_statistics_and_device_checks) {
   CHECK_THROWS(h.append(0, s, on_cuda(kv, dk.p), on_cuda(kv, dk.p), nullptr), std::invalid_argument);  // and back
   CHECK_EQ(d.seq_length(sd), int64_t(50));
   CHECK_THROWS(block_pool(dtype::f32, D, 8, 16, 0, device_kind::cuda, 99), std::invalid_argument);
+}
+
+namespace {
+
+// A host cache and a device cache driven by the same operations; attention on the device is
+// checked against the host kernels (themselves checked against the Python reference).
+struct twin {
+  int L, H, D;
+  std::shared_ptr<block_pool> hp, dp;
+  cache h, d;
+  std::vector<std::pair<int64_t, int64_t>> seqs;  // (host id, device id)
+  twin(dtype st, int n_layers, int heads, int head_dim, int bs, std::shared_ptr<const head_plan> plan)
+      : L(n_layers), H(heads), D(head_dim), hp(std::make_shared<block_pool>(st, head_dim, bs, 4096, 7)),
+        dp(std::make_shared<block_pool>(st, head_dim, bs, 4096, 7, device_kind::cuda, 0)), h(hp, n_layers, heads, plan),
+        d(dp, n_layers, heads, plan) {
+    seqs.push_back({h.seq_add(), d.seq_add()});
+  }
+};
+
+bool close_or_both_nan(float a, float b, float tol) {
+  if (a != a || b != b) return a != a && b != b;
+  return std::fabs(a - b) <= tol * (1.f + std::fabs(a));
+}
+
+// One random operation on a random sequence of both caches.
+void random_op(twin& t, kvtest::lcg& rng, int step) {
+  const size_t pick = static_cast<size_t>(step * 7919 + static_cast<int>((rng.next() + 1) * 1000)) % t.seqs.size();
+  const auto [sh, sd] = t.seqs[pick];
+  const int op = static_cast<int>((rng.next() + 1.f) * 3.f);  // 0..5
+  const int64_t len = t.h.seq_length(sh);
+  if (op <= 1 || len == 0) {
+    const int64_t n = 1 + static_cast<int64_t>((rng.next() + 1.f) * 12.f);
+    for (int l = 0; l < t.L; ++l) append_both(t.h, t.d, l, sh, sd, t.H, n, t.D, rng);
+  } else if (op == 2 && t.seqs.size() < 4) {
+    t.seqs.push_back({t.h.seq_fork(sh), t.d.seq_fork(sd)});
+  } else if (op == 3) {
+    const int64_t n = std::min<int64_t>(len, 1 + static_cast<int64_t>((rng.next() + 1.f) * 3.f));
+    t.h.seq_rollback(sh, n);
+    t.d.seq_rollback(sd, n);
+  } else if (op == 4) {
+    const int layer = step % t.L, head = step % t.H;
+    std::vector<int32_t> slots;
+    for (const auto& si : t.h.live_slots(layer, head, sh))
+      if (rng.next() > 0.4f) slots.push_back(static_cast<int32_t>(si.slot));
+    t.h.evict(layer, head, sh, slots.data(), static_cast<int64_t>(slots.size()));
+    t.d.evict(layer, head, sd, slots.data(), static_cast<int64_t>(slots.size()));
+  } else if (op == 5 && t.seqs.size() > 1) {
+    t.h.seq_drop(sh);
+    t.d.seq_drop(sd);
+    t.seqs.erase(t.seqs.begin() + static_cast<long>(pick));
+  } else {
+    for (int l = 0; l < t.L; ++l) CHECK_EQ(t.h.apply_policy(l, sh), t.d.apply_policy(l, sd));
+  }
+}
+
+// Decode attention over every sequence (row b: sequence b; odd rows also see sequence 0 as a
+// second segment rotated by a delta) on both caches; returns the worst error.
+float decode_both(twin& t, int layer, int Hq, dtype q_type, kvtest::lcg& rng, const rope_spec& rope) {
+  const int64_t B = static_cast<int64_t>(t.seqs.size());
+  std::vector<std::vector<cache_segment>> hv(B), dv(B);
+  for (int64_t b = 0; b < B; ++b) {
+    hv[b].push_back({t.seqs[b].first, 0});
+    dv[b].push_back({t.seqs[b].second, 0});
+    if (b % 2 == 1 && rope.n_freq) {
+      hv[b].push_back({t.seqs[0].first, 5 + b});
+      dv[b].push_back({t.seqs[0].second, 5 + b});
+    }
+  }
+  const size_t n = static_cast<size_t>(B * Hq * t.D), esz = dtype_size(q_type);
+  std::vector<uint8_t> q(n * esz);
+  for (size_t i = 0; i < n; ++i) store_from_f32(q.data(), q_type, i, 2.f * rng.next());
+  std::vector<float> ho(n);
+  const auto qv = kvtest::view(q.data(), q_type, {B, Hq, t.D});
+  decode_attention_cache(t.h, layer, hv, qv, kvtest::view(ho.data(), dtype::f32, {B, Hq, t.D}), 0.f, rope);
+  dbuf dq(q.data(), q.size()), dout(n * 4);
+  decode_attention_cache(t.d, layer, dv, on_cuda(qv, dq.p), on_cuda(kvtest::view(nullptr, dtype::f32, {B, Hq, t.D}), dout.p),
+                         0.f, rope);
+  const auto got = dout.host<float>();
+  float worst = 0.f;
+  for (size_t i = 0; i < n; ++i)
+    worst = std::max(worst, close_or_both_nan(ho[i], got[i], 0.f) ? 0.f : std::fabs(ho[i] - got[i]) / (1.f + std::fabs(ho[i])));
+  return worst;
+}
+
+// Chunk attention of the last Tq tokens of every sequence, with a random uint8 mask.
+float chunk_both(twin& t, int layer, int Hq, int64_t Tq, kvtest::lcg& rng) {
+  const int64_t B = static_cast<int64_t>(t.seqs.size());
+  std::vector<int64_t> hs, ds;
+  int64_t K = 1;
+  for (auto [sh, sd] : t.seqs) {
+    hs.push_back(sh);
+    ds.push_back(sd);
+    K = std::max(K, t.h.seq_length(sh));
+  }
+  const size_t n = static_cast<size_t>(B * Hq * Tq * t.D);
+  auto q = rng.vec(n);
+  std::vector<uint8_t> mask(static_cast<size_t>(B * Tq * K));
+  for (auto& m : mask) m = rng.next() > -0.6f;
+  std::vector<float> ho(n);
+  const auto qv = kvtest::view(q.data(), dtype::f32, {B, Hq, Tq, t.D});
+  const auto mv = kvtest::view(mask.data(), dtype::u8, {B, Tq, K});
+  chunk_attention_cache(t.h, layer, hs, qv, &mv, kvtest::view(ho.data(), dtype::f32, {B, Hq, Tq, t.D}), 0.f);
+  dbuf dq(q.data(), n * 4), dm(mask.data(), mask.size()), dout(n * 4);
+  const auto dmv = on_cuda(mv, dm.p);
+  chunk_attention_cache(t.d, layer, ds, on_cuda(qv, dq.p), &dmv,
+                        on_cuda(kvtest::view(nullptr, dtype::f32, {B, Hq, Tq, t.D}), dout.p), 0.f);
+  const auto got = dout.host<float>();
+  float worst = 0.f;
+  for (size_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs(ho[i] - got[i]) / (1.f + std::fabs(ho[i])));
+  return worst;
+}
+
+struct kernel_case {
+  dtype st;
+  int L, H, G, D, bs;
+  const char* plan;
+};
+
+}  // namespace
+
+// Decode and chunk attention over device caches that went through random appends, forks
+// (copy-on-write), rollbacks, evictions, policy runs (compaction) and drops: equal to the host
+// kernels after every operation, for every storage dtype and the vector (D 64/128/256) and
+// element-wise (other D) kernel shapes, query groups 1..9 (tiles of 1, 4 and 8 query rows),
+// several segments with RoPE deltas. In the simulated build every upload of a device block table
+// is also read back and compared with the host metadata.
+TEST(cuda_attention_over_random_cache_histories) {
+  if (!have_gpu()) return;
+  const kernel_case cases[] = {
+      {dtype::f32, 2, 2, 3, 64, 4, "window"},  {dtype::bf16, 1, 1, 4, 128, 16, "full"},
+      {dtype::f16, 1, 2, 1, 80, 8, "window"},  {dtype::f32, 1, 1, 9, 256, 16, "full"},
+      {dtype::bf16, 1, 2, 8, 32, 2, "window"}, {dtype::f16, 1, 1, 2, 64, 32, "full"},
+  };
+  int ci = 0;
+  for (const kernel_case& kc : cases) {
+    auto plan = std::string(kc.plan) == "window" ? make_plan("window", plan_params().set("sinks", 2).set("recent", 20))
+                                                  : make_plan("full", plan_params());
+    twin t(kc.st, kc.L, kc.H, kc.D, kc.bs, plan);
+    kvtest::lcg rng(100 + ci);
+    std::vector<float> inv(static_cast<size_t>(kc.D / 2));
+    for (int i = 0; i < kc.D / 2; ++i) inv[i] = std::pow(10000.f, -2.f * i / kc.D);
+    const rope_spec rope{inv.data(), kc.D / 2};
+    float worst_decode = 0.f, worst_chunk = 0.f;
+    for (int step = 0; step < 14; ++step) {
+      random_op(t, rng, step);
+      worst_decode = std::max(worst_decode, decode_both(t, step % kc.L, kc.H * kc.G, step % 2 ? dtype::bf16 : dtype::f32,
+                                                        rng, step % 3 ? rope : rope_spec{}));
+      int64_t shortest = INT64_MAX;
+      for (auto [sh, sd] : t.seqs) shortest = std::min(shortest, t.h.seq_length(sh));
+      if (shortest > 0) worst_chunk = std::max(worst_chunk, chunk_both(t, 0, kc.H * kc.G, std::min<int64_t>(shortest, 1 + step % 5), rng));
+      CHECK(same_contents(t.h, t.d, t.seqs[0].first, t.seqs[0].second));
+    }
+    if (!(worst_decode < 2e-5f && worst_chunk < 2e-5f))
+      std::printf("  case %d: worst decode error %g, chunk error %g\n", ci, worst_decode, worst_chunk);
+    CHECK(worst_decode < 2e-5f);
+    CHECK(worst_chunk < 2e-5f);
+    ++ci;
+  }
+}
+
+// Dense decode attention with rows the vector loads cannot take (an odd token stride) and with
+// aligned ones, several segments, and non-finite queries: equal to the host, NaN where it is NaN.
+TEST(cuda_dense_attention_strides_and_nonfinite) {
+  if (!have_gpu()) return;
+  kvtest::lcg rng(23);
+  for (int pad : {0, 1}) {
+    const int64_t B = 2, Hkv = 2, G = 4, Hq = Hkv * G, D = 64, T0 = 37, T1 = 50, S = D + pad;
+    std::vector<float> k0(static_cast<size_t>(B * Hkv * T0 * S)), v0(k0.size()), k1(static_cast<size_t>(B * Hkv * T1 * D)),
+        v1(k1.size());
+    for (auto* v : {&k0, &v0, &k1, &v1})
+      for (auto& x : *v) x = rng.next();
+    auto strided = [&](float* p, int64_t T, int64_t stride) {  // [B, Hkv, T, D], token stride `stride`
+      tensor_view t = kvtest::view(p, dtype::f32, {B, Hkv, T, D});
+      t.strides[2] = stride;
+      t.strides[1] = T * stride;
+      t.strides[0] = Hkv * T * stride;
+      return t;
+    };
+    auto q = rng.vec(static_cast<size_t>(B * Hq * D));
+    q[3] = std::numeric_limits<float>::quiet_NaN();                // row 0, head 0: NaN
+    q[static_cast<size_t>(Hq * D + 5 * D)] = std::numeric_limits<float>::infinity();  // row 1, head 5: inf
+    const int64_t delta[2] = {0, 11};
+    std::vector<float> inv(D / 2);
+    for (int i = 0; i < D / 2; ++i) inv[i] = std::pow(10000.f, -2.f * i / D);
+    const rope_spec rope{inv.data(), static_cast<int>(D / 2)};
+    std::vector<float> ho(q.size());
+    const auto qv = kvtest::view(q.data(), dtype::f32, {B, Hq, D});
+    decode_attention_dense(qv, {dense_segment{strided(k0.data(), T0, S), strided(v0.data(), T0, S), nullptr},
+                                dense_segment{strided(k1.data(), T1, D), strided(v1.data(), T1, D), delta}},
+                           kvtest::view(ho.data(), dtype::f32, {B, Hq, D}), 0.f, rope);
+    dbuf dk0(k0.data(), k0.size() * 4), dv0(v0.data(), v0.size() * 4), dk1(k1.data(), k1.size() * 4),
+        dv1(v1.data(), v1.size() * 4), dq(q.data(), q.size() * 4), dout(q.size() * 4);
+    decode_attention_dense(on_cuda(qv, dq.p),
+                           {dense_segment{on_cuda(strided(nullptr, T0, S), dk0.p), on_cuda(strided(nullptr, T0, S), dv0.p), nullptr},
+                            dense_segment{on_cuda(strided(nullptr, T1, D), dk1.p), on_cuda(strided(nullptr, T1, D), dv1.p), delta}},
+                           on_cuda(kvtest::view(nullptr, dtype::f32, {B, Hq, D}), dout.p), 0.f, rope);
+    const auto got = dout.host<float>();
+    int bad = 0, nans = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      bad += !close_or_both_nan(ho[i], got[i], 2e-5f);
+      nans += ho[i] != ho[i];
+    }
+    CHECK_EQ(bad, 0);
+    CHECK(nans >= 2 * D);  // the NaN and inf query heads (the NaN row spans its whole output row)
+  }
+}
+
+// A head with nothing live (everything evicted) and a sequence with no tokens give zeros, on
+// the device as on the host.
+TEST(cuda_attention_over_empty_heads_gives_zeros) {
+  if (!have_gpu()) return;
+  twin t(dtype::f32, 1, 2, 64, 16, nullptr);
+  kvtest::lcg rng(3);
+  append_both(t.h, t.d, 0, t.seqs[0].first, t.seqs[0].second, 2, 20, 64, rng);
+  std::vector<int32_t> all;
+  for (const auto& si : t.h.live_slots(0, 1, t.seqs[0].first)) all.push_back(static_cast<int32_t>(si.slot));
+  t.h.evict(0, 1, t.seqs[0].first, all.data(), static_cast<int64_t>(all.size()));
+  t.d.evict(0, 1, t.seqs[0].second, all.data(), static_cast<int64_t>(all.size()));
+  t.seqs.push_back({t.h.seq_add(), t.d.seq_add()});
+  CHECK(decode_both(t, 0, 4, dtype::f32, rng, rope_spec{}) < 1e-5f);
+  std::vector<float> q(2 * 4 * 64, 0.5f), out(q.size(), 7.f);
+  dbuf dq(q.data(), q.size() * 4), dout(q.size() * 4);
+  decode_attention_cache(t.d, 0, {{{t.seqs[1].second, 0}}, {{t.seqs[1].second, 0}}},
+                         on_cuda(kvtest::view(nullptr, dtype::f32, {2, 4, 64}), dq.p),
+                         on_cuda(kvtest::view(nullptr, dtype::f32, {2, 4, 64}), dout.p), 0.f, rope_spec{});
+  for (float x : dout.host<float>()) CHECK_EQ(x, 0.f);
 }

@@ -63,7 +63,8 @@ void decode_attention_cache(const cache& c, int layer, const std::vector<std::ve
 // ord, whatever evictions left) that `mask` allows: an optional [B, Tq, K] view (K > every ord;
 // uint8/bool: nonzero = visible; float: an additive mask, visible where > half the dtype's
 // minimum) indexed by ord, i.e. transformers' attention mask. out [B, Hq, Tq, D] (any float
-// dtype and strides); a query that sees no key gets zeros. CPU caches only.
+// dtype and strides); a query that sees no key gets zeros. q, mask and out live on the cache's
+// device (CPU or CUDA).
 void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q,
                            const tensor_view* mask, const tensor_view& out, float scale);
 

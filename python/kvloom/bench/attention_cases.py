@@ -79,12 +79,9 @@ def test_quantized_attention(benchmark, case, impl):
 @pytest.mark.parametrize("impl", ["kvloom", "python", "sdpa"])
 @pytest.mark.parametrize("case", CHUNK, ids=[c["name"] for c in CHUNK])
 def test_chunk_attention(benchmark, case, impl):
-    """A chunk of Tq tokens over T cached ones: kvloom's C++ chunk attention, the Python path it
-    replaced (per-head gather, padded keys, a mask, torch SDPA), and SDPA over a dense cache."""
-    from types import SimpleNamespace
-
-    from kvloom.hf.attention import _chunk_over_cache
-
+    """A chunk of Tq tokens over T cached ones: kvloom's C++ chunk attention, the gathering path
+    (per-head gather, padded keys, a mask, torch SDPA: what long chunks on CUDA caches take), and
+    SDPA over a dense cache."""
     g = torch.Generator().manual_seed(0)
     Hq, Hkv, T, Tq, D = case["Hq"], case["Hkv"], case["T"], case["Tq"], case["D"]
     k, v = torch.randn(Hkv, T + Tq, D, generator=g), torch.randn(Hkv, T + Tq, D, generator=g)
@@ -96,8 +93,7 @@ def test_chunk_attention(benchmark, case, impl):
     if impl == "kvloom":
         fn = lambda: cache.chunk_attention(0, q, [s], scale=D ** -0.5)  # noqa: E731
     elif impl == "python":
-        fake = SimpleNamespace(kv=cache, seqs=[s])
-        fn = lambda: _chunk_over_cache(fake, 0, q, mask, T, D ** -0.5)  # noqa: E731
+        fn = lambda: cache._chunk_by_gather(0, q, [s], None, D ** -0.5)  # noqa: E731
     else:
         kd, vd = k[None], v[None]
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, kd, vd, attn_mask=mask, enable_gqa=True)  # noqa: E731

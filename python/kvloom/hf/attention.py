@@ -4,8 +4,8 @@ Decode steps (one new token per row) run kvloom's C++ kernel over the cache's he
 A prompt on an empty cache runs transformers' own SDPA path unchanged (so the ``Full``
 policy reproduces ``DynamicCache`` + sdpa); a prompt chunk on a non-empty cache (chunked
 prefill, a continued conversation) attends over the live cached tokens plus the chunk with
-kvloom's C++ chunk attention (on CUDA caches: the live keys gathered, torch SDPA). After attention, left-padding tokens are evicted and each head's policy runs:
-the new tokens attend before anything is evicted.
+kvloom's chunk attention (``KVCache.chunk_attention``). After attention, left-padding tokens
+are evicted and each head's policy runs: the new tokens attend before anything is evicted.
 """
 from __future__ import annotations
 
@@ -44,11 +44,9 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
         if out is None:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
                                             sliding_window=sliding_window, **kwargs)
-    elif cache.kv.device.type == "cpu":  # a chunk over a non-empty cache: the C++ chunk attention
+    else:  # a chunk over a non-empty cache
         mask = None if attention_mask is None else attention_mask[:, 0]
         out = cache.kv.chunk_attention(layer, query, cache.seqs, mask=mask, scale=scaling).transpose(1, 2).contiguous()
-    else:  # on CUDA: the live keys gathered per head, torch SDPA
-        out = _chunk_over_cache(cache, layer, query, attention_mask, past, scaling)
     if not cache.owns(layer):  # a CLA reader: its owner layer already did the bookkeeping
         return out, None
     if q_len > 1 and attention_mask is not None:
@@ -95,41 +93,3 @@ def _evict_invisible_new_tokens(cache, layer: int, attention_mask: torch.Tensor,
             sel = [int(sl) for sl, oo in zip(slots, o) if int(oo) in ords]
             if sel:
                 kv.evict(layer, h, s, sel)
-
-
-def _chunk_over_cache(cache, layer: int, query: torch.Tensor, attention_mask, past: int, scaling):
-    """Attention of a multi-token chunk over each head's live tokens (the chunk's own tokens
-    are already appended). Heads may hold different tokens, so keys are padded per head."""
-    B, Hq, q_len, D = query.shape
-    kv = cache.kv
-    Hkv = kv.n_kv_heads
-    G = Hq // Hkv
-    per = [[kv.gather(layer, h, s) for h in range(Hkv)] for s in cache.seqs]
-    L = max(1, max(g[0].shape[0] for row in per for g in row))
-    K = query.new_zeros(B, Hkv, L, D)
-    V = query.new_zeros(B, Hkv, L, D)
-    dev = query.device
-    mask = torch.zeros(B, Hkv, q_len, L, dtype=torch.bool, device=dev)
-    q_pos = torch.arange(past, past + q_len, device=dev)
-    for b, row in enumerate(per):
-        for h, (k, v, ords, _) in enumerate(row):
-            n = k.shape[0]
-            if n == 0:
-                continue
-            K[b, h, :n] = k.to(K.dtype)
-            V[b, h, :n] = v.to(V.dtype)
-            ords = ords.long().to(dev)
-            if attention_mask is not None:
-                m = attention_mask[b, 0][:, ords]  # HF's mask is in logical positions: column = ord
-                if m.dtype != torch.bool:
-                    m = m > torch.finfo(m.dtype).min / 2
-            else:
-                m = ords[None, :] <= q_pos[:, None]
-            mask[b, h, :, :n] = m
-    mask = mask.repeat_interleave(G, dim=1)
-    # a query that may see nothing (a left-pad query) would give NaN; its output is unused
-    empty = ~mask.any(dim=-1, keepdim=True)
-    mask = mask | (empty & (torch.arange(L, device=dev) == 0))
-    out = torch.nn.functional.scaled_dot_product_attention(query, K, V, attn_mask=mask, scale=scaling,
-                                                           enable_gqa=G > 1)
-    return out.transpose(1, 2).contiguous()
