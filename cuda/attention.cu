@@ -224,10 +224,10 @@ struct task_desc {
 
 struct attn_params {
   const void* q;  // [B, Hq, Tq, D] (decode: Tq = 1)
-  int64_t qs0, qs1, qs2, qs3;
+  int64_t qs[4];  // strides, elements
   dtype q_type;
   void* out;  // [B, Hq, Tq, D]
-  int64_t os0, os1, os2, os3;
+  int64_t os[4];
   dtype out_type;
   int G, D, Tq, n_qrows;  // n_qrows = Tq * G
   float qscale;           // scale * log2(e)
@@ -351,16 +351,16 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(attn_params p) {
     const bool real = qr < p.n_qrows;
     const int t = real ? qr / p.G : 0, g = real ? qr % p.G : 0;
     tq[j] = t;
-    const int64_t base = tk.b * p.qs0 + (static_cast<int64_t>(tk.h) * p.G + g) * p.qs1 + t * p.qs2;
+    const int64_t base = tk.b * p.qs[0] + (static_cast<int64_t>(tk.h) * p.G + g) * p.qs[1] + t * p.qs[2];
     KVLOOM_UNROLL for (int e = 0; e < E; ++e) {
       const int d = e0 + e;
       float x = 0.f;
       if (real && d < D) {
-        x = load_as_f32(p.q, p.q_type, static_cast<size_t>(base + d * p.qs3)) * p.qscale;
+        x = load_as_f32(p.q, p.q_type, static_cast<size_t>(base + d * p.qs[3])) * p.qscale;
         if (d < 2 * nf) {
           const int i = d < nf ? d : d - nf;
           const int partner = d < nf ? d + nf : d - nf;
-          const float xp = load_as_f32(p.q, p.q_type, static_cast<size_t>(base + partner * p.qs3)) * p.qscale;
+          const float xp = load_as_f32(p.q, p.q_type, static_cast<size_t>(base + partner * p.qs[3])) * p.qscale;
           const double ang = static_cast<double>(sg.delta) * static_cast<double>(p.inv_freq[i]);
           const float cs = static_cast<float>(cos(ang)), sn = static_cast<float>(sin(ang));
           x = d < nf ? x * cs - xp * sn : x * cs + xp * sn;
@@ -529,7 +529,7 @@ __global__ void merge_kernel(attn_params p) {
       o /= Lsum;
     }
     const int t = qr / p.G, g = qr % p.G;
-    const int64_t at = tk.b * p.os0 + (static_cast<int64_t>(tk.h) * p.G + g) * p.os1 + t * p.os2 + d * p.os3;
+    const int64_t at = tk.b * p.os[0] + (static_cast<int64_t>(tk.h) * p.G + g) * p.os[1] + t * p.os[2] + d * p.os[3];
     store_from_f32(p.out, p.out_type, static_cast<size_t>(at), o);
   }
 }
@@ -690,17 +690,13 @@ void launch(const tensor_view& q4, const tensor_view& out4, int G, dtype kv_type
     {
       attn_params p{};
       p.q = q4.data;
-      p.qs0 = q4.strides[0];
-      p.qs1 = q4.strides[1];
-      p.qs2 = q4.strides[2];
-      p.qs3 = q4.strides[3];
       p.q_type = q4.type;
       p.out = out4.data;
-      p.os0 = out4.strides[0];
-      p.os1 = out4.strides[1];
-      p.os2 = out4.strides[2];
-      p.os3 = out4.strides[3];
       p.out_type = out4.type;
+      for (int i = 0; i < 4; ++i) {
+        p.qs[i] = q4.strides[i];
+        p.os[i] = out4.strides[i];
+      }
       p.G = G;
       p.D = D;
       p.Tq = Tq;
