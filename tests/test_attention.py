@@ -11,7 +11,7 @@ from conftest import TOL
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (q heads, kv heads): MHA, GQA ratios 2, 3, 4, 7, 8 (odd ones: 9 -> 3, 14 -> 2), MQA 9 -> 1, 32 -> 1
 HEADS = [(2, 2), (4, 4), (4, 2), (9, 3), (14, 2), (8, 2), (16, 2), (9, 1), (32, 1)]
-HEAD_DIMS = [64, 80, 128, 256]
+HEAD_DIMS = [32, 64, 80, 128, 256]
 MAX_ELEMS = 1 << 22  # bound the reference's memory: B * Hkv * T * D
 
 

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "kernels.h"
 
@@ -162,6 +163,123 @@ void softmax_rows(float* s, int G, int n, int D, float* m, float* l, float* acc)
   }
 }
 
+// The online-softmax step of softmax_rows without the accumulator: turns s [rows][n] into p,
+// updates m and l, and returns in alpha[i] the factor for row i's accumulator.
+void softmax_alpha(float* s, int rows, int n, float* m, float* l, float* alpha) {
+  for (int i = 0; i < rows; ++i) {
+    float* si = s + i * n;
+    __m512 vmx = _mm512_set1_ps(kNinf);
+    int t = 0;
+    for (; t + 16 <= n; t += 16) vmx = _mm512_max_ps(_mm512_loadu_ps(si + t), vmx);
+    float mx = hmax(vmx);
+    for (; t < n; ++t) mx = std::fmax(mx, si[t]);
+    const float m_new = std::fmax(m[i], mx);
+    alpha[i] = 1.f;
+    if (m_new == kNinf) {  // nothing live in this row yet, or only -inf / NaN scores
+      poison_if_nan(si, n, &m[i]);
+      for (t = 0; t < n; ++t) si[t] = 0.f;
+      continue;
+    }
+    alpha[i] = exp2_neg_scalar(m[i] - m_new);
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 vsum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= n; t += 16) {
+      const __m512 p = exp2_neg(_mm512_sub_ps(_mm512_loadu_ps(si + t), vm));
+      _mm512_storeu_ps(si + t, p);
+      vsum = _mm512_add_ps(vsum, p);
+    }
+    float sum = hsum(vsum);
+    for (; t < n; ++t) {
+      si[t] = exp2_neg_scalar(si[t] - m_new);
+      sum += si[t];
+    }
+    l[i] = l[i] * alpha[i] + sum;
+    m[i] = m_new;
+  }
+}
+
+// attend_chunk for query rows [g0, g0 + GT) with D = 16 * ND over fp32 rows K, V: the queries
+// stay in registers while the keys stream by, and the accumulators while the values do, so a
+// key row costs its loads and GT * ND multiply-adds each way (GT * ND <= 16: the queries or
+// the accumulators and one row fit the 32 vector registers). Small query groups (SmolLM2's 3
+// per kv head) were bound by reloading and storing them for every row.
+template <int GT, int ND>
+void attend_tile(const float* q, int g0, const float* K, int64_t ks, const float* V, int64_t vs, const uint8_t* live, int n,
+                 float* m, float* l, float* acc, float* s, float* park) {
+  constexpr int D = 16 * ND;
+  __m512 Q[GT][ND];
+  for (int i = 0; i < GT; ++i)
+    for (int c = 0; c < ND; ++c) Q[i][c] = _mm512_loadu_ps(q + (g0 + i) * D + 16 * c);
+  for (int t0 = 0; t0 < n; t0 += 16) {
+    const int rows = std::min(16, n - t0);
+    for (int j = 0; j < rows; ++j) {
+      const int t = t0 + j;
+      if (live && !live[t]) {
+        for (int i = 0; i < GT; ++i) _mm512_storeu_ps(park + i * 256 + 16 * j, _mm512_setzero_ps());
+        continue;
+      }
+      const float* kt = K + t * ks;
+      __m512 k[ND];
+      for (int c = 0; c < ND; ++c) k[c] = _mm512_loadu_ps(kt + 16 * c);
+      for (int i = 0; i < GT; ++i) {
+        __m512 a = _mm512_mul_ps(Q[i][0], k[0]);
+        for (int c = 1; c < ND; ++c) a = _mm512_fmadd_ps(Q[i][c], k[c], a);
+        _mm512_storeu_ps(park + i * 256 + 16 * j, a);
+      }
+    }
+    for (int i = 0; i < GT; ++i) {
+      for (int j = rows; j < 16; ++j) _mm512_storeu_ps(park + i * 256 + 16 * j, _mm512_setzero_ps());
+      _mm512_mask_storeu_ps(s + i * n + t0, static_cast<__mmask16>((1u << rows) - 1u), reduce16(park + i * 256));
+    }
+  }
+  if (live)
+    for (int t = 0; t < n; ++t)
+      if (!live[t])
+        for (int i = 0; i < GT; ++i) s[i * n + t] = kNinf;
+  float alpha[GT];
+  softmax_alpha(s, GT, n, m + g0, l + g0, alpha);
+  __m512 A[GT][ND];
+  for (int i = 0; i < GT; ++i) {
+    const __m512 va = _mm512_set1_ps(alpha[i]);
+    for (int c = 0; c < ND; ++c) A[i][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + (g0 + i) * D + 16 * c), va);
+  }
+  for (int t = 0; t < n; ++t) {
+    if (live && !live[t]) continue;  // dead rows are never read (p is 0 there)
+    const float* vt = V + t * vs;
+    __m512 v[ND];
+    for (int c = 0; c < ND; ++c) v[c] = _mm512_loadu_ps(vt + 16 * c);
+    for (int i = 0; i < GT; ++i) {
+      const __m512 pb = _mm512_set1_ps(s[i * n + t]);
+      for (int c = 0; c < ND; ++c) A[i][c] = _mm512_fmadd_ps(pb, v[c], A[i][c]);
+    }
+  }
+  for (int i = 0; i < GT; ++i)
+    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + (g0 + i) * D + 16 * c, A[i][c]);
+}
+
+using tile_fn = void (*)(const float*, int, const float*, int64_t, const float*, int64_t, const uint8_t*, int, float*,
+                         float*, float*, float*, float*);
+
+template <int ND, int... GT>
+tile_fn pick_tile(int gt, std::integer_sequence<int, GT...>) {
+  tile_fn f = nullptr;
+  ((gt == GT + 1 ? (f = attend_tile<GT + 1, ND>, 0) : 0), ...);
+  return f;
+}
+
+// The register-blocked tile for head dim D and a tile of gt query rows (null: none; gt is at
+// most tile_rows(D)).
+int tile_rows(int D) { return D == 32 ? 8 : D == 64 ? 4 : D == 128 ? 2 : D == 256 ? 1 : 0; }
+tile_fn tile_for(int D, int gt) {
+  switch (D) {
+    case 32: return pick_tile<2>(gt, std::make_integer_sequence<int, 8>());
+    case 64: return pick_tile<4>(gt, std::make_integer_sequence<int, 4>());
+    case 128: return pick_tile<8>(gt, std::make_integer_sequence<int, 2>());
+    case 256: return pick_tile<16>(gt, std::make_integer_sequence<int, 1>());
+  }
+  return nullptr;
+}
+
 void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype kv_type, float* m, float* l, float* acc,
                          float* scratch) {
   const int n = c.n;
@@ -187,6 +305,13 @@ void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype 
     K = kf;
     V = vf;
     ks = vs = D;
+  }
+  if (const int tr = tile_rows(D)) {  // register-blocked tiles of query rows
+    for (int g0 = 0; g0 < G; g0 += tr) {
+      const int gt = std::min(tr, G - g0);
+      tile_for(D, gt)(q, g0, K, ks, V, vs, c.live, n, m, l, acc, s, park);
+    }
+    return;
   }
   // scores, one key row at a time (streaming order), reduced 16 rows at a time
   for (int t0 = 0; t0 < n; t0 += 16) {
