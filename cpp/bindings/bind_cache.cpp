@@ -114,6 +114,14 @@ void bind_tokens(cache_class& c) {
           py::arg("layer"), py::arg("q"), py::arg("out"), py::arg("views"), py::arg("scale") = 0.f,
           py::arg("inv_freq") = py::none())
       .def(
+          "attend_accumulate",
+          [](cache& c, int layer, py::handle q, py::handle out, std::vector<int64_t> seqs, float scale) {
+            borrowed bq = from_dlpack(q, "q"), bo = from_dlpack(out, "out");
+            py::gil_scoped_release nogil;
+            decode_attention_accumulate(c, layer, seqs, bq.view, bo.view, scale);
+          },
+          py::arg("layer"), py::arg("q"), py::arg("out"), py::arg("seqs"), py::arg("scale") = 0.f)
+      .def(
           "chunk_attend",
           [](const cache& c, int layer, py::handle q, py::handle out, std::vector<int64_t> seqs, py::object mask,
              float scale) {

@@ -89,10 +89,15 @@ struct work_item {
 };
 
 // Runs decode attention over prepared chunks. q [B, Hq, D], out [B, Hq, D];
-// deltas[b * n_seg + s] is segment s's angle offset for row b.
+// deltas[b * n_seg + s] is segment s's angle offset for row b. With `scores` (one pointer per
+// chunk: the accumulated-attention slots of its block's rows), each row's final attention
+// probability, summed over its kv head's query group, is added there: the weights each chunk
+// leaves in the kernel's scratch (kernels.h) are kept with the running max they are relative
+// to, and rescaled by the final max and sum once the splits are merged.
 void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, dtype kv_type,
                      const std::vector<kv_chunk>& chunks, const std::vector<head_task>& tasks, int n_seg,
-                     const std::vector<int64_t>& deltas, float scale, const rope_spec& rope) {
+                     const std::vector<int64_t>& deltas, float scale, const rope_spec& rope,
+                     const std::vector<float*>* scores = nullptr) {
   const int64_t Hq = q.shape[1];
   const int D = static_cast<int>(q.shape[2]);
   const int G = static_cast<int>(Hq / Hkv);
@@ -122,6 +127,19 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
 
   const int64_t state = static_cast<int64_t>(G) * (D + 2);  // m[G], l[G], acc[G*D]
   std::vector<float> partial(items.size() * static_cast<size_t>(state));
+  // accumulation: chunk c's weights at weights[w_at[c] ..] ([G][n]), its running max at run_max[c * G ..]
+  std::vector<int64_t> w_at;
+  std::vector<float> weights, run_max;
+  if (scores) {
+    w_at.resize(chunks.size());
+    int64_t total = 0;
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      w_at[c] = total;
+      total += static_cast<int64_t>(G) * chunks[c].n;
+    }
+    weights.resize(static_cast<size_t>(total));
+    run_max.resize(chunks.size() * static_cast<size_t>(G));
+  }
   const int64_t qsz = static_cast<int64_t>(dtype_size(q.type));
   const int64_t kv_esz = static_cast<int64_t>(dtype_size(kv_type));
   const int64_t row_bytes = static_cast<int64_t>(D) * kv_esz;
@@ -176,13 +194,13 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
           qcur = qrot;
         }
       }
-      if (ch.quant) {  // a quantized block
-        if (c + 1 < it.c1) prefetch_chunk(chunks[c + 1], kv_esz, row_bytes);
-        ops.attend_quant(qcur, G, D, *ch.quant, ch.k, ch.live, ch.n, m, l, acc, scratch);
-        continue;
-      }
       if (c + 1 < it.c1) prefetch_chunk(chunks[c + 1], kv_esz, row_bytes);
-      ops.attend_chunk(qcur, G, D, ch, kv_type, m, l, acc, scratch);
+      if (ch.quant) ops.attend_quant(qcur, G, D, *ch.quant, ch.k, ch.live, ch.n, m, l, acc, scratch);
+      else ops.attend_chunk(qcur, G, D, ch, kv_type, m, l, acc, scratch);
+      if (scores) {
+        std::copy(scratch, scratch + static_cast<int64_t>(G) * ch.n, weights.data() + w_at[c]);
+        std::copy(m, m + G, run_max.data() + c * G);
+      }
     }
     std::copy(st, st + state, partial.data() + ii * state);
   };
@@ -195,7 +213,10 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
   // Merge the splits of each head and write out = acc / l (cheap: done by the caller).
   const int64_t osz = static_cast<int64_t>(dtype_size(out.type));
   std::vector<float> o(static_cast<size_t>(D));
+  std::vector<float> fac(static_cast<size_t>(G));
+  std::vector<std::pair<float, float>> final_stats(static_cast<size_t>(G), {-std::numeric_limits<float>::infinity(), 0.f});
   for (int64_t ti = 0; ti < n_tasks; ++ti) {
+    std::fill(final_stats.begin(), final_stats.end(), std::make_pair(-std::numeric_limits<float>::infinity(), 0.f));
     const head_task& t = tasks[ti];
     const int64_t i0 = task_first_item[ti], i1 = task_first_item[ti + 1];
     for (int g = 0; g < G; ++g) {
@@ -231,6 +252,24 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
       }
       const float inv = 1.f / L;
       for (int d = 0; d < D; ++d) store_from_f32(dst, out.type, static_cast<size_t>(d * out.strides[2]), o[d] * inv);
+      if (scores) final_stats[g] = {M, inv};
+    }
+    if (!scores) continue;
+    for (int64_t c = tasks[ti].c0; c < tasks[ti].c1; ++c) {  // probability = weight * 2^(chunk max - M) / L
+      float* f = fac.data();
+      for (int g = 0; g < G; ++g) {
+        const auto [M, inv] = final_stats[g];
+        f[g] = M == -std::numeric_limits<float>::infinity() || inv == 0.f ? 0.f : std::exp2(run_max[c * G + g] - M) * inv;
+      }
+      const int n = chunks[c].n;
+      const float* w = weights.data() + w_at[c];
+      float* dst = (*scores)[c];
+      for (int t = 0; t < n; ++t) {
+        if (chunks[c].live && !chunks[c].live[t]) continue;
+        float add = 0.f;
+        for (int g = 0; g < G; ++g) add += w[g * n + t] * f[g];
+        dst[t] += add;
+      }
     }
   }
 }
@@ -370,6 +409,51 @@ void decode_attention_quantized(const tensor_view& q, const tensor_view& blocks,
   run_decode_host(q, out, Hkv, dtype::f32, chunks, tasks, 1, {}, scale, rope_spec{});
 }
 
+namespace {
+
+// The chunks of a decode call over the cache (one per held block of each segment's head
+// store) and its tasks; with `scores`, also each chunk's accumulated-attention slots.
+void cache_chunks(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views, int n_seg,
+                  std::vector<int64_t>& deltas, std::vector<kv_chunk>& chunks, std::vector<head_task>& tasks,
+                  std::vector<float*>* scores) {
+  const int64_t B = static_cast<int64_t>(views.size()), Hkv = c.n_kv_heads(), D = c.head_dim();
+  const int bs = c.block_size();
+  const block_pool& pool = c.pool();
+  for (int64_t b = 0; b < B; ++b) {
+    for (size_t s = 0; s < views[b].size(); ++s) deltas[b * n_seg + s] = views[b][s].delta;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      head_task t{b, h, static_cast<int64_t>(chunks.size()), 0};
+      for (size_t s = 0; s < views[b].size(); ++s) {
+        const head_store& hs = c.store(layer, static_cast<int>(h), views[b][s].seq);
+        const auto& table = hs.table();
+        for (size_t bi = 0; bi < table.size(); ++bi) {
+          if (table[bi] < 0 || hs.block_live()[bi] == 0) continue;
+          kv_chunk ch;
+          if (hs.sealed(bi)) {  // a quantized block (kvloom/quant.h)
+            ch.k = c.sealed_pool()->block_keys(table[bi]);
+            ch.v = nullptr;
+            ch.quant = c.sealed_pool()->quant();
+          } else {
+            ch.k = pool.block_keys(table[bi]);
+            ch.v = pool.block_values(table[bi]);
+          }
+          ch.k_stride = ch.v_stride = D;
+          ch.live = hs.block_live()[bi] == bs ? nullptr : hs.live_data() + bi * bs;
+          ch.n = bs;
+          ch.seg = static_cast<int32_t>(s);
+          chunks.push_back(ch);
+          // (the caller holds a write scope on the sequence: its scores may change)
+          if (scores) scores->push_back(const_cast<head_store&>(hs).score_.data() + bi * bs);
+        }
+      }
+      t.c1 = static_cast<int64_t>(chunks.size());
+      tasks.push_back(t);
+    }
+  }
+}
+
+}  // namespace
+
 void decode_attention_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
                             const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope) {
   check_q_out(q, out);
@@ -406,38 +490,39 @@ void decode_attention_cache(const cache& c, int layer, const std::vector<std::ve
   std::vector<int64_t> deltas(static_cast<size_t>(B * n_seg), 0);
   std::vector<kv_chunk> chunks;
   std::vector<head_task> tasks;
-  const int bs = c.block_size();
-  const block_pool& pool = c.pool();
-  for (int64_t b = 0; b < B; ++b) {
-    for (size_t s = 0; s < views[b].size(); ++s) deltas[b * n_seg + s] = views[b][s].delta;
-    for (int64_t h = 0; h < Hkv; ++h) {
-      head_task t{b, h, static_cast<int64_t>(chunks.size()), 0};
-      for (size_t s = 0; s < views[b].size(); ++s) {
-        const head_store& hs = c.store(layer, static_cast<int>(h), views[b][s].seq);
-        const auto& table = hs.table();
-        for (size_t bi = 0; bi < table.size(); ++bi) {
-          if (table[bi] < 0 || hs.block_live()[bi] == 0) continue;
-          kv_chunk ch;
-          if (hs.sealed(bi)) {  // a quantized block (kvloom/quant.h)
-            ch.k = c.sealed_pool()->block_keys(table[bi]);
-            ch.v = nullptr;
-            ch.quant = c.sealed_pool()->quant();
-          } else {
-            ch.k = pool.block_keys(table[bi]);
-            ch.v = pool.block_values(table[bi]);
-          }
-          ch.k_stride = ch.v_stride = D;
-          ch.live = hs.block_live()[bi] == bs ? nullptr : hs.live_data() + bi * bs;
-          ch.n = bs;
-          ch.seg = static_cast<int32_t>(s);
-          chunks.push_back(ch);
-        }
-      }
-      t.c1 = static_cast<int64_t>(chunks.size());
-      tasks.push_back(t);
-    }
-  }
+  cache_chunks(c, layer, views, n_seg, deltas, chunks, tasks, nullptr);
   run_decode_host(q, out, Hkv, c.type(), chunks, tasks, n_seg, deltas, scale, rope);
+}
+
+void decode_attention_accumulate(cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q,
+                                 const tensor_view& out, float scale) {
+  check_q_out(q, out);
+  check_device(q, c.pool().device(), c.pool().device_id(), "q");
+  const int64_t B = q.shape[0], D = q.shape[2];
+  std::vector<std::vector<cache_segment>> views;
+  for (int64_t s : seqs) views.push_back({{s, 0}});
+  tensor_view q4 = q;  // [B, Hq, 1, D]: the statistics' view of the same query
+  q4.ndim = 4;
+  q4.shape[3] = D;
+  q4.strides[3] = q.strides[2];
+  q4.shape[2] = 1;
+  q4.strides[2] = D * q.strides[2];
+  if (c.pool().device() != device_kind::cpu) {  // two passes on a CUDA cache
+    decode_attention_cache(c, layer, views, q, out, scale, rope_spec{});
+    c.accumulate_attention(layer, seqs, q4, scale);
+    return;
+  }
+  cache::use_scope scope(c, seqs, true, "decode attention with accumulation");
+  const int64_t G = c.check_query_rows(layer, seqs, q4);  // distinct sequences, shapes
+  (void)G;
+  if (B == 0) return;
+  std::vector<int64_t> deltas(static_cast<size_t>(B), 0);
+  std::vector<kv_chunk> chunks;
+  std::vector<head_task> tasks;
+  std::vector<float*> scores;
+  cache_chunks(c, layer, views, 1, deltas, chunks, tasks, &scores);
+  const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(D));
+  run_decode_host(q, out, c.n_kv_heads(), c.type(), chunks, tasks, 1, deltas, sc, rope_spec{}, &scores);
 }
 
 namespace {

@@ -28,7 +28,10 @@ struct kv_chunk {
 
 struct kernel_ops {
   const char* name;
-  // scratch: at least scratch_floats(G, n, D) floats.
+  // scratch: at least scratch_floats(G, n, D) floats. On return scratch[g * n + t] (g < G,
+  // t < n) holds row t's weight for query g relative to the updated running max,
+  // exp2(score - m[g]) (0 for dead rows, and while m[g] is -inf): the fused accumulation of
+  // decode_attention_accumulate reads it (attend_quant keeps the same promise).
   void (*attend_chunk)(const float* q, int G, int D, const kv_chunk& c, dtype kv_type, float* m, float* l,
                        float* acc, float* scratch);
   // Sum of all floats in [p, p + n) (bandwidth probe).

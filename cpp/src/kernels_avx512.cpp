@@ -206,6 +206,7 @@ void softmax_alpha(float* s, int rows, int n, float* m, float* l, float* alpha) 
 template <int GT, int ND>
 void attend_tile(const float* q, int g0, const float* K, int64_t ks, const float* V, int64_t vs, const uint8_t* live, int n,
                  float* m, float* l, float* acc, float* s, float* park) {
+  // s: [GT][n], this tile's rows of the chunk's scores (then weights)
   constexpr int D = 16 * ND;
   __m512 Q[GT][ND];
   for (int i = 0; i < GT; ++i)
@@ -309,7 +310,7 @@ void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype 
   if (const int tr = tile_rows(D)) {  // register-blocked tiles of query rows
     for (int g0 = 0; g0 < G; g0 += tr) {
       const int gt = std::min(tr, G - g0);
-      tile_for(D, gt)(q, g0, K, ks, V, vs, c.live, n, m, l, acc, s, park);
+      tile_for(D, gt)(q, g0, K, ks, V, vs, c.live, n, m, l, acc, s + g0 * n, park);  // p stays in s (kernels.h)
     }
     return;
   }

@@ -39,6 +39,7 @@ void attend_chunk_generic(const float* q, int G, int D, const kv_chunk& c, dtype
       for (int t = 0; t < n; ++t)  // weight 0, but 0 * (NaN or inf) is NaN, as in p @ v
         if (!c.live || c.live[t])
           for (int d = 0; d < D; ++d) ag[d] += 0.f * load_as_f32(c.v, kv_type, static_cast<size_t>(t * c.v_stride + d));
+      for (int t = 0; t < n; ++t) sg[t] = 0.f;
       continue;
     }
     const float alpha = std::exp2(m[g] - m_new);
@@ -48,8 +49,11 @@ void attend_chunk_generic(const float* q, int G, int D, const kv_chunk& c, dtype
     }
     float sum = 0.f;
     for (int t = 0; t < n; ++t) {
-      if (c.live && !c.live[t]) continue;  // evicted rows are never read (they may hold anything)
-      const float p = std::exp2(sg[t] - m_new);
+      if (c.live && !c.live[t]) {  // evicted rows are never read (they may hold anything)
+        sg[t] = 0.f;
+        continue;
+      }
+      const float p = sg[t] = std::exp2(sg[t] - m_new);
       sum += p;
       for (int d = 0; d < D; ++d) ag[d] += p * load_as_f32(c.v, kv_type, static_cast<size_t>(t * c.v_stride + d));
     }

@@ -2,6 +2,7 @@
 // head stores: scores of the given queries against each head's live keys, softmax, and the
 // probabilities added to the slots. Plain loops: the decode-time cost is one query per row.
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <limits>
 #include <set>
@@ -365,18 +366,21 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
 }
 
 
+uint64_t kth_heaviest(std::vector<uint64_t>& keys, int64_t keep) {
+  std::nth_element(keys.begin(), keys.begin() + (keep - 1), keys.end(), std::greater<uint64_t>());
+  return keys[static_cast<size_t>(keep - 1)];
+}
+
 std::vector<char> top_by_score(const head_store& hs, const std::vector<int64_t>& slots, double ratio, int64_t n_base) {
-  std::vector<int64_t> idx(slots.size());
-  for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int64_t>(i);
-  const int64_t keep = std::min<int64_t>(static_cast<int64_t>(idx.size()),
-                                         static_cast<int64_t>(std::ceil(ratio * static_cast<double>(n_base))));
-  std::nth_element(idx.begin(), idx.begin() + keep, idx.end(), [&](int64_t a, int64_t b) {
-    const float sa = hs.score(slots[a]), sb = hs.score(slots[b]);
-    if (sa != sb) return sa > sb;
-    return hs.ord(slots[a]) < hs.ord(slots[b]);
-  });
-  std::vector<char> top(slots.size(), 0);
-  for (int64_t i = 0; i < keep; ++i) top[idx[i]] = 1;
+  const int64_t n = static_cast<int64_t>(slots.size());
+  const int64_t keep = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(ratio * static_cast<double>(n_base))));
+  std::vector<char> top(slots.size(), keep >= n ? 1 : 0);
+  if (keep <= 0 || keep >= n) return top;
+  thread_local std::vector<uint64_t> keys;
+  keys.resize(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) keys[i] = heavy_key(hs, slots[i]);
+  const uint64_t kth = kth_heaviest(keys, keep);
+  for (size_t i = 0; i < slots.size(); ++i) top[i] = heavy_key(hs, slots[i]) >= kth;
   return top;
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "head_store.h"
@@ -15,6 +16,21 @@ namespace kvloom {
 // The ceil(ratio x n_base) slots (indices into `slots`, live slots of hs) with the highest
 // score; ties keep the older token. Marks them 1 in the returned mask.
 std::vector<char> top_by_score(const head_store& hs, const std::vector<int64_t>& slots, double ratio, int64_t n_base);
+
+// A live slot's rank key for "heaviest first, the older token among equal scores": larger
+// keys rank first, and keys of distinct tokens differ (ords are unique in a head). Selecting
+// on these plain integers instead of comparing through the store is what keeps H2O's and
+// FastGen's per-step selection cheap.
+inline uint64_t heavy_key(const head_store& hs, int64_t slot) {
+  uint32_t bits;
+  const float sc = hs.score(slot);
+  std::memcpy(&bits, &sc, 4);
+  bits = (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;  // float order as unsigned order
+  return (static_cast<uint64_t>(bits) << 32) | (0xffffffffu - static_cast<uint32_t>(hs.ord(slot)));
+}
+
+// The smallest key among the `keep` largest of `keys` (0 < keep <= keys.size()); reorders keys.
+uint64_t kth_heaviest(std::vector<uint64_t>& keys, int64_t keep);
 
 // FastGen profiling: for each row b and kv head, the attention mass (averaged over the
 // queries q[b] [B, Hq, Tq, D] and each head's query group, causal) that the keys of each

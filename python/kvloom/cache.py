@@ -483,12 +483,17 @@ class KVCache:
             raise
         return k, v, ords, pos
 
-    def attend(self, layer: int, q, seqs: Sequence[View], *, scale: Optional[float] = None, inv_freq=None):
+    def attend(self, layer: int, q, seqs: Sequence[View], *, scale: Optional[float] = None, inv_freq=None,
+               accumulate: bool = False):
         """Decode attention of q [B, Hq, head_dim] over the cache at ``layer``.
 
         ``seqs[b]`` is the sequence row b attends to, or a list of segments
         ``[(seq, delta), ...]`` (Hogwild!-style views: the query is rotated by delta per
         segment, needs ``inv_freq``). Returns out [B, Hq, head_dim] in q's dtype.
+
+        ``accumulate=True`` (one distinct sequence per row, no segments) also adds to each live
+        slot the attention it receives, as :meth:`accumulate_attention` with q as one query
+        token would, in the same pass over the keys (CPU caches; two passes on CUDA).
         """
         from .ops import _check_q, _check_scale
         from ._tensors import kernel_ready
@@ -501,7 +506,13 @@ class KVCache:
             inv_freq = host(as_tensor(inv_freq, "inv_freq")).float().contiguous()
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         use_stream(self._device)
-        self._c.attend(_int(layer, "layer"), q, out, views, 0.0 if scale is None else _check_scale(scale), inv_freq)
+        scale = 0.0 if scale is None else _check_scale(scale)
+        if accumulate:
+            if not all(type(x) is int for x in views):
+                raise ValueError("attend(accumulate=True) takes one sequence per row, not segment views")
+            self._c.attend_accumulate(_int(layer, "layer"), q, out, views, scale)
+        else:
+            self._c.attend(_int(layer, "layer"), q, out, views, scale, inv_freq)
         return out
 
     def chunk_attention(self, layer: int, q, seqs: Sequence[int], *, mask=None, scale: Optional[float] = None):

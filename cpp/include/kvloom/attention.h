@@ -56,6 +56,14 @@ struct cache_segment {
 void decode_attention_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
                             const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope);
 
+// Decode attention of q [B, Hq, D] over (layer, seqs[b]) (one sequence per row, no rotation)
+// that also adds to each live slot the attention it receives, summed over its kv head's query
+// group: decode_attention_cache then cache::accumulate_attention (H2O's and FastGen's
+// statistic), in one pass over the keys on a CPU cache (two on a CUDA one). A writer on those
+// sequences; they must be distinct and non-empty.
+void decode_attention_accumulate(cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q,
+                                 const tensor_view& out, float scale);
+
 // Attention of a chunk of Tq query tokens per row over the cache (chunked prefill, a continued
 // conversation, a side path's instruction): q [B, Hq, Tq, D] for `layer`; row b reads
 // (layer, seqs[b]), whose last Tq appended tokens are the chunk itself. Query t of row b is the

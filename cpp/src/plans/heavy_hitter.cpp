@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "../scores.h"
 #include "plan_impl.h"
 
 namespace kvloom {
@@ -29,13 +30,18 @@ class heavy_hitter_plan final : public head_plan {
     for (int64_t s = 0, n = hs.n_slots(); s < n; ++s)
       if (hs.live(s) && hs.ord(s) < first_recent) old.push_back(static_cast<int32_t>(s));
     if (static_cast<int64_t>(old.size()) <= keep) return;
-    // the `keep` heaviest first (among equal scores the older token first): a partition, not a
-    // sort, so a decode step costs O(tokens) per head
-    std::nth_element(old.begin(), old.begin() + keep, old.end(), [&](int32_t a, int32_t b) {
-      if (hs.score(a) != hs.score(b)) return hs.score(a) > hs.score(b);
-      return hs.ord(a) < hs.ord(b);
-    });
-    out.insert(out.end(), old.begin() + keep, old.end());
+    // the `keep` heaviest (among equal scores the older token): a partition on integer keys,
+    // not a sort, so a decode step costs O(tokens) per head
+    if (keep <= 0) {
+      out.insert(out.end(), old.begin(), old.end());
+      return;
+    }
+    thread_local std::vector<uint64_t> keys;
+    keys.resize(old.size());
+    for (size_t i = 0; i < old.size(); ++i) keys[i] = heavy_key(hs, old[i]);
+    const uint64_t kth = kth_heaviest(keys, keep);
+    for (int32_t s : old)
+      if (heavy_key(hs, s) < kth) out.push_back(s);
   }
   give_way_key give_way(const head_store& hs, int64_t slot) const override {
     if (hs.ord(slot) >= hs.appended() - recent_) return {1, static_cast<double>(hs.ord(slot))};

@@ -34,9 +34,12 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
     past = cache.layers[layer].cumulative_length - q_len
     policy = cache.policy
     out = None
+    accumulated = False  # the policy's accumulated attention already added by the decode pass
     if q_len == 1 and past > 0:
         targets, inv_freq = cache._decode_targets(layer)  # sequences, or segment views (Hogwild!)
-        out = cache.kv.attend(layer, query[:, :, 0, :], targets, scale=scaling, inv_freq=inv_freq)  # [B, Hq, D]
+        accumulated = policy.needs_scores and inv_freq is None and cache.owns(layer)
+        out = cache.kv.attend(layer, query[:, :, 0, :], targets, scale=scaling, inv_freq=inv_freq,
+                              accumulate=accumulated)  # [B, Hq, D]
         out = out.unsqueeze(1)  # [B, 1, Hq, D]
     elif past == 0:
         if q_len > 1 and cache.layers[layer].window is None:
@@ -51,7 +54,7 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
         return out, None
     if q_len > 1 and attention_mask is not None:
         _evict_invisible_new_tokens(cache, layer, attention_mask, past, q_len)
-    if policy.needs_scores:
+    if policy.needs_scores and not accumulated:
         cache.kv.accumulate_attention(layer, query, cache.seqs, scale=scaling)
     if past == 0 and cache.layers[layer].window is None:
         policy.after_prompt(cache, layer, query, scaling)
