@@ -112,13 +112,15 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
   const int threads = inline_run ? 1 : detail::pool_threads();
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   const int64_t want_items = std::max<int64_t>(n_tasks, 8 * threads);  // many items: dynamic scheduling balances them
+  // items of about equal size whatever each head holds (per-head policies leave them ragged),
+  // at least 8 chunks each
+  const int64_t per_item = std::max<int64_t>(8, (static_cast<int64_t>(chunks.size()) + want_items - 1) / want_items);
   std::vector<work_item> items;
   std::vector<int64_t> task_first_item(static_cast<size_t>(n_tasks) + 1, 0);
   for (int64_t ti = 0; ti < n_tasks; ++ti) {
     const head_task& t = tasks[ti];
     const int64_t nc = t.c1 - t.c0;
-    int64_t splits = (want_items + n_tasks - 1) / n_tasks;
-    splits = std::max<int64_t>(1, std::min<int64_t>(splits, nc / 8));  // at least 8 chunks a split
+    const int64_t splits = std::max<int64_t>(1, (nc + per_item - 1) / per_item);
     task_first_item[ti] = static_cast<int64_t>(items.size());
     for (int64_t s = 0; s < splits; ++s)
       items.push_back({ti, t.c0 + nc * s / splits, t.c0 + nc * (s + 1) / splits});
@@ -137,7 +139,7 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
       w_at[c] = total;
       total += static_cast<int64_t>(G) * chunks[c].n;
     }
-    weights.resize(static_cast<size_t>(total));
+    weights.resize(static_cast<size_t>(total));  // (every element is written before it is read)
     run_max.resize(chunks.size() * static_cast<size_t>(G));
   }
   const int64_t qsz = static_cast<int64_t>(dtype_size(q.type));
@@ -213,10 +215,10 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
   // Merge the splits of each head and write out = acc / l (cheap: done by the caller).
   const int64_t osz = static_cast<int64_t>(dtype_size(out.type));
   std::vector<float> o(static_cast<size_t>(D));
-  std::vector<float> fac(static_cast<size_t>(G));
-  std::vector<std::pair<float, float>> final_stats(static_cast<size_t>(G), {-std::numeric_limits<float>::infinity(), 0.f});
+  // per task and query row: the final max and 1 / sum (accumulation only; -inf, 0: no weight)
+  std::vector<std::pair<float, float>> final_stats(
+      scores ? static_cast<size_t>(n_tasks * G) : 0, {-std::numeric_limits<float>::infinity(), 0.f});
   for (int64_t ti = 0; ti < n_tasks; ++ti) {
-    std::fill(final_stats.begin(), final_stats.end(), std::make_pair(-std::numeric_limits<float>::infinity(), 0.f));
     const head_task& t = tasks[ti];
     const int64_t i0 = task_first_item[ti], i1 = task_first_item[ti + 1];
     for (int g = 0; g < G; ++g) {
@@ -252,26 +254,29 @@ void run_decode_host(const tensor_view& q, const tensor_view& out, int64_t Hkv, 
       }
       const float inv = 1.f / L;
       for (int d = 0; d < D; ++d) store_from_f32(dst, out.type, static_cast<size_t>(d * out.strides[2]), o[d] * inv);
-      if (scores) final_stats[g] = {M, inv};
-    }
-    if (!scores) continue;
-    for (int64_t c = tasks[ti].c0; c < tasks[ti].c1; ++c) {  // probability = weight * 2^(chunk max - M) / L
-      float* f = fac.data();
-      for (int g = 0; g < G; ++g) {
-        const auto [M, inv] = final_stats[g];
-        f[g] = M == -std::numeric_limits<float>::infinity() || inv == 0.f ? 0.f : std::exp2(run_max[c * G + g] - M) * inv;
-      }
-      const int n = chunks[c].n;
-      const float* w = weights.data() + w_at[c];
-      float* dst = (*scores)[c];
-      for (int t = 0; t < n; ++t) {
-        if (chunks[c].live && !chunks[c].live[t]) continue;
-        float add = 0.f;
-        for (int g = 0; g < G; ++g) add += w[g * n + t] * f[g];
-        dst[t] += add;
-      }
+      if (scores) final_stats[ti * G + g] = {M, inv};
     }
   }
+  if (!scores) return;
+  // each row's probability = weight * 2^(its chunk's running max - M) / L, summed over the group
+  auto add_task = [&](int64_t ti, int) {
+    thread_local std::vector<float> add;
+    for (int64_t c = tasks[ti].c0; c < tasks[ti].c1; ++c) {
+      const int n = chunks[c].n;
+      const float* w = weights.data() + w_at[c];
+      add.assign(static_cast<size_t>(n), 0.f);
+      for (int g = 0; g < G; ++g) {
+        const auto [M, inv] = final_stats[ti * G + g];
+        if (M == -std::numeric_limits<float>::infinity() || inv == 0.f) continue;
+        const float f = std::exp2(run_max[c * G + g] - M) * inv;
+        for (int t = 0; t < n; ++t) add[t] += w[g * n + t] * f;
+      }
+      float* dst = (*scores)[c];
+      for (int t = 0; t < n; ++t)
+        if (!chunks[c].live || chunks[c].live[t]) dst[t] += add[t];
+    }
+  };
+  for (int64_t ti = 0; ti < n_tasks; ++ti) add_task(ti, 0);  // (on the workers it measured slower: their wake-up)
 }
 
 [[noreturn, maybe_unused]] void no_cuda() {
