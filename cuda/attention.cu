@@ -208,7 +208,8 @@ struct seg_desc {
   const char* v;           // dense: value row 0
   int64_t k_stride, v_stride;  // dense: bytes between rows
   int64_t n_rows;
-  int64_t delta;  // angle offset of this segment's query rotation
+  int64_t delta;     // angle offset of this segment's query rotation
+  int64_t prob_off;  // accumulation: where its rows' probabilities start in attn_params::probs
 };
 
 struct item_desc {
@@ -245,6 +246,12 @@ struct attn_params {
   dtype mask_type;
   float mask_threshold;
   float* partial;  // [n_items][GT][D + 2]: m[GT], l[GT], acc[GT][D]
+  // Accumulation (decode with the policies' statistic): the merge writes each query row's final
+  // max and 1 / sum to final_stats [n_tasks][GT][2]; a second launch of the attention kernel
+  // with probs set adds each live row's probability, summed over the tile's query rows, to
+  // probs[seg.prob_off + row] (and does nothing else).
+  float* final_stats;
+  float* probs;
 };
 
 struct f32_kv {
@@ -403,7 +410,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(attn_params p) {
       }
       if (live[i]) {
         kc[i].load(kp, e0, D);
-        vc[i].load(vp, e0, D);
+        if (!p.probs) vc[i].load(vp, e0, D);
+        else vc[i].clear();
       } else {
         kc[i].clear();
         vc[i].clear();
@@ -422,6 +430,19 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(attn_params p) {
     KVLOOM_UNROLL for (int off = L / 2; off >= 1; off >>= 1)
       KVLOOM_UNROLL for (int i = 0; i < R; ++i)
         KVLOOM_UNROLL for (int j = 0; j < GT; ++j) s[i][j] += __shfl_xor_sync(kFull, s[i][j], off);
+    if (p.probs) {  // the probabilities pass: final max and sum known, nothing accumulates
+      if (gl == 0) {
+        const float* fs = p.final_stats + static_cast<size_t>(it.task) * GT * 2;
+        KVLOOM_UNROLL for (int i = 0; i < R; ++i) {
+          if (!live[i]) continue;
+          float add = 0.f;
+          KVLOOM_UNROLL for (int j = 0; j < GT; ++j)
+            if (fs[2 * j + 1] != 0.f) add += exp2f(s[i][j] - fs[2 * j]) * fs[2 * j + 1];
+          atomicAdd(p.probs + sg.prob_off + step0 + static_cast<int64_t>(i) * W + worker, add);
+        }
+      }
+      continue;
+    }
     float vf[R][E];
     KVLOOM_UNROLL for (int i = 0; i < R; ++i) vc[i].to_float(vf[i]);
     KVLOOM_UNROLL for (int j = 0; j < GT; ++j) {
@@ -450,6 +471,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(attn_params p) {
     }
   }
 
+  if (p.probs) return;  // (the whole block: p is uniform)
   // merge the warp's lane groups (the xor partners hold the same elements of another group)
   KVLOOM_UNROLL for (int off = L; off < 32; off <<= 1)
     KVLOOM_UNROLL for (int j = 0; j < GT; ++j) {
@@ -505,7 +527,12 @@ __global__ void merge_kernel(attn_params p) {
   for (int idx = threadIdx.x; idx < GT * D; idx += blockDim.x) {
     const int j = idx / D, d = idx % D;
     const int qr = tk.tile * GT + j;
-    if (qr >= p.n_qrows) continue;
+    float* fs = p.final_stats ? p.final_stats + (static_cast<size_t>(blockIdx.x) * GT + j) * 2 : nullptr;
+    if (fs && d == 0) {  // no weight at all (1 / sum = 0) unless a finite max and a finite sum
+      fs[0] = kNegInf;
+      fs[1] = 0.f;
+    }
+    if (qr >= p.n_qrows) continue;  // (a tile's padding row)
     float M = kNegInf;
     bool poisoned = false;
     for (int i = 0; i < tk.n_items; ++i) {
@@ -514,6 +541,7 @@ __global__ void merge_kernel(attn_params p) {
       poisoned = poisoned || st[GT + j] != st[GT + j];
     }
     float o = 0.f;
+    if (fs && d == 0) fs[0] = M;
     if (poisoned) {
       o = __int_as_float(0x7fc00000);
     } else if (M == kNegInf) {
@@ -527,6 +555,7 @@ __global__ void merge_kernel(attn_params p) {
         o += st[2 * GT + j * D + d] * w;
       }
       o /= Lsum;
+      if (fs && d == 0) fs[1] = 1.f / Lsum;
     }
     const int t = qr / p.G, g = qr % p.G;
     const int64_t at = tk.b * p.os[0] + (static_cast<int64_t>(tk.h) * p.G + g) * p.os[1] + t * p.os[2] + d * p.os[3];
@@ -654,6 +683,9 @@ struct call_extras {
   std::vector<int64_t> first_ord;  // chunks: [B]
   const tensor_view* mask = nullptr;
   float mask_threshold = 0.f;
+  // accumulation: filled with every segment row's probability (summed over the query group),
+  // segment i's rows from segs[i].prob_off; the call then waits for the GPU once
+  std::vector<float>* probs = nullptr;
 };
 
 // Uploads the patches and the call's descriptors in one copy, applies the patches and runs
@@ -668,6 +700,11 @@ void launch(const tensor_view& q4, const tensor_view& out4, int G, dtype kv_type
   const int n_tiles = (n_qrows + GT - 1) / GT;
   const int64_t B = q4.shape[0], Hkv = q4.shape[1] / G;
   plan_items(cp, B, Hkv, n_tiles, q4.device_id);
+  int64_t total_rows = 0;
+  for (seg_desc& sg : cp.segs) {
+    sg.prob_off = total_rows;
+    total_rows += sg.n_rows;
+  }
   const cudaStream_t s = cu::stream();
   upload_buffer ub;
   const size_t o_patch = ms && !ms->empty() ? ub.add(ms->patches()) : 0;
@@ -679,6 +716,8 @@ void launch(const tensor_view& q4, const tensor_view& out4, int G, dtype kv_type
   const size_t o_first = ub.add(ex.first_ord);
   char* dev = static_cast<char*>(cu::upload(ub.bytes().data(), ub.bytes().size(), q4.device_id, s));
   float* partial = nullptr;
+  float* stats = nullptr;
+  float* probs = nullptr;
   try {
     if (ms && !ms->empty()) {
       KVLOOM_LAUNCH(apply_patches_kernel, static_cast<unsigned>(ms->patches().size()), 128, 0, s)(
@@ -723,23 +762,43 @@ void launch(const tensor_view& q4, const tensor_view& out4, int G, dtype kv_type
       KV_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&partial),
                               std::max<size_t>(1, cp.items.size()) * GT * (D + 2) * sizeof(float), s));
       p.partial = partial;
+      if (ex.probs) {
+        KV_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&stats), std::max<size_t>(1, cp.tasks.size()) * GT * 2 * sizeof(float), s));
+        KV_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&probs), std::max<int64_t>(1, total_rows) * sizeof(float), s));
+        KV_CUDA(cudaMemsetAsync(probs, 0, std::max<int64_t>(1, total_rows) * sizeof(float), s));
+        p.final_stats = stats;
+      }
+      const kernel_fn k = pick_kernel(kv_type, GT, shape);
+      const size_t smem = sizeof(float) * kWarps * GT * (2 + shape.L * shape.E);  // < 48 KiB
       if (!cp.items.empty()) {  // (no items: every head is empty, and the merge writes zeros)
-        const size_t smem = sizeof(float) * kWarps * GT * (2 + shape.L * shape.E);  // < 48 KiB
-        const kernel_fn k = pick_kernel(kv_type, GT, shape);
         KVLOOM_LAUNCH(k, static_cast<unsigned>(cp.items.size()), kThreads, smem, s)(p);
         KV_CUDA(cudaGetLastError());
       }
       const kernel_fn merge = pick_merge(GT);
       KVLOOM_LAUNCH(merge, static_cast<unsigned>(cp.tasks.size()), 128, 0, s)(p);
       KV_CUDA(cudaGetLastError());
+      if (ex.probs) {  // the probabilities pass over the keys, then the one wait for the GPU
+        p.probs = probs;
+        if (!cp.items.empty()) {
+          KVLOOM_LAUNCH(k, static_cast<unsigned>(cp.items.size()), kThreads, smem, s)(p);
+          KV_CUDA(cudaGetLastError());
+        }
+        ex.probs->resize(static_cast<size_t>(total_rows));
+        if (total_rows)
+          KV_CUDA(cudaMemcpyAsync(ex.probs->data(), probs, static_cast<size_t>(total_rows) * sizeof(float),
+                                  cudaMemcpyDeviceToHost, s));
+        KV_CUDA(cudaStreamSynchronize(s));
+      }
     }
   } catch (...) {
-    cu::release(partial, s);
-    cu::release(dev, s);
+    for (const void* x : {static_cast<const void*>(partial), static_cast<const void*>(stats), static_cast<const void*>(probs),
+                          static_cast<const void*>(dev)})
+      cu::release(x, s);
     throw;
   }
-  cu::release(partial, s);
-  cu::release(dev, s);
+  for (const void* x : {static_cast<const void*>(partial), static_cast<const void*>(stats), static_cast<const void*>(probs),
+                        static_cast<const void*>(dev)})
+    cu::release(x, s);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -758,7 +817,7 @@ tensor_view as_4d(const tensor_view& t) {
 }  // namespace
 
 void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
-                       const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope) {
+                       const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope, bool accumulate) {
   const block_pool& pool = c.pool();
   const int64_t B = q.shape[0], Hkv = c.n_kv_heads();
   const int G = static_cast<int>(q.shape[1] / Hkv);
@@ -783,8 +842,22 @@ void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<
   call_extras ex;
   ex.inv_freq = rope.inv_freq;
   ex.n_freq = rope.n_freq;
+  std::vector<float> probs;
+  if (accumulate) ex.probs = &probs;
   launch(as_4d(q), as_4d(out), G, pool.type(), true, cp, &ms, pool.block_size(), static_cast<int64_t>(pool.value_offset()),
          scale, ex);
+  if (!accumulate) return;
+  // each live slot's probability into its accumulated score (the caller holds a write scope on
+  // these sequences: scores are host metadata the device never mirrors)
+  size_t si = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (const cache_segment& view : views[b])
+      for (int64_t h = 0; h < Hkv; ++h, ++si) {
+        head_store& hs = const_cast<head_store&>(c.store(layer, static_cast<int>(h), view.seq));
+        const float* pr = probs.data() + cp.segs[si].prob_off;
+        for (int64_t r = 0, n = cp.segs[si].n_rows; r < n; ++r)
+          if (hs.live_[r]) hs.score_[r] += pr[r];
+      }
 }
 
 void cuda_chunk_attention(const cache& c, int layer, const std::vector<int64_t>& seqs, const std::vector<int64_t>& appended,

@@ -512,15 +512,16 @@ void decode_attention_accumulate(cache& c, int layer, const std::vector<int64_t>
   q4.strides[3] = q.strides[2];
   q4.shape[2] = 1;
   q4.strides[2] = D * q.strides[2];
-  if (c.pool().device() != device_kind::cpu) {  // two passes on a CUDA cache
-    decode_attention_cache(c, layer, views, q, out, scale, rope_spec{});
-    c.accumulate_attention(layer, seqs, q4, scale);
-    return;
-  }
   cache::use_scope scope(c, seqs, true, "decode attention with accumulation");
-  const int64_t G = c.check_query_rows(layer, seqs, q4);  // distinct sequences, shapes
-  (void)G;
+  c.check_query_rows(layer, seqs, q4);  // distinct, non-empty sequences; shapes
   if (B == 0) return;
+  if (q.device == device_kind::cuda) {
+#ifdef KVLOOM_WITH_CUDA
+    return detail::cuda_attend_cache(c, layer, views, q, out, scale, rope_spec{}, true);
+#else
+    no_cuda();
+#endif
+  }
   std::vector<int64_t> deltas(static_cast<size_t>(B), 0);
   std::vector<kv_chunk> chunks;
   std::vector<head_task> tasks;

@@ -14,9 +14,12 @@ namespace detail {
 
 // Decode attention of q [B, Hq, D] over views of a CUDA cache (decode_attention_cache, which
 // validated the arguments), on q's device and the current stream; reads the device mirrors of
-// the head stores' tables (uploading what changed) and never waits for the GPU.
+// the head stores' tables (uploading what changed) and never waits for the GPU. With
+// `accumulate` (the caller holds a write scope), each live slot's probability, summed over its
+// query group, is also added to its accumulated score: a second pass over the keys, one wait.
 void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
-                       const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope);
+                       const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope,
+                       bool accumulate = false);
 // Chunk attention of q [B, Hq, Tq, D] over a CUDA cache (chunk_attention_cache, validated):
 // appended[b] is row b's logical length, mask an optional [B, Tq, K] view on q's device.
 void cuda_chunk_attention(const cache& c, int layer, const std::vector<int64_t>& seqs, const std::vector<int64_t>& appended,

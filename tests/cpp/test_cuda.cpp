@@ -25,6 +25,9 @@ using namespace kvloom;
 
 namespace {
 
+// The larger of a running worst error and a new one; a NaN error stays (std::max would drop it).
+float worse(float worst, float err) { return err != err || worst != worst ? std::numeric_limits<float>::quiet_NaN() : std::max(worst, err); }
+
 bool have_gpu() {
   if (cuda_device_count() > 0) return true;
   std::printf("  (no CUDA device: skipped)\n");
@@ -170,7 +173,7 @@ TEST(cuda_decode_attention_matches_host) {
                          0.f, rope);
   auto got = dout.host<float>();
   float worst = 0.f;
-  for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, std::fabs(got[i] - ho[i]));
+  for (size_t i = 0; i < got.size(); ++i) worst = worse(worst, std::fabs(got[i] - ho[i]));
   CHECK(worst < 2e-4f);
   // dense: q [1, Hq, D] over k, v [1, H, T, D] in bf16
   const int64_t T = 999;
@@ -187,7 +190,7 @@ TEST(cuda_decode_attention_matches_host) {
                          on_cuda(kvtest::view(nullptr, dtype::f32, {1, Hq, D}), dd.p), 0.f, rope_spec{});
   auto gd = dd.host<float>();
   worst = 0.f;
-  for (size_t i = 0; i < gd.size(); ++i) worst = std::max(worst, std::fabs(gd[i] - hd[i]));
+  for (size_t i = 0; i < gd.size(); ++i) worst = worse(worst, std::fabs(gd[i] - hd[i]));
   CHECK(worst < 2e-4f);
 }
 
@@ -299,7 +302,7 @@ float decode_both(twin& t, int layer, int Hq, dtype q_type, kvtest::lcg& rng, co
   const auto got = dout.host<float>();
   float worst = 0.f;
   for (size_t i = 0; i < n; ++i)
-    worst = std::max(worst, close_or_both_nan(ho[i], got[i], 0.f) ? 0.f : std::fabs(ho[i] - got[i]) / (1.f + std::fabs(ho[i])));
+    worst = worse(worst, close_or_both_nan(ho[i], got[i], 0.f) ? 0.f : std::fabs(ho[i] - got[i]) / (1.f + std::fabs(ho[i])));
   return worst;
 }
 
@@ -311,7 +314,7 @@ float chunk_both(twin& t, int layer, int Hq, int64_t Tq, kvtest::lcg& rng) {
   for (auto [sh, sd] : t.seqs) {
     hs.push_back(sh);
     ds.push_back(sd);
-    K = std::max(K, t.h.seq_length(sh));
+    K = worse(K, t.h.seq_length(sh));
   }
   const size_t n = static_cast<size_t>(B * Hq * Tq * t.D);
   auto q = rng.vec(n);
@@ -327,7 +330,7 @@ float chunk_both(twin& t, int layer, int Hq, int64_t Tq, kvtest::lcg& rng) {
                         on_cuda(kvtest::view(nullptr, dtype::f32, {B, Hq, Tq, t.D}), dout.p), 0.f);
   const auto got = dout.host<float>();
   float worst = 0.f;
-  for (size_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs(ho[i] - got[i]) / (1.f + std::fabs(ho[i])));
+  for (size_t i = 0; i < n; ++i) worst = worse(worst, std::fabs(ho[i] - got[i]) / (1.f + std::fabs(ho[i])));
   return worst;
 }
 
@@ -364,11 +367,11 @@ TEST(cuda_attention_over_random_cache_histories) {
     float worst_decode = 0.f, worst_chunk = 0.f;
     for (int step = 0; step < 14; ++step) {
       random_op(t, rng, step);
-      worst_decode = std::max(worst_decode, decode_both(t, step % kc.L, kc.H * kc.G, step % 2 ? dtype::bf16 : dtype::f32,
+      worst_decode = worse(worst_decode, decode_both(t, step % kc.L, kc.H * kc.G, step % 2 ? dtype::bf16 : dtype::f32,
                                                         rng, step % 3 ? rope : rope_spec{}));
       int64_t shortest = INT64_MAX;
       for (auto [sh, sd] : t.seqs) shortest = std::min(shortest, t.h.seq_length(sh));
-      if (shortest > 0) worst_chunk = std::max(worst_chunk, chunk_both(t, 0, kc.H * kc.G, std::min<int64_t>(shortest, 1 + step % 5), rng));
+      if (shortest > 0) worst_chunk = worse(worst_chunk, chunk_both(t, 0, kc.H * kc.G, std::min<int64_t>(shortest, 1 + step % 5), rng));
       CHECK(same_contents(t.h, t.d, t.seqs[0].first, t.seqs[0].second));
     }
     if (!(worst_decode < 2e-5f && worst_chunk < 2e-5f))
@@ -445,4 +448,53 @@ TEST(cuda_attention_over_empty_heads_gives_zeros) {
                          on_cuda(kvtest::view(nullptr, dtype::f32, {2, 4, 64}), dq.p),
                          on_cuda(kvtest::view(nullptr, dtype::f32, {2, 4, 64}), dout.p), 0.f, rope_spec{});
   for (float x : dout.host<float>()) CHECK_EQ(x, 0.f);
+}
+
+// Decode attention with the policies' statistic on a device cache: the output equals the host
+// kernels' and every live slot's accumulated score the host's (a second pass over the keys on
+// the device, the probabilities added on the host), through evictions and a fork.
+TEST(cuda_decode_accumulation_matches_host) {
+  if (!have_gpu()) return;
+  for (int D : {64, 80}) {
+    twin t(dtype::f16, 1, 2, D, 8, nullptr);
+    kvtest::lcg rng(31 + D);
+    const int Hq = 6;
+    append_both(t.h, t.d, 0, t.seqs[0].first, t.seqs[0].second, 2, 70, D, rng);
+    t.seqs.push_back({t.h.seq_fork(t.seqs[0].first), t.d.seq_fork(t.seqs[0].second)});
+    float worst_out = 0.f, worst_score = 0.f;
+    for (int step = 0; step < 6; ++step) {
+      for (auto [sh, sd] : t.seqs) append_both(t.h, t.d, 0, sh, sd, 2, 1 + step % 3, D, rng);
+      if (step == 2) {
+        std::vector<int32_t> ev;
+        for (const auto& si : t.h.live_slots(0, 1, t.seqs[1].first))
+          if (si.ord % 3 == 0) ev.push_back(si.slot);
+        t.h.evict(0, 1, t.seqs[1].first, ev.data(), static_cast<int64_t>(ev.size()));
+        t.d.evict(0, 1, t.seqs[1].second, ev.data(), static_cast<int64_t>(ev.size()));
+      }
+      const int64_t B = static_cast<int64_t>(t.seqs.size());
+      auto q = rng.vec(static_cast<size_t>(B * Hq * D));
+      for (auto& x : q) x *= 3.f;
+      std::vector<float> ho(q.size());
+      const auto qv = kvtest::view(q.data(), dtype::f32, {B, Hq, D});
+      decode_attention_accumulate(t.h, 0, {t.seqs[0].first, t.seqs[1].first}, qv, kvtest::view(ho.data(), dtype::f32, {B, Hq, D}),
+                                  0.f);
+      dbuf dq(q.data(), q.size() * 4), dout(q.size() * 4);
+      decode_attention_accumulate(t.d, 0, {t.seqs[0].second, t.seqs[1].second}, on_cuda(qv, dq.p),
+                                  on_cuda(kvtest::view(nullptr, dtype::f32, {B, Hq, D}), dout.p), 0.f);
+      const auto got = dout.host<float>();
+      for (size_t i = 0; i < got.size(); ++i) worst_out = worse(worst_out, std::fabs(got[i] - ho[i]));
+    }
+    for (auto [sh, sd] : t.seqs)
+      for (int head = 0; head < 2; ++head) {
+        const auto a = t.h.live_slots(0, head, sh), b = t.d.live_slots(0, head, sd);
+        CHECK_EQ(a.size(), b.size());
+        for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+          CHECK_EQ(a[i].ord, b[i].ord);
+          worst_score = worse(worst_score, std::fabs(a[i].score - b[i].score) / (1e-3f + std::fabs(a[i].score)));
+        }
+      }
+    if (!(worst_out < 2e-5f && worst_score < 1e-4f)) std::printf("  D %d: output error %g, score error %g\n", D, worst_out, worst_score);
+    CHECK(worst_out < 2e-5f);
+    CHECK(worst_score < 1e-4f);
+  }
 }

@@ -59,7 +59,8 @@ void decode_attention_cache(const cache& c, int layer, const std::vector<std::ve
 // Decode attention of q [B, Hq, D] over (layer, seqs[b]) (one sequence per row, no rotation)
 // that also adds to each live slot the attention it receives, summed over its kv head's query
 // group: decode_attention_cache then cache::accumulate_attention (H2O's and FastGen's
-// statistic), in one pass over the keys on a CPU cache (two on a CUDA one). A writer on those
+// statistic), in one pass over the keys on a CPU cache (two on a CUDA one, and one wait for the
+// GPU: the scores are host metadata). A writer on those
 // sequences; they must be distinct and non-empty.
 void decode_attention_accumulate(cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q,
                                  const tensor_view& out, float scale);
