@@ -816,17 +816,15 @@ tensor_view as_4d(const tensor_view& t) {
 
 }  // namespace
 
-void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
-                       const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope, bool accumulate) {
-  const block_pool& pool = c.pool();
-  const int64_t B = q.shape[0], Hkv = c.n_kv_heads();
-  const int G = static_cast<int>(q.shape[1] / Hkv);
-  device_scope ds(q.device_id);
-  std::lock_guard<std::mutex> lock(g_mirror_mu);
-  mirror_sync ms(pool, q.device_id, cu::stream());
-  call_plan cp;
-  cp.segs_of.resize(static_cast<size_t>(B * Hkv));
-  for (int64_t b = 0; b < B; ++b)
+namespace {
+
+// One segment per (row, view segment, kv head), in that order, each reading its store's
+// mirror (made current first).
+void add_cache_segments(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views, mirror_sync& ms,
+                        call_plan& cp) {
+  const int64_t Hkv = c.n_kv_heads();
+  cp.segs_of.resize(views.size() * static_cast<size_t>(Hkv));
+  for (size_t b = 0; b < views.size(); ++b)
     for (const cache_segment& view : views[b])
       for (int64_t h = 0; h < Hkv; ++h) {
         const head_store& hs = c.store(layer, static_cast<int>(h), view.seq);
@@ -834,11 +832,25 @@ void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<
         seg_desc sg{};
         sg.blocks = m->blocks;
         sg.ords = m->ords;
-        sg.n_rows = static_cast<int64_t>(hs.table_.size()) * pool.block_size();
+        sg.n_rows = static_cast<int64_t>(hs.table_.size()) * c.block_size();
         sg.delta = view.delta;
         cp.segs_of[b * Hkv + h].push_back(static_cast<int32_t>(cp.segs.size()));
         cp.segs.push_back(sg);
       }
+}
+
+}  // namespace
+
+void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
+                       const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope, bool accumulate) {
+  const block_pool& pool = c.pool();
+  const int64_t Hkv = c.n_kv_heads();
+  const int G = static_cast<int>(q.shape[1] / Hkv);
+  device_scope ds(q.device_id);
+  std::lock_guard<std::mutex> lock(g_mirror_mu);
+  mirror_sync ms(pool, q.device_id, cu::stream());
+  call_plan cp;
+  add_cache_segments(c, layer, views, ms, cp);
   call_extras ex;
   ex.inv_freq = rope.inv_freq;
   ex.n_freq = rope.n_freq;
@@ -850,8 +862,8 @@ void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<
   // each live slot's probability into its accumulated score (the caller holds a write scope on
   // these sequences: scores are host metadata the device never mirrors)
   size_t si = 0;
-  for (int64_t b = 0; b < B; ++b)
-    for (const cache_segment& view : views[b])
+  for (const auto& view_b : views)
+    for (const cache_segment& view : view_b)
       for (int64_t h = 0; h < Hkv; ++h, ++si) {
         head_store& hs = const_cast<head_store&>(c.store(layer, static_cast<int>(h), view.seq));
         const float* pr = probs.data() + cp.segs[si].prob_off;
@@ -864,29 +876,21 @@ void cuda_chunk_attention(const cache& c, int layer, const std::vector<int64_t>&
                           const tensor_view& q, const tensor_view* mask, float mask_threshold, const tensor_view& out,
                           float scale) {
   const block_pool& pool = c.pool();
-  const int64_t B = q.shape[0], Hkv = c.n_kv_heads(), Tq = q.shape[2];
+  const int64_t Hkv = c.n_kv_heads(), Tq = q.shape[2];
   const int G = static_cast<int>(q.shape[1] / Hkv);
   device_scope ds(q.device_id);
   std::lock_guard<std::mutex> lock(g_mirror_mu);
   mirror_sync ms(pool, q.device_id, cu::stream());
   call_plan cp;
-  cp.segs_of.resize(static_cast<size_t>(B * Hkv));
+  std::vector<std::vector<cache_segment>> views;
   call_extras ex;
   ex.mask = mask;
   ex.mask_threshold = mask_threshold;
-  for (int64_t b = 0; b < B; ++b) {
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    views.push_back({{seqs[b], 0}});
     ex.first_ord.push_back(appended[b] - Tq);
-    for (int64_t h = 0; h < Hkv; ++h) {
-      const head_store& hs = c.store(layer, static_cast<int>(h), seqs[b]);
-      const mirror_state* m = ms.sync(hs);
-      seg_desc sg{};
-      sg.blocks = m->blocks;
-      sg.ords = m->ords;
-      sg.n_rows = static_cast<int64_t>(hs.table_.size()) * pool.block_size();
-      cp.segs_of[b * Hkv + h].push_back(static_cast<int32_t>(cp.segs.size()));
-      cp.segs.push_back(sg);
-    }
   }
+  add_cache_segments(c, layer, views, ms, cp);
   launch(q, out, G, pool.type(), true, cp, &ms, pool.block_size(), static_cast<int64_t>(pool.value_offset()), scale, ex);
 }
 

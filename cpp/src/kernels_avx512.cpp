@@ -124,46 +124,7 @@ inline void pv_row(float* acc, int G, int D, const float* p, int n, int t, const
   }
 }
 
-// Online softmax of the chunk's scores s [G][n] for every query row: updates m and l, rescales
-// acc by the change of the running max, and turns s into p.
-void softmax_rows(float* s, int G, int n, int D, float* m, float* l, float* acc) {
-  for (int g = 0; g < G; ++g) {
-    float* sg = s + g * n;
-    __m512 vmx = _mm512_set1_ps(kNinf);
-    int t = 0;
-    for (; t + 16 <= n; t += 16) vmx = _mm512_max_ps(_mm512_loadu_ps(sg + t), vmx);
-    float mx = hmax(vmx);
-    for (; t < n; ++t) mx = std::fmax(mx, sg[t]);
-    const float m_new = std::fmax(m[g], mx);
-    if (m_new == kNinf) {  // nothing live in this row yet, or only -inf / NaN scores
-      poison_if_nan(sg, n, &m[g]);
-      for (t = 0; t < n; ++t) sg[t] = 0.f;
-      continue;
-    }
-    const float alpha = exp2_neg_scalar(m[g] - m_new);
-    if (alpha != 1.f) {
-      float* ag = acc + static_cast<int64_t>(g) * D;
-      const __m512 va = _mm512_set1_ps(alpha);
-      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ag + d, _mm512_mul_ps(_mm512_loadu_ps(ag + d), va));
-    }
-    const __m512 vm = _mm512_set1_ps(m_new);
-    __m512 vsum = _mm512_setzero_ps();
-    for (t = 0; t + 16 <= n; t += 16) {
-      const __m512 p = exp2_neg(_mm512_sub_ps(_mm512_loadu_ps(sg + t), vm));
-      _mm512_storeu_ps(sg + t, p);
-      vsum = _mm512_add_ps(vsum, p);
-    }
-    float sum = hsum(vsum);
-    for (; t < n; ++t) {
-      sg[t] = exp2_neg_scalar(sg[t] - m_new);
-      sum += sg[t];
-    }
-    l[g] = l[g] * alpha + sum;
-    m[g] = m_new;
-  }
-}
-
-// The online-softmax step of softmax_rows without the accumulator: turns s [rows][n] into p,
+// The online-softmax step of a chunk without the accumulator: turns s [rows][n] into p,
 // updates m and l, and returns in alpha[i] the factor for row i's accumulator.
 void softmax_alpha(float* s, int rows, int n, float* m, float* l, float* alpha) {
   for (int i = 0; i < rows; ++i) {
@@ -195,6 +156,22 @@ void softmax_alpha(float* s, int rows, int n, float* m, float* l, float* alpha) 
     }
     l[i] = l[i] * alpha[i] + sum;
     m[i] = m_new;
+  }
+}
+
+// Online softmax of the chunk's scores s [G][n] for every query row: updates m and l, rescales
+// acc by the change of the running max, and turns s into p.
+void softmax_rows(float* s, int G, int n, int D, float* m, float* l, float* acc) {
+  float alpha[256];
+  for (int g0 = 0; g0 < G; g0 += 256) {
+    const int rows = std::min(256, G - g0);
+    softmax_alpha(s + static_cast<int64_t>(g0) * n, rows, n, m + g0, l + g0, alpha);
+    for (int i = 0; i < rows; ++i) {
+      if (alpha[i] == 1.f) continue;
+      float* ag = acc + static_cast<int64_t>(g0 + i) * D;
+      const __m512 va = _mm512_set1_ps(alpha[i]);
+      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(ag + d, _mm512_mul_ps(_mm512_loadu_ps(ag + d), va));
+    }
   }
 }
 
@@ -574,6 +551,53 @@ inline void qk_codes_park(const float* qs, int g0, int D, const uint8_t* kr, flo
   for (int i = 0; i < QT; ++i) _mm512_storeu_ps(park + (g0 + i) * 256 + 16 * j, _mm512_add_ps(a[i][0], a[i][1]));
 }
 
+// park[(g0 + i) * 256 + 16 * j] = unreduced lanes of qs[g0 + i] . codes of row t0 + j, for
+// i < GT and j < rows (dead rows: zeros), D = 16 * ND: the scaled queries stay in registers
+// over the rows, and each row's codes are widened once for the whole tile.
+template <int BITS, int GT, int ND>
+void qk_codes_rows(const float* qs, int g0, const uint8_t* base, size_t rb, const uint8_t* live, int t0, int rows,
+                   float* park) {
+  constexpr int D = 16 * ND;
+  __m512 Q[GT][ND];
+  for (int i = 0; i < GT; ++i)
+    for (int c = 0; c < ND; ++c) Q[i][c] = _mm512_loadu_ps(qs + (g0 + i) * D + 16 * c);
+  for (int j = 0; j < rows; ++j) {
+    const int t = t0 + j;
+    if (live && !live[t]) {
+      for (int i = 0; i < GT; ++i) _mm512_storeu_ps(park + (g0 + i) * 256 + 16 * j, _mm512_setzero_ps());
+      continue;
+    }
+    const uint8_t* kr = base + t * rb;
+    __m512 k[ND];
+    for (int c = 0; c < ND; ++c) k[c] = codes16_t<BITS>(kr, 16 * c);
+    for (int i = 0; i < GT; ++i) {
+      __m512 a = _mm512_mul_ps(Q[i][0], k[0]);
+      for (int c = 1; c < ND; ++c) a = _mm512_fmadd_ps(Q[i][c], k[c], a);
+      _mm512_storeu_ps(park + (g0 + i) * 256 + 16 * j, a);
+    }
+  }
+}
+
+using qk_rows_fn = void (*)(const float*, int, const uint8_t*, size_t, const uint8_t*, int, int, float*);
+
+template <int BITS, int ND, int... GT>
+qk_rows_fn pick_qk_rows(int gt, std::integer_sequence<int, GT...>) {
+  qk_rows_fn f = nullptr;
+  ((gt == GT + 1 ? (f = qk_codes_rows<BITS, GT + 1, ND>, 0) : 0), ...);
+  return f;
+}
+
+template <int BITS>
+qk_rows_fn qk_rows_for(int D, int gt) {
+  switch (D) {
+    case 32: return pick_qk_rows<BITS, 2>(gt, std::make_integer_sequence<int, 8>());
+    case 64: return pick_qk_rows<BITS, 4>(gt, std::make_integer_sequence<int, 4>());
+    case 128: return pick_qk_rows<BITS, 8>(gt, std::make_integer_sequence<int, 2>());
+    case 256: return pick_qk_rows<BITS, 16>(gt, std::make_integer_sequence<int, 1>());
+  }
+  return nullptr;
+}
+
 // acc[g][d0 .. d0 + 16 NB) += sum over live rows t of pw[(group(d) * G + g) * n + t] * code[t][d]
 // for the qt (1..4) query rows from g0: the accumulators stay in registers over the rows.
 template <int BITS, int QT, int NB>
@@ -628,19 +652,25 @@ void attend_quant_t(const float* q, int G, int D, const quant_layout& L, const v
     }
     kb[g] = hsum(b);
   }
+  const int tile = tile_rows(D);  // register-blocked query tiles where D allows (tile_for's sizes)
   for (int t0 = 0; t0 < n; t0 += 16) {
     const int rows = std::min(16, n - t0);
-    for (int j = 0; j < rows; ++j) {
-      const int t = t0 + j;
-      if (live && !live[t]) {
-        for (int g = 0; g < G; ++g) _mm512_storeu_ps(park + g * 256 + 16 * j, _mm512_setzero_ps());
-        continue;
+    if (tile) {
+      for (int g0 = 0; g0 < G; g0 += tile)
+        qk_rows_for<BITS>(D, std::min(tile, G - g0))(qs, g0, base, rb, live, t0, rows, park);
+    } else {
+      for (int j = 0; j < rows; ++j) {
+        const int t = t0 + j;
+        if (live && !live[t]) {
+          for (int g = 0; g < G; ++g) _mm512_storeu_ps(park + g * 256 + 16 * j, _mm512_setzero_ps());
+          continue;
+        }
+        const uint8_t* kr = base + t * rb;
+        int g = 0;
+        for (; g + 4 <= G; g += 4) qk_codes_park<BITS, 4>(qs, g, D, kr, park, j);
+        for (; g + 2 <= G; g += 2) qk_codes_park<BITS, 2>(qs, g, D, kr, park, j);
+        for (; g < G; ++g) qk_codes_park<BITS, 1>(qs, g, D, kr, park, j);
       }
-      const uint8_t* kr = base + t * rb;
-      int g = 0;
-      for (; g + 4 <= G; g += 4) qk_codes_park<BITS, 4>(qs, g, D, kr, park, j);
-      for (; g + 2 <= G; g += 2) qk_codes_park<BITS, 2>(qs, g, D, kr, park, j);
-      for (; g < G; ++g) qk_codes_park<BITS, 1>(qs, g, D, kr, park, j);
     }
     for (int g = 0; g < G; ++g) {
       for (int j = rows; j < 16; ++j) _mm512_storeu_ps(park + g * 256 + 16 * j, _mm512_setzero_ps());
