@@ -175,16 +175,37 @@ void softmax_rows(float* s, int G, int n, int D, float* m, float* l, float* acc)
   }
 }
 
-// attend_chunk for query rows [g0, g0 + GT) with D = 16 * ND over fp32 rows K, V: the queries
-// stay in registers while the keys stream by, and the accumulators while the values do, so a
-// key row costs its loads and GT * ND multiply-adds each way (GT * ND <= 16: the queries or
-// the accumulators and one row fit the 32 vector registers). Small query groups (SmolLM2's 3
-// per kv head) were bound by reloading and storing them for every row.
-template <int GT, int ND>
-void attend_tile(const float* q, int g0, const float* K, int64_t ks, const float* V, int64_t vs, const uint8_t* live, int n,
+// 16 elements of a key or value row in the storage dtype, widened to fp32 in registers.
+template <dtype TY>
+inline __m512 load16(const void* row, int e0) {
+  if constexpr (TY == dtype::f32) {
+    return _mm512_loadu_ps(static_cast<const float*>(row) + e0);
+  } else if constexpr (TY == dtype::f16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + e0)));
+  } else {  // bf16: the high half of an fp32
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + e0)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+}
+
+template <dtype TY>
+constexpr size_t elem_bytes() { return TY == dtype::f32 ? 4 : 2; }
+
+// attend_chunk for query rows [g0, g0 + GT) with D = 16 * ND over rows K, V stored as TY
+// (element strides ks, vs): the queries stay in registers while the keys stream by, and the
+// accumulators while the values do, so a key row costs its loads (widened to fp32 in registers
+// for half-precision storage) and GT * ND multiply-adds each way (GT * ND <= 16: the queries
+// or the accumulators and one row fit the 32 vector registers). Small query groups (SmolLM2's
+// 3 per kv head) were bound by reloading and storing them for every row, and half-precision
+// storage by widening each chunk into a float copy first.
+template <dtype TY, int GT, int ND>
+void attend_tile(const float* q, int g0, const void* K, int64_t ks, const void* V, int64_t vs, const uint8_t* live, int n,
                  float* m, float* l, float* acc, float* s, float* park) {
   // s: [GT][n], this tile's rows of the chunk's scores (then weights)
   constexpr int D = 16 * ND;
+  constexpr size_t esz = elem_bytes<TY>();
+  const char* kbase = static_cast<const char*>(K);
+  const char* vbase = static_cast<const char*>(V);
   __m512 Q[GT][ND];
   for (int i = 0; i < GT; ++i)
     for (int c = 0; c < ND; ++c) Q[i][c] = _mm512_loadu_ps(q + (g0 + i) * D + 16 * c);
@@ -196,9 +217,9 @@ void attend_tile(const float* q, int g0, const float* K, int64_t ks, const float
         for (int i = 0; i < GT; ++i) _mm512_storeu_ps(park + i * 256 + 16 * j, _mm512_setzero_ps());
         continue;
       }
-      const float* kt = K + t * ks;
+      const void* kt = kbase + static_cast<int64_t>(t) * ks * static_cast<int64_t>(esz);
       __m512 k[ND];
-      for (int c = 0; c < ND; ++c) k[c] = _mm512_loadu_ps(kt + 16 * c);
+      for (int c = 0; c < ND; ++c) k[c] = load16<TY>(kt, 16 * c);
       for (int i = 0; i < GT; ++i) {
         __m512 a = _mm512_mul_ps(Q[i][0], k[0]);
         for (int c = 1; c < ND; ++c) a = _mm512_fmadd_ps(Q[i][c], k[c], a);
@@ -223,9 +244,9 @@ void attend_tile(const float* q, int g0, const float* K, int64_t ks, const float
   }
   for (int t = 0; t < n; ++t) {
     if (live && !live[t]) continue;  // dead rows are never read (p is 0 there)
-    const float* vt = V + t * vs;
+    const void* vt = vbase + static_cast<int64_t>(t) * vs * static_cast<int64_t>(esz);
     __m512 v[ND];
-    for (int c = 0; c < ND; ++c) v[c] = _mm512_loadu_ps(vt + 16 * c);
+    for (int c = 0; c < ND; ++c) v[c] = load16<TY>(vt, 16 * c);
     for (int i = 0; i < GT; ++i) {
       const __m512 pb = _mm512_set1_ps(s[i * n + t]);
       for (int c = 0; c < ND; ++c) A[i][c] = _mm512_fmadd_ps(pb, v[c], A[i][c]);
@@ -235,27 +256,34 @@ void attend_tile(const float* q, int g0, const float* K, int64_t ks, const float
     for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + (g0 + i) * D + 16 * c, A[i][c]);
 }
 
-using tile_fn = void (*)(const float*, int, const float*, int64_t, const float*, int64_t, const uint8_t*, int, float*,
+using tile_fn = void (*)(const float*, int, const void*, int64_t, const void*, int64_t, const uint8_t*, int, float*,
                          float*, float*, float*, float*);
 
-template <int ND, int... GT>
+template <dtype TY, int ND, int... GT>
 tile_fn pick_tile(int gt, std::integer_sequence<int, GT...>) {
   tile_fn f = nullptr;
-  ((gt == GT + 1 ? (f = attend_tile<GT + 1, ND>, 0) : 0), ...);
+  ((gt == GT + 1 ? (f = attend_tile<TY, GT + 1, ND>, 0) : 0), ...);
   return f;
 }
 
 // The register-blocked tile for head dim D and a tile of gt query rows (null: none; gt is at
 // most tile_rows(D)).
 int tile_rows(int D) { return D == 32 ? 8 : D == 64 ? 4 : D == 128 ? 2 : D == 256 ? 1 : 0; }
-tile_fn tile_for(int D, int gt) {
+
+template <dtype TY>
+tile_fn tile_for_t(int D, int gt) {
   switch (D) {
-    case 32: return pick_tile<2>(gt, std::make_integer_sequence<int, 8>());
-    case 64: return pick_tile<4>(gt, std::make_integer_sequence<int, 4>());
-    case 128: return pick_tile<8>(gt, std::make_integer_sequence<int, 2>());
-    case 256: return pick_tile<16>(gt, std::make_integer_sequence<int, 1>());
+    case 32: return pick_tile<TY, 2>(gt, std::make_integer_sequence<int, 8>());
+    case 64: return pick_tile<TY, 4>(gt, std::make_integer_sequence<int, 4>());
+    case 128: return pick_tile<TY, 8>(gt, std::make_integer_sequence<int, 2>());
+    case 256: return pick_tile<TY, 16>(gt, std::make_integer_sequence<int, 1>());
   }
   return nullptr;
+}
+
+tile_fn tile_for(dtype t, int D, int gt) {
+  return t == dtype::f32 ? tile_for_t<dtype::f32>(D, gt) : t == dtype::f16 ? tile_for_t<dtype::f16>(D, gt)
+                                                                          : tile_for_t<dtype::bf16>(D, gt);
 }
 
 void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype kv_type, float* m, float* l, float* acc,
@@ -268,6 +296,13 @@ void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype 
   const float* K;
   const float* V;
   int64_t ks, vs;
+  if (const int tr = tile_rows(D)) {  // register-blocked tiles of query rows over the stored rows
+    for (int g0 = 0; g0 < G; g0 += tr) {
+      const int gt = std::min(tr, G - g0);
+      tile_for(kv_type, D, gt)(q, g0, c.k, c.k_stride, c.v, c.v_stride, c.live, n, m, l, acc, s + g0 * n, park);
+    }
+    return;  // p stays in s (kernels.h)
+  }
   const size_t esz = kv_type == dtype::f32 ? 4 : 2;
   if (kv_type == dtype::f32) {
     K = static_cast<const float*>(c.k);
@@ -283,13 +318,6 @@ void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype 
     K = kf;
     V = vf;
     ks = vs = D;
-  }
-  if (const int tr = tile_rows(D)) {  // register-blocked tiles of query rows
-    for (int g0 = 0; g0 < G; g0 += tr) {
-      const int gt = std::min(tr, G - g0);
-      tile_for(D, gt)(q, g0, K, ks, V, vs, c.live, n, m, l, acc, s + g0 * n, park);  // p stays in s (kernels.h)
-    }
-    return;
   }
   // scores, one key row at a time (streaming order), reduced 16 rows at a time
   for (int t0 = 0; t0 < n; t0 += 16) {
