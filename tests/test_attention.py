@@ -60,7 +60,7 @@ def test_odd_head_dim_uses_portable_path():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_scale_and_strided_inputs(dtype):
+def test_scale_and_strided_inputs(isa, dtype):
     # half-precision rows are widened in registers by the AVX-512 tiles: strided rows reach them as is
     gen = torch.Generator().manual_seed(2)
     q, k, v = _inputs(2, 8, 2, 300, 64, dtype, gen)

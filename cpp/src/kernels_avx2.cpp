@@ -171,6 +171,138 @@ inline void pv_tile(float* acc, int g0, int D, const float* p, int n, const floa
     for (int j = 0; j < DT; ++j) _mm256_storeu_ps(acc + static_cast<int64_t>(g0 + i) * D + 8 * (j0 + j), a[i][j]);
 }
 
+// The online-softmax step of a chunk without the accumulator: turns s [rows][n] into p,
+// updates m and l, and returns in alpha[i] the factor for row i's accumulator.
+void softmax_alpha(float* s, int rows, int n, float* m, float* l, float* alpha) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int g = 0; g < rows; ++g) {
+    float* sg = s + g * n;
+    alpha[g] = 1.f;
+    __m256 vmx = _mm256_set1_ps(ninf);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) vmx = _mm256_max_ps(_mm256_loadu_ps(sg + t), vmx);
+    float mx = hmax(vmx);
+    for (; t < n; ++t) mx = std::fmax(mx, sg[t]);
+    const float m_new = std::fmax(m[g], mx);
+    if (m_new == ninf) {  // nothing live in this row yet, or only -inf / NaN scores
+      poison_if_nan(sg, n, &m[g]);
+      for (t = 0; t < n; ++t) sg[t] = 0.f;
+      continue;
+    }
+    alpha[g] = exp2_neg_scalar(m[g] - m_new);
+    const __m256 vm = _mm256_set1_ps(m_new);
+    __m256 vsum = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= n; t += 8) {
+      const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(sg + t), vm));
+      _mm256_storeu_ps(sg + t, p);
+      vsum = _mm256_add_ps(vsum, p);
+    }
+    float sum = hsum(vsum);
+    for (; t < n; ++t) {
+      sg[t] = exp2_neg_scalar(sg[t] - m_new);
+      sum += sg[t];
+    }
+    l[g] = l[g] * alpha[g] + sum;
+    m[g] = m_new;
+  }
+}
+
+// 8 elements of a key or value row in the storage dtype, widened to fp32 in registers.
+template <dtype TY>
+inline __m256 load8(const char* row, int e0) {
+  if constexpr (TY == dtype::f32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + e0);
+  } else if constexpr (TY == dtype::f16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(row) + e0)));
+  } else {  // bf16: the high half of an fp32
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(row) + e0)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+}
+
+// attend_chunk for query rows [g0, g0 + GT) with D = 8 * ND over rows stored as TY (element
+// strides ks, vs), the AVX2 counterpart of the AVX-512 tiles: the tile's queries stay in
+// registers while the keys stream by (one vector of a key row at a time, widened as it is
+// loaded), then its accumulators while the values do. 16 registers: GT * (ND + 1) + 1 <= 16.
+template <dtype TY, int GT, int ND>
+void attend_tile(const float* q, int g0, const void* K, int64_t ks, const void* V, int64_t vs, const uint8_t* live, int n,
+                 float* m, float* l, float* acc, float* s, float* park) {
+  constexpr int D = 8 * ND;
+  constexpr int64_t esz = TY == dtype::f32 ? 4 : 2;
+  const char* kbase = static_cast<const char*>(K);
+  const char* vbase = static_cast<const char*>(V);
+  __m256 Q[GT][ND];
+  for (int i = 0; i < GT; ++i)
+    for (int c = 0; c < ND; ++c) Q[i][c] = _mm256_loadu_ps(q + (g0 + i) * D + 8 * c);
+  for (int t0 = 0; t0 < n; t0 += 8) {
+    const int rows = std::min(8, n - t0);
+    for (int j = 0; j < rows; ++j) {
+      const int t = t0 + j;
+      if (live && !live[t]) {
+        for (int i = 0; i < GT; ++i) _mm256_storeu_ps(park + i * 64 + 8 * j, _mm256_setzero_ps());
+        continue;
+      }
+      const char* kt = kbase + static_cast<int64_t>(t) * ks * esz;
+      __m256 a[GT];
+      {
+        const __m256 k0 = load8<TY>(kt, 0);
+        for (int i = 0; i < GT; ++i) a[i] = _mm256_mul_ps(Q[i][0], k0);
+      }
+      for (int c = 1; c < ND; ++c) {
+        const __m256 kc = load8<TY>(kt, 8 * c);
+        for (int i = 0; i < GT; ++i) a[i] = _mm256_fmadd_ps(Q[i][c], kc, a[i]);
+      }
+      for (int i = 0; i < GT; ++i) _mm256_storeu_ps(park + i * 64 + 8 * j, a[i]);
+    }
+    for (int i = 0; i < GT; ++i) {
+      for (int j = rows; j < 8; ++j) _mm256_storeu_ps(park + i * 64 + 8 * j, _mm256_setzero_ps());
+      const __m256 r = reduce8(park + i * 64);
+      if (rows == 8) {
+        _mm256_storeu_ps(s + i * n + t0, r);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, r);
+        for (int j = 0; j < rows; ++j) s[i * n + t0 + j] = tmp[j];
+      }
+    }
+  }
+  if (live)
+    for (int t = 0; t < n; ++t)
+      if (!live[t])
+        for (int i = 0; i < GT; ++i) s[i * n + t] = -std::numeric_limits<float>::infinity();
+  float alpha[GT];
+  softmax_alpha(s, GT, n, m + g0, l + g0, alpha);
+  __m256 A[GT][ND];
+  for (int i = 0; i < GT; ++i) {
+    const __m256 va = _mm256_set1_ps(alpha[i]);
+    for (int c = 0; c < ND; ++c) A[i][c] = _mm256_mul_ps(_mm256_loadu_ps(acc + (g0 + i) * D + 8 * c), va);
+  }
+  for (int t = 0; t < n; ++t) {
+    if (live && !live[t]) continue;  // dead rows are never read (p is 0 there)
+    const char* vt = vbase + static_cast<int64_t>(t) * vs * esz;
+    for (int c = 0; c < ND; ++c) {
+      const __m256 vc = load8<TY>(vt, 8 * c);
+      for (int i = 0; i < GT; ++i) A[i][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(s + i * n + t), vc, A[i][c]);
+    }
+  }
+  for (int i = 0; i < GT; ++i)
+    for (int c = 0; c < ND; ++c) _mm256_storeu_ps(acc + (g0 + i) * D + 8 * c, A[i][c]);
+}
+
+// Rows per register tile for head dim D (0: no tile for this D).
+int tile_rows(int D) { return D == 32 ? 2 : D == 64 ? 1 : 0; }
+
+template <dtype TY>
+void run_tiles(const float* q, int G, int D, const kv_chunk& c, float* m, float* l, float* acc, float* s, float* park) {
+  if (D == 32) {
+    int g = 0;
+    for (; g + 2 <= G; g += 2) attend_tile<TY, 2, 4>(q, g, c.k, c.k_stride, c.v, c.v_stride, c.live, c.n, m, l, acc, s + g * c.n, park);
+    for (; g < G; ++g) attend_tile<TY, 1, 4>(q, g, c.k, c.k_stride, c.v, c.v_stride, c.live, c.n, m, l, acc, s + g * c.n, park);
+  } else {
+    for (int g = 0; g < G; ++g) attend_tile<TY, 1, 8>(q, g, c.k, c.k_stride, c.v, c.v_stride, c.live, c.n, m, l, acc, s + g * c.n, park);
+  }
+}
+
 // DFIX > 0 fixes the head dim at compile time, so the per-row loops unroll completely
 // (the common 64 and 128); DFIX == 0 takes it from the argument.
 template <int DFIX>
@@ -181,6 +313,13 @@ void attend_chunk_t(const float* q, int G, int D_arg, const kv_chunk& c, dtype k
   float* s = scratch;                                   // [G][n]
   float* kf = scratch + static_cast<int64_t>(G) * n;    // [n][D]
   float* vf = kf + static_cast<int64_t>(n) * D;         // [n][D]
+  if (G < 8 && tile_rows(D)) {  // register tiles over the stored rows (p stays in s: kernels.h)
+    float* park = vf + static_cast<int64_t>(n) * D;  // [tile rows][8][8]
+    if (kv_type == dtype::f32) run_tiles<dtype::f32>(q, G, D, c, m, l, acc, s, park);
+    else if (kv_type == dtype::f16) run_tiles<dtype::f16>(q, G, D, c, m, l, acc, s, park);
+    else run_tiles<dtype::bf16>(q, G, D, c, m, l, acc, s, park);
+    return;
+  }
   bool all_live = true;
   if (c.live)
     for (int t = 0; t < n; ++t) all_live = all_live && c.live[t];
@@ -277,40 +416,17 @@ void attend_chunk_t(const float* q, int G, int D_arg, const kv_chunk& c, dtype k
       if (!c.live[t])
         for (int g = 0; g < G; ++g) s[g * n + t] = ninf;
 
-  // Online softmax update per query row; s becomes p.
-  for (int g = 0; g < G; ++g) {
-    float* sg = s + g * n;
-    __m256 vmx = _mm256_set1_ps(ninf);
-    int t = 0;
-    for (; t + 8 <= n; t += 8) vmx = _mm256_max_ps(_mm256_loadu_ps(sg + t), vmx);
-    float mx = hmax(vmx);
-    for (; t < n; ++t) mx = std::fmax(mx, sg[t]);
-    const float m_new = std::fmax(m[g], mx);
-    if (m_new == ninf) {  // nothing live in this row yet, or only -inf / NaN scores
-      poison_if_nan(sg, n, &m[g]);
-      for (t = 0; t < n; ++t) sg[t] = 0.f;
-      continue;
-    }
-    const float alpha = exp2_neg_scalar(m[g] - m_new);
-    if (alpha != 1.f) {
-      float* ag = acc + static_cast<int64_t>(g) * D;
-      const __m256 va = _mm256_set1_ps(alpha);
+  // Online softmax update per query row (s becomes p), then the accumulators' rescale.
+  for (int g0 = 0; g0 < G; g0 += 64) {
+    const int rows = std::min(64, G - g0);
+    float alpha[64];
+    softmax_alpha(s + static_cast<int64_t>(g0) * n, rows, n, m + g0, l + g0, alpha);
+    for (int i = 0; i < rows; ++i) {
+      if (alpha[i] == 1.f) continue;
+      float* ag = acc + static_cast<int64_t>(g0 + i) * D;
+      const __m256 va = _mm256_set1_ps(alpha[i]);
       for (int d = 0; d < D; d += 8) _mm256_storeu_ps(ag + d, _mm256_mul_ps(_mm256_loadu_ps(ag + d), va));
     }
-    const __m256 vm = _mm256_set1_ps(m_new);
-    __m256 vsum = _mm256_setzero_ps();
-    for (t = 0; t + 8 <= n; t += 8) {
-      const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(sg + t), vm));
-      _mm256_storeu_ps(sg + t, p);
-      vsum = _mm256_add_ps(vsum, p);
-    }
-    float sum = hsum(vsum);
-    for (; t < n; ++t) {
-      sg[t] = exp2_neg_scalar(sg[t] - m_new);
-      sum += sg[t];
-    }
-    l[g] = l[g] * alpha + sum;
-    m[g] = m_new;
   }
 
   const int nd = D / 8;
