@@ -3,8 +3,9 @@
 // dim is a multiple of 16, so the wheel stays portable (AVX2 and generic paths beside it).
 // Keep it free of shared inline templates (ODR: see kernels_avx2.cpp).
 //
-// Same algorithms as the AVX2 kernels with 16-lane vectors: the scores of one key row for
-// each query of the group are parked unreduced and reduced 16 rows at a time; prompt
+// Decode: register tiles of query rows for D 32..256 (attend_tile); groups wider than one tile
+// at D 32/64 take all rows' scores in one pass with the products reduced in registers
+// (qk_fold); other D park each row's unreduced products and reduce 16 rows at a time. Prompt
 // statistics and chunk attention use keys in panels of 16 (one vector per head-dim element).
 #include <immintrin.h>
 
@@ -256,6 +257,122 @@ void attend_tile(const float* q, int g0, const void* K, int64_t ks, const void* 
     for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + (g0 + i) * D + 16 * c, A[i][c]);
 }
 
+// Four keys' unreduced products with one query row -> per 128-bit lane L, the partial sums
+// [a0, a1, a2, a3] over that lane's 4 elements (9 shuffles and adds, no store).
+inline __m512 fold4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  return _mm512_add_ps(_mm512_shuffle_ps(t01, t23, 0x44), _mm512_shuffle_ps(t01, t23, 0xEE));
+}
+
+// The 16 scores of keys 4j..4j+3 (j < 4) from fold4's results u[j]: lane t = key t's sum.
+inline __m512 unfold16(const float* u) {
+  const __m512 u0 = _mm512_loadu_ps(u), u1 = _mm512_loadu_ps(u + 16), u2 = _mm512_loadu_ps(u + 32),
+               u3 = _mm512_loadu_ps(u + 48);
+  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x44), _mm512_shuffle_f32x4(u0, u1, 0xEE));
+  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(u2, u3, 0x44), _mm512_shuffle_f32x4(u2, u3, 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
+}
+
+// Scores s[g][t] = q[g] . K[t] for every query row of the group, D = 16 * ND <= 64: four key
+// rows at a time stay in registers (widened once) and meet each query row, whose four
+// products are folded in registers (fold4) and finished 16 keys at a time (unfold16). Dead
+// rows are never read (their scores are set to -inf by the caller).
+template <dtype TY, int ND>
+void qk_fold(const float* q, int G, const void* K, int64_t ks, const uint8_t* live, int n, float* s, float* park) {
+  // park: [G][4][16]
+  constexpr int D = 16 * ND;
+  const char* kbase = static_cast<const char*>(K);
+  const int64_t kstep = ks * static_cast<int64_t>(elem_bytes<TY>());
+  for (int t0 = 0; t0 < n; t0 += 16) {
+    const int rows = std::min(16, n - t0);
+    for (int jj = 0; jj < 4; ++jj) {
+      const int tb = t0 + 4 * jj;
+      if (tb >= n) {
+        for (int g = 0; g < G; ++g) _mm512_storeu_ps(park + g * 64 + 16 * jj, _mm512_setzero_ps());
+        continue;
+      }
+      __m512 k[4][ND];
+      for (int j = 0; j < 4; ++j) {
+        const int t = tb + j;
+        const bool ok = t < n && (!live || live[t]);
+        for (int c = 0; c < ND; ++c) k[j][c] = ok ? load16<TY>(kbase + t * kstep, 16 * c) : _mm512_setzero_ps();
+      }
+      for (int g = 0; g < G; ++g) {
+        const float* qg = q + static_cast<int64_t>(g) * D;
+        __m512 a[4];
+        {
+          const __m512 q0 = _mm512_loadu_ps(qg);
+          for (int j = 0; j < 4; ++j) a[j] = _mm512_mul_ps(q0, k[j][0]);
+        }
+        for (int c = 1; c < ND; ++c) {
+          const __m512 qc = _mm512_loadu_ps(qg + 16 * c);
+          for (int j = 0; j < 4; ++j) a[j] = _mm512_fmadd_ps(qc, k[j][c], a[j]);
+        }
+        _mm512_storeu_ps(park + g * 64 + 16 * jj, fold4(a[0], a[1], a[2], a[3]));
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      _mm512_mask_storeu_ps(s + static_cast<int64_t>(g) * n + t0, static_cast<__mmask16>((1u << rows) - 1u),
+                            unfold16(park + g * 64));
+  }
+}
+
+// The value half of a tile: acc rows [g0, g0 + GT) (D = 16 * ND) rescaled by alpha and
+// advanced by p @ V with the accumulators in registers.
+template <dtype TY, int GT, int ND>
+void pv_tile(const float* p, int n, const void* V, int64_t vs, const uint8_t* live, const float* alpha, float* acc) {
+  constexpr int D = 16 * ND;
+  const char* vbase = static_cast<const char*>(V);
+  const int64_t vstep = vs * static_cast<int64_t>(elem_bytes<TY>());
+  __m512 A[GT][ND];
+  for (int i = 0; i < GT; ++i) {
+    const __m512 va = _mm512_set1_ps(alpha[i]);
+    for (int c = 0; c < ND; ++c) A[i][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * D + 16 * c), va);
+  }
+  for (int t = 0; t < n; ++t) {
+    if (live && !live[t]) continue;  // dead rows are never read (p is 0 there)
+    __m512 v[ND];
+    for (int c = 0; c < ND; ++c) v[c] = load16<TY>(vbase + t * vstep, 16 * c);
+    for (int i = 0; i < GT; ++i) {
+      const __m512 pb = _mm512_set1_ps(p[i * n + t]);
+      for (int c = 0; c < ND; ++c) A[i][c] = _mm512_fmadd_ps(pb, v[c], A[i][c]);
+    }
+  }
+  for (int i = 0; i < GT; ++i)
+    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + i * D + 16 * c, A[i][c]);
+}
+
+// attend_chunk for D = 16 * ND <= 64 and any group size: scores for all query rows by qk_fold,
+// the online-softmax step, then the values in register tiles of 16 / ND rows.
+template <dtype TY, int ND>
+void attend_fold(const float* q, int G, const kv_chunk& c, float* m, float* l, float* acc, float* s, float* park) {
+  constexpr int D = 16 * ND, TR = 16 / ND;
+  const int n = c.n;
+  qk_fold<TY, ND>(q, G, c.k, c.k_stride, c.live, n, s, park);
+  if (c.live)
+    for (int t = 0; t < n; ++t)
+      if (!c.live[t])
+        for (int g = 0; g < G; ++g) s[g * n + t] = kNinf;
+  float alpha[256];
+  for (int g0 = 0; g0 < G; g0 += 256) {
+    const int rows = std::min(256, G - g0);
+    softmax_alpha(s + static_cast<int64_t>(g0) * n, rows, n, m + g0, l + g0, alpha);
+    int i = 0;
+    for (; i + TR <= rows; i += TR)
+      pv_tile<TY, TR, ND>(s + static_cast<int64_t>(g0 + i) * n, n, c.v, c.v_stride, c.live, alpha + i, acc + (g0 + i) * D);
+    for (; i < rows; ++i)
+      pv_tile<TY, 1, ND>(s + static_cast<int64_t>(g0 + i) * n, n, c.v, c.v_stride, c.live, alpha + i, acc + (g0 + i) * D);
+  }
+}
+
+template <dtype TY>
+bool try_fold(const float* q, int G, int D, const kv_chunk& c, float* m, float* l, float* acc, float* s, float* park) {
+  if (D == 64) return attend_fold<TY, 4>(q, G, c, m, l, acc, s, park), true;
+  if (D == 32) return attend_fold<TY, 2>(q, G, c, m, l, acc, s, park), true;
+  return false;
+}
+
 using tile_fn = void (*)(const float*, int, const void*, int64_t, const void*, int64_t, const uint8_t*, int, float*,
                          float*, float*, float*, float*);
 
@@ -296,6 +413,13 @@ void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype 
   const float* K;
   const float* V;
   int64_t ks, vs;
+  // Groups wider than one tile (G > 4 at D 64, G > 8 at D 32: MQA and narrow GQA) take the
+  // scores of all rows in one pass over the keys (qk_fold) instead of one pass per tile.
+  if ((D == 32 || D == 64) && G > tile_rows(D) &&
+      (kv_type == dtype::f32 ? try_fold<dtype::f32>(q, G, D, c, m, l, acc, s, park)
+       : kv_type == dtype::f16 ? try_fold<dtype::f16>(q, G, D, c, m, l, acc, s, park)
+                               : try_fold<dtype::bf16>(q, G, D, c, m, l, acc, s, park)))
+    return;  // p stays in s (kernels.h)
   if (const int tr = tile_rows(D)) {  // register-blocked tiles of query rows over the stored rows
     for (int g0 = 0; g0 < G; g0 += tr) {
       const int gt = std::min(tr, G - g0);
