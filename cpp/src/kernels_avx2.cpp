@@ -120,6 +120,20 @@ inline __m256 reduce8(const float* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// s[0 .. rows) = the reduced scores of the first `rows` parked key rows (park: [8][8], rows
+// past `rows` zeroed here).
+inline void finish_scores(float* park, int rows, float* s) {
+  for (int j = rows; j < 8; ++j) _mm256_storeu_ps(park + 8 * j, _mm256_setzero_ps());
+  const __m256 r = reduce8(park);
+  if (rows == 8) {
+    _mm256_storeu_ps(s, r);
+  } else {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, r);
+    for (int j = 0; j < rows; ++j) s[j] = tmp[j];
+  }
+}
+
 // acc[g][c0*8 .. (c0+NB)*8) += p[g][t] * V[t][same] for every g < G: the NB*8 values stay
 // in registers while all G accumulator rows (in L1) are updated.
 template <int NB>
@@ -171,6 +185,21 @@ inline void pv_tile(float* acc, int g0, int D, const float* p, int n, const floa
     for (int j = 0; j < DT; ++j) _mm256_storeu_ps(acc + static_cast<int64_t>(g0 + i) * D + 8 * (j0 + j), a[i][j]);
 }
 
+// s[i] = 2^(s[i] - mx) for i < n; returns their sum.
+inline float exp2_shift_sum(float* s, int64_t n, float mx) {
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+    _mm256_storeu_ps(s + i, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += (s[i] = exp2_neg_scalar(s[i] - mx));
+  return sum;
+}
+
 // The online-softmax step of a chunk without the accumulator: turns s [rows][n] into p,
 // updates m and l, and returns in alpha[i] the factor for row i's accumulator.
 void softmax_alpha(float* s, int rows, int n, float* m, float* l, float* alpha) {
@@ -190,19 +219,7 @@ void softmax_alpha(float* s, int rows, int n, float* m, float* l, float* alpha) 
       continue;
     }
     alpha[g] = exp2_neg_scalar(m[g] - m_new);
-    const __m256 vm = _mm256_set1_ps(m_new);
-    __m256 vsum = _mm256_setzero_ps();
-    for (t = 0; t + 8 <= n; t += 8) {
-      const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(sg + t), vm));
-      _mm256_storeu_ps(sg + t, p);
-      vsum = _mm256_add_ps(vsum, p);
-    }
-    float sum = hsum(vsum);
-    for (; t < n; ++t) {
-      sg[t] = exp2_neg_scalar(sg[t] - m_new);
-      sum += sg[t];
-    }
-    l[g] = l[g] * alpha[g] + sum;
+    l[g] = l[g] * alpha[g] + exp2_shift_sum(sg, n, m_new);
     m[g] = m_new;
   }
 }
@@ -254,17 +271,7 @@ void attend_tile(const float* q, int g0, const void* K, int64_t ks, const void* 
       }
       for (int i = 0; i < GT; ++i) _mm256_storeu_ps(park + i * 64 + 8 * j, a[i]);
     }
-    for (int i = 0; i < GT; ++i) {
-      for (int j = rows; j < 8; ++j) _mm256_storeu_ps(park + i * 64 + 8 * j, _mm256_setzero_ps());
-      const __m256 r = reduce8(park + i * 64);
-      if (rows == 8) {
-        _mm256_storeu_ps(s + i * n + t0, r);
-      } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, r);
-        for (int j = 0; j < rows; ++j) s[i * n + t0 + j] = tmp[j];
-      }
-    }
+    for (int i = 0; i < GT; ++i) finish_scores(park + i * 64, rows, s + i * n + t0);
   }
   if (live)
     for (int t = 0; t < n; ++t)
@@ -398,17 +405,7 @@ void attend_chunk_t(const float* q, int G, int D_arg, const kv_chunk& c, dtype k
       for (; g + 2 <= G; g += 2) qk_row_park<2>(q, g, D, kt, park, j);
       for (; g < G; ++g) qk_row_park<1>(q, g, D, kt, park, j);
     }
-    for (int g = 0; g < G; ++g) {
-      for (int j = rows; j < 8; ++j) _mm256_storeu_ps(park + g * 64 + 8 * j, _mm256_setzero_ps());
-      const __m256 r = reduce8(park + g * 64);
-      if (rows == 8) {
-        _mm256_storeu_ps(s + g * n + t0, r);
-      } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, r);
-        for (int j = 0; j < rows; ++j) s[g * n + t0 + j] = tmp[j];
-      }
-    }
+    for (int g = 0; g < G; ++g) finish_scores(park + g * 64, rows, s + g * n + t0);
   }
   const float ninf = -std::numeric_limits<float>::infinity();
   if (!all_live)
@@ -513,16 +510,7 @@ float exp2_row_avx2(float* s, int64_t n) {
   for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + i));
   float mx = hmax(vm);
   for (; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
-  vm = _mm256_set1_ps(mx);
-  __m256 acc = _mm256_setzero_ps();
-  for (i = 0; i + 8 <= n; i += 8) {
-    const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
-    _mm256_storeu_ps(s + i, p);
-    acc = _mm256_add_ps(acc, p);
-  }
-  float sum = hsum(acc);
-  for (; i < n; ++i) sum += (s[i] = exp2_neg_scalar(s[i] - mx));
-  return sum;
+  return exp2_shift_sum(s, n, mx);
 }
 
 // s[(t0+i)*R + r0 + 8j ..] = K row t0+i . the 8 query columns r0 + 8j.. of qt, i < KT, j < RV.
