@@ -192,41 +192,73 @@ inline __m512 load16(const void* row, int e0) {
 template <dtype TY>
 constexpr size_t elem_bytes() { return TY == dtype::f32 ? 4 : 2; }
 
+// park[i * 256 + 16 * j] = unreduced lanes of Q[i] . row t0 + j, for i < GT and j < rows (dead
+// rows: zeros; D = 16 * ND): the tile's queries stay in registers and each row, given by
+// row(t, c) (its 16 elements from 16 c, as fp32), is loaded once for the whole tile.
+template <int GT, int ND, class Row>
+inline void qk_park_rows(const __m512 (&Q)[GT][ND], const uint8_t* live, int t0, int rows, Row row, float* park) {
+  for (int j = 0; j < rows; ++j) {
+    const int t = t0 + j;
+    if (live && !live[t]) {
+      for (int i = 0; i < GT; ++i) _mm512_storeu_ps(park + i * 256 + 16 * j, _mm512_setzero_ps());
+      continue;
+    }
+    __m512 k[ND];
+    for (int c = 0; c < ND; ++c) k[c] = row(t, c);
+    for (int i = 0; i < GT; ++i) {
+      __m512 a = _mm512_mul_ps(Q[i][0], k[0]);
+      for (int c = 1; c < ND; ++c) a = _mm512_fmadd_ps(Q[i][c], k[c], a);
+      _mm512_storeu_ps(park + i * 256 + 16 * j, a);
+    }
+  }
+}
+
+// The value half of a tile: acc rows [g0, g0 + GT) (D = 16 * ND) rescaled by alpha and
+// advanced by p @ V with the accumulators in registers.
+template <dtype TY, int GT, int ND>
+void pv_tile(const float* p, int n, const void* V, int64_t vs, const uint8_t* live, const float* alpha, float* acc) {
+  constexpr int D = 16 * ND;
+  const char* vbase = static_cast<const char*>(V);
+  const int64_t vstep = vs * static_cast<int64_t>(elem_bytes<TY>());
+  __m512 A[GT][ND];
+  for (int i = 0; i < GT; ++i) {
+    const __m512 va = _mm512_set1_ps(alpha[i]);
+    for (int c = 0; c < ND; ++c) A[i][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * D + 16 * c), va);
+  }
+  for (int t = 0; t < n; ++t) {
+    if (live && !live[t]) continue;  // dead rows are never read (p is 0 there)
+    __m512 v[ND];
+    for (int c = 0; c < ND; ++c) v[c] = load16<TY>(vbase + t * vstep, 16 * c);
+    for (int i = 0; i < GT; ++i) {
+      const __m512 pb = _mm512_set1_ps(p[i * n + t]);
+      for (int c = 0; c < ND; ++c) A[i][c] = _mm512_fmadd_ps(pb, v[c], A[i][c]);
+    }
+  }
+  for (int i = 0; i < GT; ++i)
+    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + i * D + 16 * c, A[i][c]);
+}
+
 // attend_chunk for query rows [g0, g0 + GT) with D = 16 * ND over rows K, V stored as TY
 // (element strides ks, vs): the queries stay in registers while the keys stream by, and the
-// accumulators while the values do, so a key row costs its loads (widened to fp32 in registers
-// for half-precision storage) and GT * ND multiply-adds each way (GT * ND <= 16: the queries
-// or the accumulators and one row fit the 32 vector registers). Small query groups (SmolLM2's
-// 3 per kv head) were bound by reloading and storing them for every row, and half-precision
-// storage by widening each chunk into a float copy first.
+// accumulators while the values do (pv_tile), so a key row costs its loads (widened to fp32
+// in registers for half-precision storage) and GT * ND multiply-adds each way (GT * ND <= 16:
+// the queries or the accumulators and one row fit the 32 vector registers). Small query
+// groups (SmolLM2's 3 per kv head) were bound by reloading and storing them for every row,
+// and half-precision storage by widening each chunk into a float copy first.
 template <dtype TY, int GT, int ND>
 void attend_tile(const float* q, int g0, const void* K, int64_t ks, const void* V, int64_t vs, const uint8_t* live, int n,
                  float* m, float* l, float* acc, float* s, float* park) {
   // s: [GT][n], this tile's rows of the chunk's scores (then weights)
   constexpr int D = 16 * ND;
-  constexpr size_t esz = elem_bytes<TY>();
   const char* kbase = static_cast<const char*>(K);
-  const char* vbase = static_cast<const char*>(V);
+  const int64_t kstep = ks * static_cast<int64_t>(elem_bytes<TY>());
   __m512 Q[GT][ND];
   for (int i = 0; i < GT; ++i)
     for (int c = 0; c < ND; ++c) Q[i][c] = _mm512_loadu_ps(q + (g0 + i) * D + 16 * c);
+  const auto key = [&](int t, int c) { return load16<TY>(kbase + t * kstep, 16 * c); };
   for (int t0 = 0; t0 < n; t0 += 16) {
     const int rows = std::min(16, n - t0);
-    for (int j = 0; j < rows; ++j) {
-      const int t = t0 + j;
-      if (live && !live[t]) {
-        for (int i = 0; i < GT; ++i) _mm512_storeu_ps(park + i * 256 + 16 * j, _mm512_setzero_ps());
-        continue;
-      }
-      const void* kt = kbase + static_cast<int64_t>(t) * ks * static_cast<int64_t>(esz);
-      __m512 k[ND];
-      for (int c = 0; c < ND; ++c) k[c] = load16<TY>(kt, 16 * c);
-      for (int i = 0; i < GT; ++i) {
-        __m512 a = _mm512_mul_ps(Q[i][0], k[0]);
-        for (int c = 1; c < ND; ++c) a = _mm512_fmadd_ps(Q[i][c], k[c], a);
-        _mm512_storeu_ps(park + i * 256 + 16 * j, a);
-      }
-    }
+    qk_park_rows<GT, ND>(Q, live, t0, rows, key, park);
     for (int i = 0; i < GT; ++i) {
       for (int j = rows; j < 16; ++j) _mm512_storeu_ps(park + i * 256 + 16 * j, _mm512_setzero_ps());
       _mm512_mask_storeu_ps(s + i * n + t0, static_cast<__mmask16>((1u << rows) - 1u), reduce16(park + i * 256));
@@ -238,23 +270,7 @@ void attend_tile(const float* q, int g0, const void* K, int64_t ks, const void* 
         for (int i = 0; i < GT; ++i) s[i * n + t] = kNinf;
   float alpha[GT];
   softmax_alpha(s, GT, n, m + g0, l + g0, alpha);
-  __m512 A[GT][ND];
-  for (int i = 0; i < GT; ++i) {
-    const __m512 va = _mm512_set1_ps(alpha[i]);
-    for (int c = 0; c < ND; ++c) A[i][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + (g0 + i) * D + 16 * c), va);
-  }
-  for (int t = 0; t < n; ++t) {
-    if (live && !live[t]) continue;  // dead rows are never read (p is 0 there)
-    const void* vt = vbase + static_cast<int64_t>(t) * vs * static_cast<int64_t>(esz);
-    __m512 v[ND];
-    for (int c = 0; c < ND; ++c) v[c] = load16<TY>(vt, 16 * c);
-    for (int i = 0; i < GT; ++i) {
-      const __m512 pb = _mm512_set1_ps(s[i * n + t]);
-      for (int c = 0; c < ND; ++c) A[i][c] = _mm512_fmadd_ps(pb, v[c], A[i][c]);
-    }
-  }
-  for (int i = 0; i < GT; ++i)
-    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + (g0 + i) * D + 16 * c, A[i][c]);
+  pv_tile<TY, GT, ND>(s, n, V, vs, live, alpha, acc + g0 * D);
 }
 
 // Four keys' unreduced products with one query row -> per 128-bit lane L, the partial sums
@@ -316,31 +332,6 @@ void qk_fold(const float* q, int G, const void* K, int64_t ks, const uint8_t* li
       _mm512_mask_storeu_ps(s + static_cast<int64_t>(g) * n + t0, static_cast<__mmask16>((1u << rows) - 1u),
                             unfold16(park + g * 64));
   }
-}
-
-// The value half of a tile: acc rows [g0, g0 + GT) (D = 16 * ND) rescaled by alpha and
-// advanced by p @ V with the accumulators in registers.
-template <dtype TY, int GT, int ND>
-void pv_tile(const float* p, int n, const void* V, int64_t vs, const uint8_t* live, const float* alpha, float* acc) {
-  constexpr int D = 16 * ND;
-  const char* vbase = static_cast<const char*>(V);
-  const int64_t vstep = vs * static_cast<int64_t>(elem_bytes<TY>());
-  __m512 A[GT][ND];
-  for (int i = 0; i < GT; ++i) {
-    const __m512 va = _mm512_set1_ps(alpha[i]);
-    for (int c = 0; c < ND; ++c) A[i][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * D + 16 * c), va);
-  }
-  for (int t = 0; t < n; ++t) {
-    if (live && !live[t]) continue;  // dead rows are never read (p is 0 there)
-    __m512 v[ND];
-    for (int c = 0; c < ND; ++c) v[c] = load16<TY>(vbase + t * vstep, 16 * c);
-    for (int i = 0; i < GT; ++i) {
-      const __m512 pb = _mm512_set1_ps(p[i * n + t]);
-      for (int c = 0; c < ND; ++c) A[i][c] = _mm512_fmadd_ps(pb, v[c], A[i][c]);
-    }
-  }
-  for (int i = 0; i < GT; ++i)
-    for (int c = 0; c < ND; ++c) _mm512_storeu_ps(acc + i * D + 16 * c, A[i][c]);
 }
 
 // attend_chunk for D = 16 * ND <= 64 and any group size: scores for all query rows by qk_fold,
@@ -415,7 +406,7 @@ void attend_chunk_avx512(const float* q, int G, int D, const kv_chunk& c, dtype 
   int64_t ks, vs;
   // Groups wider than one tile (G > 4 at D 64, G > 8 at D 32: MQA and narrow GQA) take the
   // scores of all rows in one pass over the keys (qk_fold) instead of one pass per tile.
-  if ((D == 32 || D == 64) && G > tile_rows(D) &&
+  if (G > tile_rows(D) &&
       (kv_type == dtype::f32 ? try_fold<dtype::f32>(q, G, D, c, m, l, acc, s, park)
        : kv_type == dtype::f16 ? try_fold<dtype::f16>(q, G, D, c, m, l, acc, s, park)
                                : try_fold<dtype::bf16>(q, G, D, c, m, l, acc, s, park)))
@@ -705,7 +696,7 @@ inline void qk_codes_park(const float* qs, int g0, int D, const uint8_t* kr, flo
 
 // park[(g0 + i) * 256 + 16 * j] = unreduced lanes of qs[g0 + i] . codes of row t0 + j, for
 // i < GT and j < rows (dead rows: zeros), D = 16 * ND: the scaled queries stay in registers
-// over the rows, and each row's codes are widened once for the whole tile.
+// over the rows, and each row's codes are widened once for the whole tile (qk_park_rows).
 template <int BITS, int GT, int ND>
 void qk_codes_rows(const float* qs, int g0, const uint8_t* base, size_t rb, const uint8_t* live, int t0, int rows,
                    float* park) {
@@ -713,21 +704,8 @@ void qk_codes_rows(const float* qs, int g0, const uint8_t* base, size_t rb, cons
   __m512 Q[GT][ND];
   for (int i = 0; i < GT; ++i)
     for (int c = 0; c < ND; ++c) Q[i][c] = _mm512_loadu_ps(qs + (g0 + i) * D + 16 * c);
-  for (int j = 0; j < rows; ++j) {
-    const int t = t0 + j;
-    if (live && !live[t]) {
-      for (int i = 0; i < GT; ++i) _mm512_storeu_ps(park + (g0 + i) * 256 + 16 * j, _mm512_setzero_ps());
-      continue;
-    }
-    const uint8_t* kr = base + t * rb;
-    __m512 k[ND];
-    for (int c = 0; c < ND; ++c) k[c] = codes16_t<BITS>(kr, 16 * c);
-    for (int i = 0; i < GT; ++i) {
-      __m512 a = _mm512_mul_ps(Q[i][0], k[0]);
-      for (int c = 1; c < ND; ++c) a = _mm512_fmadd_ps(Q[i][c], k[c], a);
-      _mm512_storeu_ps(park + (g0 + i) * 256 + 16 * j, a);
-    }
-  }
+  const auto codes = [&](int t, int c) { return codes16_t<BITS>(base + t * rb, 16 * c); };
+  qk_park_rows<GT, ND>(Q, live, t0, rows, codes, park + g0 * 256);
 }
 
 using qk_rows_fn = void (*)(const float*, int, const uint8_t*, size_t, const uint8_t*, int, int, float*);

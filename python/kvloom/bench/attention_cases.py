@@ -53,13 +53,14 @@ def _last_level_cache_bytes() -> int:
     return best or 32 << 20
 
 
-def _rotating(make, bytes_each: int, limit: int = 64):
+def _rotating(make, bytes_each: int, limit: int = 64, first=None):
     """A decode step reads KV that is not in the CPU's caches (the other layers' KV evicted it),
     so each timed call reads the next of enough copies to cover twice the last-level cache
     (at most `limit`; small cases stay cache-resident and are latency-bound anyway).
-    Returns (list of inputs, a function that yields them in turn)."""
+    `first`, if given, is make(0) already built. Returns (list of inputs, a function that
+    yields them in turn)."""
     n = max(1, min(limit, -(-2 * _last_level_cache_bytes() // max(1, bytes_each))))
-    sets = [make(i) for i in range(n)]
+    sets = [first if i == 0 and first is not None else make(i) for i in range(n)]
     state = {"i": 0}
 
     def nxt():
@@ -114,9 +115,9 @@ def test_quantized_attention(benchmark, case, impl):
         return (q, qkv) if impl == "kvloom" else (q, *kvloom.ops.dequantize_kv(qkv))  # fp32: the same values
 
     fp32_bytes = 2 * case["B"] * case["Hkv"] * case["T"] * case["D"] * 4
-    probe = make(0)
-    nbytes = probe[1].nbytes if impl == "kvloom" else fp32_bytes
-    sets, nxt = _rotating(make, nbytes)
+    first = make(0)
+    nbytes = first[1].nbytes if impl == "kvloom" else fp32_bytes
+    sets, nxt = _rotating(make, nbytes, first=first)
     fn = lambda: kvloom.ops.decode_attention(*nxt())  # noqa: E731
     q, *kv = sets[1 % len(sets)]
     kk, vv = kvloom.ops.dequantize_kv(kv[0]) if impl == "kvloom" else kv
