@@ -11,8 +11,8 @@
 # budget (KVLOOM_GPU_BUDGET seconds, default 450): optional steps are skipped, and say so, when
 # the budget runs short. Optional: KVLOOM_GPU_ASSETS, a folder with SmolLM2's tokenizer files
 # for the Hogwild!/CIFLEX GPU test (make one with:
-#   python -c "import shutil,kvloom.models as m; d=m.ensure_default_model(); [shutil.copy(p,'gpu-assets') for p in d.glob('*token*')]"
-# after mkdir gpu-assets).
+#   python -c "import shutil,kvloom.models as m; d=m.ensure_default_model(); [shutil.copy(p,'gpu-assets') for p in [*d.glob('*token*'), *d.glob('chat_template*')]]"
+# after mkdir gpu-assets: the tokenizer and its chat template).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check}

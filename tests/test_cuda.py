@@ -285,10 +285,15 @@ def test_side_paths_hogwild_and_cla_on_gpu():
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    cla = kvloom.enable(convert.to_cla(LlamaForCausalLM(cfg).eval(), 2).to(DEV))
+    cla = kvloom.enable(convert.to_cla(LlamaForCausalLM(cfg).eval(), 2))
+    on_cpu = kvloom.Cache(cla)
+    _greedy(cla, on_cpu, ids.cpu(), 4)
+    cla.to(DEV)
     c = kvloom.Cache(cla)
     _greedy(cla, c, ids, 4)
-    assert c.memory_bytes() > 0 and c.get_seq_length() == 34
+    # generate feeds back all but the last new token: 30 + 3 positions, in half the layers' stores
+    assert c.get_seq_length() == on_cpu.get_seq_length() == ids.shape[1] + 3
+    assert c.memory_bytes() == on_cpu.memory_bytes() > 0
 
 
 @pytest.mark.parametrize("policy", [kvloom.Full(), kvloom.Window(4, 16)], ids=["full", "window"])
@@ -328,6 +333,8 @@ def test_hogwild_and_side_paths_with_a_real_tokenizer_on_gpu():
     assets = os.environ.get("KVLOOM_GPU_ASSETS")
     if not assets or not os.path.exists(os.path.join(assets, "tokenizer.json")):
         pytest.skip("no tokenizer assets (KVLOOM_GPU_ASSETS)")
+    if not os.path.exists(os.path.join(assets, "chat_template.jinja")):
+        pytest.fail(f"{assets} lacks chat_template.jinja (see bench/gpu_check.sh for the assets command)")
     tok = AutoTokenizer.from_pretrained(assets)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
