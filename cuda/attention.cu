@@ -19,6 +19,8 @@
 // shuffles, warps through shared memory, items in the merge kernel. Scores are in the log2
 // domain (queries pre-scaled by scale * log2 e), as on the CPU; non-finite inputs follow the
 // CPU kernels (kernels.h).
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -106,6 +108,8 @@ void mirror_rows(const head_store& hs, const block_pool& pool, int64_t lo, int64
   }
 }
 
+std::atomic<int64_t> g_table_words{0};  // 4-byte words of table mirrors uploaded (cuda_table_upload_words)
+
 // Collects one call's mirror updates: sync() makes each store's mirror current (growing it
 // when its table outgrew it) and records the patches; commit() marks the stores clean once
 // the patches are queued.
@@ -117,7 +121,19 @@ class mirror_sync {
     const int bs = pool_.block_size();
     const int64_t n = static_cast<int64_t>(hs.table_.size());
     mirror_state* m = hs.mirror_.get();
-    int64_t lo = std::max<int64_t>(0, hs.dirty_lo_), hi = std::min(hs.dirty_hi_, n);
+    // the dirty ranges within the table, sorted and merged
+    std::vector<head_store::entry_range> ranges;
+    for (int i = 0; i < hs.n_dirty_; ++i) {
+      const int64_t lo = std::max<int64_t>(0, hs.dirty_[i].lo), hi = std::min(hs.dirty_[i].hi, n);
+      if (lo < hi) ranges.push_back({lo, hi});
+    }
+    std::sort(ranges.begin(), ranges.end(), [](const auto& a, const auto& b) { return a.lo < b.lo; });
+    size_t kept = 0;
+    for (const auto& r : ranges) {
+      if (kept > 0 && r.lo <= ranges[kept - 1].hi) ranges[kept - 1].hi = std::max(ranges[kept - 1].hi, r.hi);
+      else ranges[kept++] = r;
+    }
+    ranges.resize(kept);
     if (!m || m->cap < n) {
       auto fresh = new mirror_state();
       fresh->device = device_;
@@ -131,13 +147,13 @@ class mirror_sync {
       hs.mirror_.set(fresh);  // frees the old arrays (stream-ordered)
       hs.touch_all();         // until the upload below is committed, the new arrays hold nothing
       m = fresh;
-      lo = 0;
-      hi = n;
+      ranges.assign(1, {0, n});
+      if (n == 0) ranges.clear();
     }
-    if (lo < hi) {
-      mirror_rows(hs, pool_, lo, hi, blocks_, ords_);
-      add(m->blocks + lo, blocks_.data(), blocks_.size() * 8);
-      add(m->ords + lo * bs, ords_.data(), ords_.size() * 4);
+    for (const auto& r : ranges) {
+      mirror_rows(hs, pool_, r.lo, r.hi, blocks_, ords_);
+      add(m->blocks + r.lo, blocks_.data(), blocks_.size() * 8);
+      add(m->ords + r.lo * bs, ords_.data(), ords_.size() * 4);
     }
     synced_.push_back(&hs);
     return m;
@@ -148,10 +164,7 @@ class mirror_sync {
   const std::vector<uint32_t>& payload() const { return payload_; }
 
   void commit() {
-    for (const head_store* hs : synced_) {
-      hs->dirty_lo_ = std::numeric_limits<int64_t>::max();
-      hs->dirty_hi_ = 0;
-    }
+    for (const head_store* hs : synced_) hs->n_dirty_ = 0;
   }
 
   // Reads every synced mirror back and compares it with the host metadata (verify_mirrors()).
@@ -176,6 +189,7 @@ class mirror_sync {
 
  private:
   void add(void* dst, const void* src, size_t bytes) {
+    g_table_words.fetch_add(static_cast<int64_t>(bytes / 4), std::memory_order_relaxed);
     patches_.push_back({reinterpret_cast<uint64_t>(dst), payload_.size() * 4, bytes / 4});
     const auto* w = static_cast<const uint32_t*>(src);
     payload_.insert(payload_.end(), w, w + bytes / 4);
@@ -923,6 +937,8 @@ void cuda_attend_dense(const tensor_view& q, const std::vector<dense_segment>& s
   ex.n_freq = rope.n_freq;
   launch(as_4d(q), as_4d(out), G, kv_type, aligned, cp, nullptr, 1, 0, scale, ex);
 }
+
+int64_t cuda_table_upload_words() { return g_table_words.load(std::memory_order_relaxed); }
 
 }  // namespace detail
 }  // namespace kvloom

@@ -63,6 +63,21 @@ class staging_ring {
     return dev;
   }
 
+  // Waits for the copies in flight and frees the slots (a later upload allocates them again).
+  void release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!ready_) return;
+    for (int i = 0; i < kSlots; ++i) {
+      KV_CUDA(cudaEventSynchronize(events_[i]));
+      KV_CUDA(cudaEventDestroy(events_[i]));
+      KV_CUDA(cudaFreeHost(host_[i]));
+      host_[i] = nullptr;
+      events_[i] = nullptr;
+    }
+    ready_ = false;
+    next_ = 0;
+  }
+
  private:
   void init_locked() {
     if (ready_) return;
@@ -79,16 +94,26 @@ class staging_ring {
   cudaEvent_t events_[kSlots] = {};
 };
 
+std::mutex g_rings_mu;
+std::vector<staging_ring*>* g_rings = new std::vector<staging_ring*>();  // one per device, never deleted
+
 staging_ring& ring_for(int device) {
-  static std::mutex mu;
-  static auto* rings = new std::vector<staging_ring*>();  // one per device, for the life of the process
-  std::lock_guard<std::mutex> lock(mu);
-  if (static_cast<int>(rings->size()) <= device) rings->resize(static_cast<size_t>(device) + 1, nullptr);
-  if (!(*rings)[device]) (*rings)[device] = new staging_ring();
-  return *(*rings)[device];
+  std::lock_guard<std::mutex> lock(g_rings_mu);
+  if (static_cast<int>(g_rings->size()) <= device) g_rings->resize(static_cast<size_t>(device) + 1, nullptr);
+  if (!(*g_rings)[device]) (*g_rings)[device] = new staging_ring();
+  return *(*g_rings)[device];
 }
 
 }  // namespace
+
+void release_staging() {
+  std::lock_guard<std::mutex> lock(g_rings_mu);
+  for (size_t d = 0; d < g_rings->size(); ++d)
+    if ((*g_rings)[d]) {
+      device_scope ds(static_cast<int>(d));
+      (*g_rings)[d]->release();
+    }
+}
 
 void* upload(const void* host, size_t bytes, int device, cudaStream_t s) { return ring_for(device).upload(host, bytes, s); }
 
@@ -283,7 +308,7 @@ struct stats_args {
   dtype q_type;
   dtype kv_type;
   int64_t Tq;
-  int64_t t0;  // first query token of this launch
+  int64_t tile0;  // first row tile of this launch (gridDim.y is at most 65535)
   int G, D;
   float qscale;  // scale * log2(e)
   const detail::stat_head* heads;
@@ -296,92 +321,182 @@ struct stats_args {
 
 constexpr int kStatThreads = 128;
 
-// Block-wide reduction of (max, sum of exp2(x - max)) pairs.
-__device__ void reduce_max_sum(float& m, float& l, float* red) {
-  red[threadIdx.x] = m;
-  red[kStatThreads + threadIdx.x] = l;
-  __syncthreads();
-  for (int off = kStatThreads / 2; off > 0; off >>= 1) {
-    if (threadIdx.x < off) {
-      const float m1 = red[threadIdx.x], m2 = red[threadIdx.x + off];
-      const float l1 = red[kStatThreads + threadIdx.x], l2 = red[kStatThreads + threadIdx.x + off];
-      const float mx = fmaxf(m1, m2);
-      const float lsum = (m1 == kNegInf ? 0.f : l1 * exp2f(m1 - mx)) + (m2 == kNegInf ? 0.f : l2 * exp2f(m2 - mx));
-      red[threadIdx.x] = mx;
-      red[kStatThreads + threadIdx.x] = lsum;
-    }
-    __syncthreads();
-  }
-  m = red[0];
-  l = red[kStatThreads];
-  __syncthreads();
-}
-
-// Grid (heads, query tokens): one block per (head, query token), every query of its group.
-// Pass 1 finds the softmax max and sum over the visible keys; pass 2 recomputes the scores
-// and adds each key's probability (mode 0) or the mass per FastGen level (mode 1).
-__global__ void prompt_stats_kernel(stats_args a) {
-  __shared__ float qrow[512];
-  __shared__ float red[2 * kStatThreads];
+// Grid (heads, tiles of QR query rows): a block takes QR query rows of one kv head (row r of
+// the head is token r / G, query head h * G + r % G) and streams that head's visible keys
+// through shared memory KT at a time: pass 1 finds each row's softmax max and sum, pass 2
+// recomputes the scores and adds each key's probability, summed over the tile's rows (mode 0),
+// or each row's mass per FastGen level (mode 1). QR x D and KT x D are at most 4096 floats;
+// each thread computes the scores of one key for QR * KT / 128 rows (the key's elements are
+// read once from shared memory for all of them; key rows are padded to D + 1 floats so the 32
+// keys a warp reads are in 32 different banks).
+template <int QR, int KT>
+__global__ void __launch_bounds__(kStatThreads) prompt_stats_kernel(stats_args a) {
+  constexpr int TPR = kStatThreads / QR;                          // threads per row (pass 1)
+  constexpr int NE = QR * KT >= kStatThreads ? QR * KT / kStatThreads : 1;  // scores per thread
+  constexpr int RSTEP = kStatThreads / KT;                        // rows between a thread's scores
+  __shared__ float qs[QR * (4096 / QR)];
+  __shared__ float ks[KT * (4096 / KT + 1)];
+  __shared__ float sc[QR * KT];
+  __shared__ float row_m[QR], row_inv[QR];
+  __shared__ int64_t row_ord[QR];  // the row's token ord; -1: a padding row (sees no key)
+  __shared__ int32_t key_ord[KT];
+  __shared__ int32_t key_level[KT];
+  __shared__ const void* key_ptr[KT];
   __shared__ double mred[4 * kStatThreads];
+  const int tid = threadIdx.x;
+  const int D = a.D, DP = D + 1;
   const detail::stat_head hd = a.heads[blockIdx.x];
-  const int64_t t = a.t0 + blockIdx.y;
-  const int64_t q_ord = hd.appended - a.Tq + t;
-  // visible keys: those with ord <= q_ord (keys are in ord order)
+  const detail::stat_key* keys = a.keys + hd.first_key;
+  const int64_t n_rows = a.Tq * a.G;
+  const int64_t row0 = (a.tile0 + blockIdx.y) * QR;
+  if (row0 >= n_rows || hd.n_keys == 0) return;  // (uniform over the block)
+
+  // the tile's query rows, scaled, and their ords
+  for (int i = tid; i < QR * D; i += kStatThreads) {
+    const int r = i / D, d = i % D;
+    const int64_t rr = row0 + r;
+    float x = 0.f;
+    if (rr < n_rows) {
+      const int64_t t = rr / a.G, g = rr % a.G;
+      x = load_as_f32(a.q, a.q_type, static_cast<size_t>(hd.b * a.qs0 + (hd.h * a.G + g) * a.qs1 + t * a.qs2 + d * a.qs3)) *
+          a.qscale;
+    }
+    qs[r * D + d] = x;
+  }
+  for (int r = tid; r < QR; r += kStatThreads) {
+    const int64_t rr = row0 + r;
+    row_ord[r] = rr < n_rows ? hd.appended - a.Tq + rr / a.G : -1;
+  }
+  // keys visible to the tile's last row (keys are in ord order; every thread finds the same)
+  const int64_t last = (row0 + QR < n_rows ? row0 + QR : n_rows) - 1;
+  const int64_t last_ord = hd.appended - a.Tq + last / a.G;
   int64_t lo = 0, hi = hd.n_keys;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (a.keys[hd.first_key + mid].ord <= q_ord) lo = mid + 1;
+    if (keys[mid].ord <= last_ord) lo = mid + 1;
     else hi = mid;
   }
   const int64_t n_vis = lo;
-  if (n_vis == 0) return;
-  for (int g = 0; g < a.G; ++g) {
-    for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
-      const size_t qi = static_cast<size_t>(hd.b * a.qs0 + (hd.h * a.G + g) * a.qs1 + t * a.qs2 + d * a.qs3);
-      qrow[d] = load_as_f32(a.q, a.q_type, qi) * a.qscale;
+  if (n_vis == 0) return;  // (uniform)
+  const int c = tid % KT, r_first = tid / KT;
+
+  // keys [k0, k0 + nk) into shared memory
+  auto load_keys = [&](int64_t k0, int nk) {
+    __syncthreads();  // the previous tile's readers are done
+    for (int kc = tid; kc < nk; kc += kStatThreads) {
+      key_ptr[kc] = keys[k0 + kc].k;
+      key_ord[kc] = keys[k0 + kc].ord;
+      key_level[kc] = keys[k0 + kc].level;
     }
     __syncthreads();
-    float m = kNegInf, l = 0.f;
-    for (int64_t j = threadIdx.x; j < n_vis; j += blockDim.x) {
-      const void* kr = a.keys[hd.first_key + j].k;
-      float dot = 0.f;
-      for (int d = 0; d < a.D; ++d) dot += qrow[d] * load_as_f32(kr, a.kv_type, static_cast<size_t>(d));
-      if (dot > m) {
-        l = (m == kNegInf ? 0.f : l * exp2f(m - dot)) + 1.f;
-        m = dot;
+    for (int i = tid; i < nk * D; i += kStatThreads) {
+      const int kc = i / D, d = i % D;
+      ks[kc * DP + d] = load_as_f32(key_ptr[kc], a.kv_type, static_cast<size_t>(d));
+    }
+    __syncthreads();
+  };
+  // this thread's scores (rows r_first + i * RSTEP, key c), -inf where the key is not visible
+  auto scores = [&](int nk, float (&s)[NE]) {
+    KVLOOM_UNROLL for (int i = 0; i < NE; ++i) s[i] = 0.f;
+    if (r_first >= QR || c >= nk) return;
+    for (int d = 0; d < D; ++d) {
+      const float kd = ks[c * DP + d];
+      KVLOOM_UNROLL for (int i = 0; i < NE; ++i) s[i] = fmaf(qs[(r_first + i * RSTEP) * D + d], kd, s[i]);
+    }
+    KVLOOM_UNROLL for (int i = 0; i < NE; ++i)
+      if (key_ord[c] > row_ord[r_first + i * RSTEP]) s[i] = kNegInf;
+  };
+
+  // pass 1: each row's max and sum, TPR threads per row
+  const int my_row = tid / TPR, sub = tid % TPR;
+  float m = kNegInf, l = 0.f;
+  for (int64_t k0 = 0; k0 < n_vis; k0 += KT) {
+    const int nk = static_cast<int>(n_vis - k0 < KT ? n_vis - k0 : KT);
+    load_keys(k0, nk);
+    float s[NE];
+    scores(nk, s);
+    if (r_first < QR && c < nk)
+      KVLOOM_UNROLL for (int i = 0; i < NE; ++i) sc[(r_first + i * RSTEP) * KT + c] = s[i];
+    __syncthreads();
+    for (int kc = sub; kc < nk; kc += TPR) {
+      if (key_ord[kc] > row_ord[my_row]) continue;  // (not visible: nothing to add)
+      const float x = sc[my_row * KT + kc];
+      if (x > m) {
+        l = (m == kNegInf ? 0.f : l * exp2f(m - x)) + 1.f;
+        m = x;
       } else {
-        l += exp2f(dot - m);
+        l += exp2f(x - m);
       }
     }
-    reduce_max_sum(m, l, red);
-    const float inv = 1.f / l;
-    double part[4] = {0, 0, 0, 0};
-    for (int64_t j = threadIdx.x; j < n_vis; j += blockDim.x) {
-      const detail::stat_key key = a.keys[hd.first_key + j];
-      float dot = 0.f;
-      for (int d = 0; d < a.D; ++d) dot += qrow[d] * load_as_f32(key.k, a.kv_type, static_cast<size_t>(d));
-      const float p = exp2f(dot - m) * inv;
-      if (a.mode == 0) {
-        atomicAdd(a.acc + hd.first_key + j, p);
-      } else if (key.level < 3 || q_ord - key.ord < a.local_window) {
-        part[key.level] += p;
+  }
+  KVLOOM_UNROLL for (int off = TPR / 2; off >= 1; off >>= 1) {
+    const float mo = __shfl_xor_sync(0xffffffffu, m, off), lo2 = __shfl_xor_sync(0xffffffffu, l, off);
+    const float mx = fmaxf(m, mo);
+    l = (m == kNegInf ? 0.f : l * exp2f(m - mx)) + (mo == kNegInf ? 0.f : lo2 * exp2f(mo - mx));
+    m = mx;
+  }
+  // a row counts once it sees a key (keys are in ord order: the first is the earliest)
+  const bool my_row_sees = row_ord[my_row] >= keys[0].ord;
+  if (sub == 0) {
+    row_m[my_row] = m;
+    row_inv[my_row] = my_row_sees ? 1.f / l : 0.f;
+  }
+
+  // pass 2: probabilities
+  double part[4] = {0, 0, 0, 0};
+  for (int64_t k0 = 0; k0 < n_vis; k0 += KT) {
+    const int nk = static_cast<int>(n_vis - k0 < KT ? n_vis - k0 : KT);
+    load_keys(k0, nk);  // (its barrier also publishes row_m and row_inv)
+    float s[NE];
+    scores(nk, s);
+    if (r_first < QR && c < nk) {
+      KVLOOM_UNROLL for (int i = 0; i < NE; ++i) {
+        const int r = r_first + i * RSTEP;
+        const float inv = row_inv[r];
+        const float pr = inv == 0.f || key_ord[c] > row_ord[r] ? 0.f : exp2f(s[i] - row_m[r]) * inv;
+        if (a.mode == 0) {
+          sc[r * KT + c] = pr;
+        } else if (key_level[c] < 3 || row_ord[r] - key_ord[c] < a.local_window) {
+          part[key_level[c]] += pr;
+        }
       }
     }
-    if (a.mode == 1) {
-      for (int i = 0; i < 4; ++i) mred[i * kStatThreads + threadIdx.x] = part[i];
+    if (a.mode == 0) {
       __syncthreads();
-      for (int off = kStatThreads / 2; off > 0; off >>= 1) {
-        if (threadIdx.x < off)
-          for (int i = 0; i < 4; ++i) mred[i * kStatThreads + threadIdx.x] += mred[i * kStatThreads + threadIdx.x + off];
-        __syncthreads();
-      }
-      if (threadIdx.x == 0) {
-        for (int i = 0; i < 4; ++i) atomicAdd(a.mass + blockIdx.x * 5 + i, mred[i * kStatThreads]);
-        atomicAdd(a.mass + blockIdx.x * 5 + 4, 1.0);
+      for (int kc = tid; kc < nk; kc += kStatThreads) {
+        float sum = 0.f;
+        for (int r = 0; r < QR; ++r) sum += sc[r * KT + kc];
+        if (sum != 0.f) atomicAdd(a.acc + hd.first_key + k0 + kc, sum);
       }
     }
+  }
+  if (a.mode == 1) {
+    for (int i = 0; i < 4; ++i) mred[i * kStatThreads + tid] = part[i];
     __syncthreads();
+    for (int off = kStatThreads / 2; off > 0; off >>= 1) {
+      if (tid < off)
+        for (int i = 0; i < 4; ++i) mred[i * kStatThreads + tid] += mred[i * kStatThreads + tid + off];
+      __syncthreads();
+    }
+    if (tid == 0) {
+      int counted = 0;
+      for (int r = 0; r < QR; ++r) counted += row_ord[r] >= keys[0].ord ? 1 : 0;
+      for (int i = 0; i < 4; ++i) atomicAdd(a.mass + blockIdx.x * 5 + i, mred[i * kStatThreads]);
+      atomicAdd(a.mass + blockIdx.x * 5 + 4, static_cast<double>(counted));
+    }
+  }
+}
+
+// The (QR, KT) instance for head_dim D (QR x D and KT x D at most 4096 floats).
+template <int QR, int KT>
+void launch_stats(stats_args a, int64_t n_heads, cudaStream_t s) {
+  const int64_t tiles = (a.Tq * a.G + QR - 1) / QR;
+  for (int64_t t0 = 0; t0 < tiles; t0 += 65535) {
+    a.tile0 = t0;
+    const dim3 grid(static_cast<unsigned>(n_heads), static_cast<unsigned>(std::min<int64_t>(65535, tiles - t0)));
+    void (*k)(stats_args) = prompt_stats_kernel<QR, KT>;
+    KVLOOM_LAUNCH(k, grid, kStatThreads, 0, s)(a);
+    KV_CUDA(cudaGetLastError());
   }
 }
 
@@ -425,12 +540,10 @@ void cuda_prompt_stats(const tensor_view& q, int64_t G, dtype kv_type, int64_t D
   KV_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&a.mass), mass_bytes, s));
   KV_CUDA(cudaMemsetAsync(a.acc, 0, acc_bytes, s));
   KV_CUDA(cudaMemsetAsync(a.mass, 0, mass_bytes, s));
-  for (int64_t t0 = 0; t0 < Tq; t0 += 65535) {  // gridDim.y is at most 65535
-    a.t0 = t0;
-    const dim3 grid(static_cast<unsigned>(heads.size()), static_cast<unsigned>(std::min<int64_t>(65535, Tq - t0)));
-    KVLOOM_LAUNCH(prompt_stats_kernel, grid, kStatThreads, 0, s)(a);
-    KV_CUDA(cudaGetLastError());
-  }
+  if (D <= 64) launch_stats<64, 32>(a, static_cast<int64_t>(heads.size()), s);
+  else if (D <= 128) launch_stats<32, 32>(a, static_cast<int64_t>(heads.size()), s);
+  else if (D <= 256) launch_stats<16, 16>(a, static_cast<int64_t>(heads.size()), s);
+  else launch_stats<8, 8>(a, static_cast<int64_t>(heads.size()), s);
   if (mode == 0 && !keys.empty())
     KV_CUDA(cudaMemcpyAsync(out_acc, a.acc, keys.size() * sizeof(float), cudaMemcpyDeviceToHost, s));
   if (mode == 1) KV_CUDA(cudaMemcpyAsync(out_mass, a.mass, mass_bytes, cudaMemcpyDeviceToHost, s));
@@ -454,5 +567,7 @@ int cuda_device_count() {
 }
 
 std::string cuda_architectures() { return KVLOOM_CUDA_ARCHS; }
+
+void cuda_release_staging() { detail::cu::release_staging(); }
 
 }  // namespace kvloom

@@ -45,6 +45,8 @@ struct device_scope {
 // staging ring: the host buffer may be reused at once, and the call waits for the GPU only
 // when the ring is full of copies the GPU has not started.
 void* upload(const void* host, size_t bytes, int device, cudaStream_t s);
+// Frees every device's staging ring (kvloom::cuda_release_staging).
+void release_staging();
 
 template <class T>
 T* upload_vec(const std::vector<T>& v, int device, cudaStream_t s) {

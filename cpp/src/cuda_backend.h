@@ -29,6 +29,10 @@ void cuda_chunk_attention(const cache& c, int layer, const std::vector<int64_t>&
 void cuda_attend_dense(const tensor_view& q, const std::vector<dense_segment>& segments, const tensor_view& out, float scale,
                        const rope_spec& rope);
 
+// 4-byte words of block-table mirrors uploaded so far, all caches together (tests: what a
+// decode step uploads).
+int64_t cuda_table_upload_words();
+
 // Prompt statistics over device keys without the T x T map. heads[i] lists its live keys in
 // ord order at keys[first_key, first_key + n_keys); query t of row b (q [B, Hq, Tq, D]) is the
 // token at ord appended - Tq + t and sees the keys with ord <= its own.

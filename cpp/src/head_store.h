@@ -49,13 +49,37 @@ struct head_store {
   const std::vector<uint16_t>& block_live() const { return block_live_; }
   int64_t hint() const { return hint_; }
   const head_plan* plan() const { return plan_.get(); }
+  // Marks table entry `entry` changed: it joins the dirty range it touches or borders, else
+  // starts a range of its own, else (all kDirtyRanges in use) widens the nearest one. A decode
+  // step of an evicting policy changes an entry or two far from the table's tail, where the
+  // new token lands: separate ranges keep its upload to those entries, not the span between.
   void touch(int64_t entry) const {
-    dirty_lo_ = std::min(dirty_lo_, entry);
-    dirty_hi_ = std::max(dirty_hi_, entry + 1);
+    int nearest = 0;
+    int64_t nearest_gap = std::numeric_limits<int64_t>::max();
+    for (int i = 0; i < n_dirty_; ++i) {
+      entry_range& r = dirty_[i];
+      const int64_t gap = entry < r.lo ? r.lo - 1 - entry : entry >= r.hi ? entry - r.hi : 0;
+      if (gap == 0) {
+        r.lo = std::min(r.lo, entry);
+        r.hi = std::max(r.hi, entry + 1);
+        return;
+      }
+      if (gap < nearest_gap) {
+        nearest_gap = gap;
+        nearest = i;
+      }
+    }
+    if (n_dirty_ < kDirtyRanges) {
+      dirty_[n_dirty_++] = {entry, entry + 1};
+      return;
+    }
+    entry_range& r = dirty_[nearest];
+    r.lo = std::min(r.lo, entry);
+    r.hi = std::max(r.hi, entry + 1);
   }
   void touch_all() const {
-    dirty_lo_ = 0;
-    dirty_hi_ = std::numeric_limits<int64_t>::max();
+    n_dirty_ = 1;
+    dirty_[0] = {0, std::numeric_limits<int64_t>::max()};
   }
 
   std::vector<block_id> table_;          // [n_blocks], -1 = no block
@@ -70,11 +94,16 @@ struct head_store {
   int64_t n_appended_ = 0;
   int64_t hint_ = 0;  // no block before this table index has a free slot
   std::shared_ptr<const head_plan> plan_;
-  // Table entries [dirty_lo_, dirty_hi_) changed since the device mirror's last upload (empty
-  // when lo >= hi). The backend reads and clears them with the mirror, under its own lock (a
-  // decode on a const cache updates them; writers of the store hold it exclusively).
-  mutable int64_t dirty_lo_ = 0;
-  mutable int64_t dirty_hi_ = std::numeric_limits<int64_t>::max();
+  // Table entries changed since the device mirror's last upload: dirty_[0, n_dirty_), half-open
+  // ranges that may overlap (none: clean). The backend reads and clears them with the mirror,
+  // under its own lock (a decode on a const cache updates them; writers of the store hold it
+  // exclusively).
+  struct entry_range {
+    int64_t lo, hi;
+  };
+  static constexpr int kDirtyRanges = 4;
+  mutable entry_range dirty_[kDirtyRanges] = {{0, std::numeric_limits<int64_t>::max()}};
+  mutable int n_dirty_ = 1;
   mutable detail::mirror_handle mirror_;
 };
 

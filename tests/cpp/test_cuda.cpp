@@ -19,6 +19,8 @@
 #include "helpers.h"
 #include "kvloom/attention.h"
 #include "kvloom/kvloom.h"
+#include "cuda_backend.h"
+#include "scores.h"
 #include "test.h"
 
 using namespace kvloom;
@@ -222,6 +224,115 @@ TEST(cuda_statistics_and_device_checks) {
   CHECK_THROWS(h.append(0, s, on_cuda(kv, dk.p), on_cuda(kv, dk.p), nullptr), std::invalid_argument);  // and back
   CHECK_EQ(d.seq_length(sd), int64_t(50));
   CHECK_THROWS(block_pool(dtype::f32, D, 8, 16, 0, device_kind::cuda, 99), std::invalid_argument);
+}
+
+// A decode step of an evicting policy changes two table entries that may lie far apart: the
+// one the new token fills (the lowest free slot: the last step's hole) and the one it evicts.
+// The mirror upload covers those two entries, not the span between them (the simulated build
+// also reads every mirror back after each upload).
+TEST(cuda_table_uploads_cover_only_changed_entries) {
+  if (!have_gpu()) return;
+  const int H = 1, D = 32, bs = 8;
+  auto hp = std::make_shared<block_pool>(dtype::f32, D, bs, 1024);
+  auto dp = std::make_shared<block_pool>(dtype::f32, D, bs, 1024, 0, device_kind::cuda, 0);
+  cache h(hp, 1, H), d(dp, 1, H);
+  kvtest::lcg rng(3);
+  const int64_t s = h.seq_add(), sd = d.seq_add();
+  append_both(h, d, 0, s, sd, H, 64 * bs - 3, D, rng);  // 64 entries, the last one not full
+  auto q = rng.vec(static_cast<size_t>(2 * D));
+  const auto qv = kvtest::view(q.data(), dtype::f32, {1, 2, D});
+  dbuf dq(q.data(), q.size() * 4), dout(q.size() * 4);
+  const auto out = on_cuda(qv, dout.p);
+  const rope_spec none{nullptr, 0};
+  const int32_t entries[] = {2, 60, 3, 61};  // where each step's evicted token lives
+  std::vector<int32_t> gone = {entries[0] * bs};
+  h.evict(0, 0, s, gone.data(), 1);
+  d.evict(0, 0, sd, gone.data(), 1);
+  decode_attention_cache(d, 0, {{{sd, 0}}}, on_cuda(qv, dq.p), out, 0.f, none);  // the whole table goes up once
+  for (int step = 1; step < 4; ++step) {
+    append_both(h, d, 0, s, sd, H, 1, D, rng);  // into the lowest free slot: the last step's hole
+    gone = {entries[step] * bs + 1};
+    h.evict(0, 0, s, gone.data(), 1);
+    d.evict(0, 0, sd, gone.data(), 1);
+    const int64_t before = detail::cuda_table_upload_words();
+    decode_attention_cache(d, 0, {{{sd, 0}}}, on_cuda(qv, dq.p), out, 0.f, none);
+    const int64_t words = detail::cuda_table_upload_words() - before;
+    CHECK(words > 0);
+    CHECK(words <= 2 * (2 + bs));  // two entries: a block address (2 words) and its ords each
+  }
+  std::vector<float> want(q.size());
+  decode_attention_cache(h, 0, {{{s, 0}}}, qv, kvtest::view(want.data(), dtype::f32, {1, 2, D}), 0.f, none);
+  const auto got = dout.host<float>();
+  for (size_t i = 0; i < want.size(); ++i) CHECK(std::fabs(want[i] - got[i]) < 1e-5f);
+}
+
+// The prompt statistics (H2O's accumulated attention, FastGen's hybrid recovery) of a device
+// cache equal the host ones: every key-tile shape (head_dim up to 64, 128, 256, 512), query
+// groups that do and do not divide a row tile, two batch rows, query chunks after earlier
+// tokens (every query sees those), evicted keys, token classes and a local window.
+TEST(cuda_prompt_statistics_match_host) {
+  if (!have_gpu()) return;
+  struct cfg {
+    dtype st;
+    int D, G, T, Tq;
+    double r_frequent;
+    int64_t window;
+  };
+  const cfg cases[] = {{dtype::f32, 32, 1, 70, 37, 0.0, 5},  {dtype::f16, 64, 3, 45, 45, 0.0, 9},
+                       {dtype::bf16, 128, 4, 75, 20, 1.0, 4}, {dtype::f32, 80, 2, 40, 40, 0.0, 3},
+                       {dtype::bf16, 256, 2, 35, 35, 0.0, 6}, {dtype::f16, 512, 1, 20, 11, 0.0, 2}};
+  kvtest::lcg rng(11);
+  for (const cfg& cf : cases) {
+    const int H = 2, B = 2, Hq = H * cf.G, D = cf.D;
+    auto hp = std::make_shared<block_pool>(cf.st, D, 8, 1024);
+    auto dp = std::make_shared<block_pool>(cf.st, D, 8, 1024, 0, device_kind::cuda, 0);
+    cache h(hp, 1, H), d(dp, 1, H);
+    std::vector<int64_t> hs, ds;
+    for (int b = 0; b < B; ++b) {
+      hs.push_back(h.seq_add());
+      ds.push_back(d.seq_add());
+      const int64_t n = cf.T - 3 * b;  // rows of different lengths
+      auto k = rng.vec(static_cast<size_t>(H * n * D)), v = rng.vec(k.size());
+      std::vector<uint8_t> cls(static_cast<size_t>(n));
+      for (auto& x : cls) {
+        const float u = rng.next();  // about a sixth special, a sixth punctuation
+        x = u < -0.66f ? kClassSpecial : u > 0.66f ? kClassPunct : 0;
+      }
+      const auto kv = kvtest::view(k.data(), dtype::f32, {H, n, D}), vv = kvtest::view(v.data(), dtype::f32, {H, n, D});
+      const auto cv = kvtest::view(cls.data(), dtype::u8, {n});
+      h.append(0, hs[b], kv, vv, nullptr, &cv);
+      dbuf dk(k.data(), k.size() * 4), dv(v.data(), v.size() * 4);
+      d.append(0, ds[b], on_cuda(kv, dk.p), on_cuda(vv, dv.p), nullptr, &cv);
+      cudaDeviceSynchronize();
+      const std::vector<int32_t> gone = {0, 6, static_cast<int32_t>(n / 2)};  // holes in head 1 (token 0 among them: its own query sees no key there)
+      h.evict(0, 1, hs[b], gone.data(), 3);
+      d.evict(0, 1, ds[b], gone.data(), 3);
+    }
+    const int Tq = std::min(cf.Tq, cf.T - 3);
+    auto q = rng.vec(static_cast<size_t>(B * Hq * Tq * D));
+    const auto qv = kvtest::view(q.data(), dtype::f32, {B, Hq, Tq, D});
+    dbuf dq(q.data(), q.size() * 4);
+    h.accumulate_attention(0, hs, qv, 0.f);
+    d.accumulate_attention(0, ds, on_cuda(qv, dq.p), 0.f);
+    float worst = 0.f;
+    for (int b = 0; b < B; ++b)
+      for (int head = 0; head < H; ++head) {
+        const auto x = h.live_slots(0, head, hs[b]), y = d.live_slots(0, head, ds[b]);
+        CHECK_EQ(x.size(), y.size());
+        for (size_t i = 0; i < x.size() && i < y.size(); ++i)
+          worst = worse(worst, std::fabs(x[i].score - y[i].score) / (1.f + std::fabs(x[i].score)));
+      }
+    CHECK(worst < 2e-5f);
+    std::vector<double> mh(static_cast<size_t>(B * H * 4)), md(mh.size());
+    hybrid_recovery(h, 0, hs, qv, 0.f, cf.r_frequent, cf.window, mh.data());
+    hybrid_recovery(d, 0, ds, on_cuda(qv, dq.p), 0.f, cf.r_frequent, cf.window, md.data());
+    double worst_mass = 0.0;
+    for (size_t i = 0; i < mh.size(); ++i) worst_mass = std::max(worst_mass, std::fabs(mh[i] - md[i]));
+    CHECK(worst_mass < 1e-5);
+    CHECK(mh[3] > mh[0]);  // (the levels are not all empty: the local window adds mass)
+    if (!(worst < 2e-5f && worst_mass < 1e-5))
+      std::printf("  D %d G %d: score error %g, mass error %g\n", D, cf.G, static_cast<double>(worst), worst_mass);
+  }
 }
 
 namespace {
