@@ -138,8 +138,8 @@ class mirror_sync {
       auto fresh = new mirror_state();
       fresh->device = device_;
       fresh->cap = std::max<int64_t>({16, n, m ? 2 * m->cap : 0});
-      if (cudaMallocAsync(reinterpret_cast<void**>(&fresh->blocks), static_cast<size_t>(fresh->cap) * 8, s_) != cudaSuccess ||
-          cudaMallocAsync(reinterpret_cast<void**>(&fresh->ords), static_cast<size_t>(fresh->cap) * bs * 4, s_) != cudaSuccess) {
+      if (cu::malloc_async(reinterpret_cast<void**>(&fresh->blocks), static_cast<size_t>(fresh->cap) * 8, s_) != cudaSuccess ||
+          cu::malloc_async(reinterpret_cast<void**>(&fresh->ords), static_cast<size_t>(fresh->cap) * bs * 4, s_) != cudaSuccess) {
         cudaGetLastError();
         mirror_release(fresh);
         throw capacity_error("CUDA device memory exhausted while uploading a block table");
@@ -773,12 +773,12 @@ void launch(const tensor_view& q4, const tensor_view& out4, int G, dtype kv_type
         p.mask_threshold = ex.mask_threshold;
       }
       const kernel_shape shape = shape_for(kv_type, D, aligned);
-      KV_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&partial),
+      KV_CUDA(cu::malloc_async(reinterpret_cast<void**>(&partial),
                               std::max<size_t>(1, cp.items.size()) * GT * (D + 2) * sizeof(float), s));
       p.partial = partial;
       if (ex.probs) {
-        KV_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&stats), std::max<size_t>(1, cp.tasks.size()) * GT * 2 * sizeof(float), s));
-        KV_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&probs), std::max<int64_t>(1, total_rows) * sizeof(float), s));
+        KV_CUDA(cu::malloc_async(reinterpret_cast<void**>(&stats), std::max<size_t>(1, cp.tasks.size()) * GT * 2 * sizeof(float), s));
+        KV_CUDA(cu::malloc_async(reinterpret_cast<void**>(&probs), std::max<int64_t>(1, total_rows) * sizeof(float), s));
         KV_CUDA(cudaMemsetAsync(probs, 0, std::max<int64_t>(1, total_rows) * sizeof(float), s));
         p.final_stats = stats;
       }

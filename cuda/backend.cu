@@ -45,7 +45,7 @@ class staging_ring {
 
   void* upload(const void* host, size_t bytes, cudaStream_t s) {
     void* dev = nullptr;
-    KV_CUDA(cudaMallocAsync(&dev, std::max<size_t>(bytes, 16), s));
+    KV_CUDA(malloc_async(&dev, std::max<size_t>(bytes, 16), s));
     if (bytes == 0) return dev;
     std::lock_guard<std::mutex> lock(mu_);
     init_locked();
@@ -104,14 +104,50 @@ staging_ring& ring_for(int device) {
   return *(*g_rings)[device];
 }
 
+std::mutex g_pools_mu;
+cudaMemPool_t g_pools[64] = {};  // per device, created on first use, never destroyed
+
+cudaMemPool_t pool_for(int device) {
+  if (device < 0 || device >= 64) fail(cudaErrorInvalidDevice, "kvloom's memory pool");
+  std::lock_guard<std::mutex> lock(g_pools_mu);
+  if (!g_pools[device]) {
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    cudaMemPool_t pool = nullptr;
+    KV_CUDA(cudaMemPoolCreate(&pool, &props));
+    uint64_t keep_all = ~uint64_t(0);
+    KV_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+    g_pools[device] = pool;
+  }
+  return g_pools[device];
+}
+
 }  // namespace
 
-void release_staging() {
-  std::lock_guard<std::mutex> lock(g_rings_mu);
-  for (size_t d = 0; d < g_rings->size(); ++d)
-    if ((*g_rings)[d]) {
-      device_scope ds(static_cast<int>(d));
-      (*g_rings)[d]->release();
+cudaError_t malloc_async(void** p, size_t bytes, cudaStream_t s) {
+  int device = 0;
+  const cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  return cudaMallocFromPoolAsync(p, bytes, pool_for(device), s);
+}
+
+void release_cached_memory() {
+  {
+    std::lock_guard<std::mutex> lock(g_rings_mu);
+    for (size_t d = 0; d < g_rings->size(); ++d)
+      if ((*g_rings)[d]) {
+        device_scope ds(static_cast<int>(d));
+        (*g_rings)[d]->release();
+      }
+  }
+  std::lock_guard<std::mutex> lock(g_pools_mu);
+  for (int d = 0; d < 64; ++d)
+    if (g_pools[d]) {
+      device_scope ds(d);
+      KV_CUDA(cudaDeviceSynchronize());  // frees queued on any stream have run
+      KV_CUDA(cudaMemPoolTrimTo(g_pools[d], 0));
     }
 }
 
@@ -137,6 +173,7 @@ using detail::cu::device_scope;
 using detail::cu::grid_for;
 using detail::cu::release;
 using detail::cu::stream;
+using detail::cu::malloc_async;
 using detail::cu::upload_vec;
 
 // --- data movement kernels -----------------------------------------------------------------
@@ -286,7 +323,7 @@ class cuda_device_ops final : public detail::device_ops {
     auto* d = upload_vec(rr, device_id, s);
     void* scratch = nullptr;
     const size_t bytes = rows.size() * static_cast<size_t>(D) * sizeof(float);
-    KV_CUDA(cudaMallocAsync(&scratch, bytes, s));
+    KV_CUDA(malloc_async(&scratch, bytes, s));
     const dst2 out{scratch, nullptr, D, 1, 0, 0, dtype::f32};
     const int threads = 256;
     KVLOOM_LAUNCH(read_rows_kernel, grid_for(static_cast<int64_t>(rows.size()) * D, threads), threads, 0, s)(
@@ -536,8 +573,8 @@ void cuda_prompt_stats(const tensor_view& q, int64_t G, dtype kv_type, int64_t D
   a.local_window = local_window;
   const size_t acc_bytes = mode == 0 ? std::max<size_t>(keys.size(), 1) * sizeof(float) : 16;
   const size_t mass_bytes = mode == 1 ? heads.size() * 5 * sizeof(double) : 16;
-  KV_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&a.acc), acc_bytes, s));
-  KV_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&a.mass), mass_bytes, s));
+  KV_CUDA(malloc_async(reinterpret_cast<void**>(&a.acc), acc_bytes, s));
+  KV_CUDA(malloc_async(reinterpret_cast<void**>(&a.mass), mass_bytes, s));
   KV_CUDA(cudaMemsetAsync(a.acc, 0, acc_bytes, s));
   KV_CUDA(cudaMemsetAsync(a.mass, 0, mass_bytes, s));
   if (D <= 64) launch_stats<64, 32>(a, static_cast<int64_t>(heads.size()), s);
@@ -568,6 +605,6 @@ int cuda_device_count() {
 
 std::string cuda_architectures() { return KVLOOM_CUDA_ARCHS; }
 
-void cuda_release_staging() { detail::cu::release_staging(); }
+void cuda_release_cached_memory() { detail::cu::release_cached_memory(); }
 
 }  // namespace kvloom

@@ -45,8 +45,13 @@ struct device_scope {
 // staging ring: the host buffer may be reused at once, and the call waits for the GPU only
 // when the ring is full of copies the GPU has not started.
 void* upload(const void* host, size_t bytes, int device, cudaStream_t s);
-// Frees every device's staging ring (kvloom::cuda_release_staging).
-void release_staging();
+// Stream-ordered device memory (descriptors, scratch, table mirrors) from kvloom's own pool on
+// the current device. The pool keeps what is freed: the default pool's release threshold is 0,
+// so it hands freed memory back to the driver at every synchronisation, and a decode step after
+// one (a token read by the host) would map its scratch memory again, for every call.
+cudaError_t malloc_async(void** p, size_t bytes, cudaStream_t s);
+// Frees every device's staging ring and trims kvloom's pools (kvloom::cuda_release_cached_memory).
+void release_cached_memory();
 
 template <class T>
 T* upload_vec(const std::vector<T>& v, int device, cudaStream_t s) {

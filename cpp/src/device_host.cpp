@@ -103,7 +103,7 @@ void* current_stream() { return g_stream; }
 bool cuda_built() { return false; }
 int cuda_device_count() { return 0; }
 std::string cuda_architectures() { return ""; }
-void cuda_release_staging() {}
+void cuda_release_cached_memory() {}
 #endif
 
 }  // namespace kvloom

@@ -353,6 +353,26 @@ cudaError_t cudaFree(void* p) { return kvsim::device_free(p); }
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) { return kvsim::device_alloc(p, bytes); }
 cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return kvsim::device_free(p); }
 
+struct kvsim_mem_pool {
+  int device;
+};
+
+cudaError_t cudaMemPoolCreate(cudaMemPool_t* pool, const cudaMemPoolProps* props) {
+  if (!pool || !props || props->location.type != cudaMemLocationTypeDevice || props->location.id < 0 ||
+      props->location.id >= kvsim::device_count())
+    return cudaErrorInvalidValue;
+  *pool = new kvsim_mem_pool{props->location.id};  // (pools live as long as the process)
+  return cudaSuccess;
+}
+cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t pool, cudaMemPoolAttr, void* value) {
+  return pool && value ? cudaSuccess : cudaErrorInvalidValue;
+}
+cudaError_t cudaMemPoolTrimTo(cudaMemPool_t pool, size_t) { return pool ? cudaSuccess : cudaErrorInvalidValue; }
+cudaError_t cudaMallocFromPoolAsync(void** p, size_t bytes, cudaMemPool_t pool, cudaStream_t) {
+  if (!pool) return cudaErrorInvalidValue;
+  return kvsim::device_alloc(p, bytes);
+}
+
 cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned) {
   *p = std::aligned_alloc(64, std::max<size_t>(64, (bytes + 63) / 64 * 64));
   return *p ? cudaSuccess : cudaErrorMemoryAllocation;

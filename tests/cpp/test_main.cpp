@@ -43,7 +43,7 @@ int main(int argc, char** argv) {
   }
   // the pinned upload buffers are held for the life of the process: freed here, so that a leak
   // check at exit (compute-sanitizer --leak-check full) reports only real leaks
-  kvloom::cuda_release_staging();
+  kvloom::cuda_release_cached_memory();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

@@ -20,11 +20,12 @@ bool cuda_built();
 int cuda_device_count();
 // The CUDA architectures compiled in (e.g. "80;90"), or "" without CUDA.
 std::string cuda_architectures();
-// Frees the pinned host buffers kvloom keeps for uploads (16 MiB per device used, held for the
-// life of the process otherwise), after the copies that read them have run. Call it before a
-// leak check at exit, or to give the memory back; a later upload allocates them again. Not
-// while another thread may be calling kvloom on a CUDA device. A no-op without CUDA.
-void cuda_release_staging();
+// Gives back the memory kvloom keeps between calls on CUDA devices: the pinned host buffers
+// for uploads (16 MiB per device used) and the device memory its own stream-ordered pool holds
+// for scratch and descriptors (kept, not handed back at each synchronisation). Call it before
+// a leak check at exit, or to give the memory back; later calls allocate again. Not while
+// another thread may be calling kvloom on a CUDA device. A no-op without CUDA.
+void cuda_release_cached_memory();
 
 // The calling thread's current stream (a cudaStream_t as void*; null = legacy default stream).
 void set_current_stream(void* stream);
