@@ -3,7 +3,9 @@
 1. Decode attention, one token, bf16: kvloom over its paged cache vs torch SDPA over the same
    keys/values held densely, Hq 32 / Hkv 8 / D 128, T 4k/32k/128k, batch 1 and 8; the achieved
    KV read rate against a device-to-device copy measured in the same run (the copy reads and
-   writes: its bandwidth is 2 x bytes / time).
+   writes: its bandwidth is 2 x bytes / time). Also the host time per kvloom call (issued
+   back to back, no synchronisation), the GPU-busy time per call (kernels and copies, from
+   torch.profiler) and kvloom's kernel over the dense tensors (no paging).
 2. End to end: decode tokens/s and KV bytes of kvloom.Cache (Full, Window 50%, FastGen) vs
    DynamicCache + sdpa on a random-initialised Llama of Llama-3.2-1B's shape in bf16, at 8k
    context, batch 1 and 8 (random weights: only speed and memory mean anything).
@@ -35,6 +37,35 @@ def _cuda_time(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def _host_time(fn, reps: int) -> float:
+    """Median-free host seconds per call of fn() with no synchronisation between calls: what the
+    CPU spends issuing one call (when it exceeds the GPU time, the call is host-bound)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / reps
+
+
+def _kernel_time(fn, reps: int = 10):
+    """GPU seconds per call of fn() spent in kernels and copies (torch.profiler, CUPTI), or None
+    where the profiler gives no device times: the part of a call's time the GPU is busy."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        total = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())  # µs
+        return total / reps / 1e6 if total > 0 else None
+    except Exception:  # (a profiler that cannot start must not cost the benchmark)
+        return None
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
     src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda")
@@ -58,13 +89,18 @@ def attention_case(B: int, T: int, Hq: int = 32, Hkv: int = 8, D: int = 128, rep
     want = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
     err = float((got.float() - want.float()).abs().max())
     t_kv = _cuda_time(lambda: kv.attend(0, q, seqs), reps)
+    host_kv = _host_time(lambda: kv.attend(0, q, seqs), reps)
+    gpu_kv = _kernel_time(lambda: kv.attend(0, q, seqs))
+    # the same kernel over the dense tensors: no block tables, no paging (kernel vs paging cost)
+    t_dense = _cuda_time(lambda: kvloom.ops.decode_attention(q, k, v), reps)
     q4 = q[:, :, None]
     t_sdpa = _cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True), reps)
     nbytes = 2 * B * Hkv * T * D * 2
     kv = k = v = None  # (the lambdas above hold them as cells)
     torch.cuda.empty_cache()
     return {"B": B, "T": T, "Hq": Hq, "Hkv": Hkv, "D": D, "kv_bytes": nbytes, "kvloom_us": t_kv * 1e6,
-            "sdpa_us": t_sdpa * 1e6, "speedup": t_sdpa / t_kv, "kvloom_gbps": nbytes / t_kv / 1e9, "max_abs_err": err}
+            "kvloom_host_us": host_kv * 1e6, "kvloom_gpu_us": gpu_kv * 1e6 if gpu_kv else None, "dense_us": t_dense * 1e6, "sdpa_us": t_sdpa * 1e6,
+            "speedup": t_sdpa / t_kv, "kvloom_gbps": nbytes / t_kv / 1e9, "max_abs_err": err}
 
 
 def llama_1b(device="cuda"):
@@ -178,11 +214,16 @@ class GPU(Benchmark):
         head = (f"{summary['device']}, {summary['date']} (torch {summary['torch']}, kvloom built for "
                 f"sm_{summary['cuda_archs']}); device-to-device copy: {summary['copy_bandwidth_gbps']:.0f} GB/s\n\n"
                 "Decode attention, one token, bf16, Hq 32 / Hkv 8 / D 128:\n\n")
-        rows = [[r["B"], r["T"], f"{r['kvloom_us']:.0f}", f"{r['sdpa_us']:.0f}", f"{r['speedup']:.2f}×",
-                 f"{r['kvloom_gbps']:.0f}", f"{100 * r['bw_fraction']:.0f}%", f"{r['max_abs_err']:.1e}"]
+        def opt(r, key):  # (columns added after the first run's results, or not measured)
+            return f"{r[key]:.0f}" if r.get(key) is not None else "–"
+
+        rows = [[r["B"], r["T"], f"{r['kvloom_us']:.0f}", opt(r, "kvloom_host_us"), opt(r, "kvloom_gpu_us"),
+                 opt(r, "dense_us"),
+                 f"{r['sdpa_us']:.0f}", f"{r['speedup']:.2f}×", f"{r['kvloom_gbps']:.0f}",
+                 f"{100 * r['bw_fraction']:.0f}%", f"{r['max_abs_err']:.1e}"]
                 for r in summary["rows"]]
-        out = head + table(["batch", "T", "kvloom µs", "SDPA µs", "× SDPA", "kvloom GB/s", "% of copy BW",
-                            "max |err|"], rows)
+        out = head + table(["batch", "T", "kvloom µs", "host µs/call", "GPU-busy µs", "dense µs", "SDPA µs", "× SDPA",
+                            "kvloom GB/s", "% of copy BW", "max |err|"], rows)
         if summary["e2e"]:
             e = summary["e2e"]
             out += (f"\nEnd to end, random-init Llama-3.2-1B shape, bf16, {e[0]['context']} tokens of context:\n\n"
