@@ -36,6 +36,7 @@
 
 #include "cuda_backend.h"
 #include "cuda_common.h"
+#include "deferred.h"
 #include "head_store.h"
 
 namespace kvloom {
@@ -697,9 +698,11 @@ struct call_extras {
   std::vector<int64_t> first_ord;  // chunks: [B]
   const tensor_view* mask = nullptr;
   float mask_threshold = 0.f;
-  // accumulation: filled with every segment row's probability (summed over the query group),
-  // segment i's rows from segs[i].prob_off; the call then waits for the GPU once
-  std::vector<float>* probs = nullptr;
+  // accumulation: every segment row's probability (summed over the query group) is copied to
+  // this pinned host buffer (segment i's rows from segs[i].prob_off), then probs_done is
+  // recorded; the call does not wait for the GPU
+  float* probs_host = nullptr;
+  cudaEvent_t probs_done = nullptr;
 };
 
 // Uploads the patches and the call's descriptors in one copy, applies the patches and runs
@@ -776,7 +779,7 @@ void launch(const tensor_view& q4, const tensor_view& out4, int G, dtype kv_type
       KV_CUDA(cu::malloc_async(reinterpret_cast<void**>(&partial),
                               std::max<size_t>(1, cp.items.size()) * GT * (D + 2) * sizeof(float), s));
       p.partial = partial;
-      if (ex.probs) {
+      if (ex.probs_host) {
         KV_CUDA(cu::malloc_async(reinterpret_cast<void**>(&stats), std::max<size_t>(1, cp.tasks.size()) * GT * 2 * sizeof(float), s));
         KV_CUDA(cu::malloc_async(reinterpret_cast<void**>(&probs), std::max<int64_t>(1, total_rows) * sizeof(float), s));
         KV_CUDA(cudaMemsetAsync(probs, 0, std::max<int64_t>(1, total_rows) * sizeof(float), s));
@@ -791,17 +794,16 @@ void launch(const tensor_view& q4, const tensor_view& out4, int G, dtype kv_type
       const kernel_fn merge = pick_merge(GT);
       KVLOOM_LAUNCH(merge, static_cast<unsigned>(cp.tasks.size()), 128, 0, s)(p);
       KV_CUDA(cudaGetLastError());
-      if (ex.probs) {  // the probabilities pass over the keys, then the one wait for the GPU
+      if (ex.probs_host) {  // the probabilities pass over the keys, read back without waiting
         p.probs = probs;
         if (!cp.items.empty()) {
           KVLOOM_LAUNCH(k, static_cast<unsigned>(cp.items.size()), kThreads, smem, s)(p);
           KV_CUDA(cudaGetLastError());
         }
-        ex.probs->resize(static_cast<size_t>(total_rows));
         if (total_rows)
-          KV_CUDA(cudaMemcpyAsync(ex.probs->data(), probs, static_cast<size_t>(total_rows) * sizeof(float),
+          KV_CUDA(cudaMemcpyAsync(ex.probs_host, probs, static_cast<size_t>(total_rows) * sizeof(float),
                                   cudaMemcpyDeviceToHost, s));
-        KV_CUDA(cudaStreamSynchronize(s));
+        KV_CUDA(cudaEventRecord(ex.probs_done, s));
       }
     }
   } catch (...) {
@@ -855,6 +857,60 @@ void add_cache_segments(const cache& c, int layer, const std::vector<std::vector
 
 }  // namespace
 
+namespace {
+
+// A decode step's probabilities on their way to the slots' scores: a pinned buffer the
+// attention call copies them into, and the event recorded after the copy.
+class pending_probs final : public deferred_scores {
+ public:
+  explicit pending_probs(int device, int64_t rows) : device_(device) {
+    host_ = static_cast<float*>(cu::take_pinned(static_cast<size_t>(std::max<int64_t>(rows, 1)) * sizeof(float), &cap_));
+    if (cudaEventCreateWithFlags(&done_, cudaEventDisableTiming) != cudaSuccess) {
+      cudaGetLastError();
+      cu::give_pinned(host_, cap_);
+      host_ = nullptr;
+      done_ = nullptr;
+      throw std::runtime_error("CUDA error in cudaEventCreateWithFlags (accumulated attention readback)");
+    }
+  }
+  ~pending_probs() override {
+    if (host_ && done_ && cudaEventSynchronize(done_) == cudaSuccess) cu::give_pinned(host_, cap_);
+    // (a failed wait, e.g. at exit after the CUDA runtime shut down, leaks the buffer rather
+    // than reuse one a copy may still write)
+    if (done_) cudaEventDestroy(done_);
+    cudaGetLastError();
+  }
+  float* host() const { return host_; }
+  cudaEvent_t done() const { return done_; }
+  void add(head_store* hs, int64_t first, int64_t rows) { parts_.push_back({hs, first, rows}); }
+
+  void apply() override {
+    KV_CUDA(cudaEventSynchronize(done_));
+    for (const part& pt : parts_) {
+      const float* pr = host_ + pt.first;
+      const int64_t n = std::min<int64_t>(pt.rows, pt.hs->n_slots());
+      for (int64_t r = 0; r < n; ++r)
+        if (pt.hs->live_[r]) pt.hs->score_[r] += pr[r];
+    }
+    parts_.clear();
+    cu::give_pinned(host_, cap_);
+    host_ = nullptr;
+  }
+
+ private:
+  struct part {
+    head_store* hs;
+    int64_t first, rows;
+  };
+  int device_;
+  float* host_ = nullptr;
+  size_t cap_ = 0;
+  cudaEvent_t done_ = nullptr;
+  std::vector<part> parts_;
+};
+
+}  // namespace
+
 void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
                        const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope, bool accumulate) {
   const block_pool& pool = c.pool();
@@ -868,22 +924,27 @@ void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<
   call_extras ex;
   ex.inv_freq = rope.inv_freq;
   ex.n_freq = rope.n_freq;
-  std::vector<float> probs;
-  if (accumulate) ex.probs = &probs;
+  std::shared_ptr<pending_probs> pending;
+  if (accumulate) {
+    int64_t rows = 0;
+    for (const seg_desc& sg : cp.segs) rows += sg.n_rows;
+    pending = std::make_shared<pending_probs>(q.device_id, rows);
+    ex.probs_host = pending->host();
+    ex.probs_done = pending->done();
+  }
   launch(as_4d(q), as_4d(out), G, pool.type(), true, cp, &ms, pool.block_size(), static_cast<int64_t>(pool.value_offset()),
          scale, ex);
   if (!accumulate) return;
-  // each live slot's probability into its accumulated score (the caller holds a write scope on
-  // these sequences: scores are host metadata the device never mirrors)
+  // each live slot's probability goes into its accumulated score when the cache settles this
+  // layer (scores are host metadata the device never mirrors; the caller holds a write scope
+  // on these sequences, and every later reader of the scores settles first)
   size_t si = 0;
   for (const auto& view_b : views)
     for (const cache_segment& view : view_b)
-      for (int64_t h = 0; h < Hkv; ++h, ++si) {
-        head_store& hs = const_cast<head_store&>(c.store(layer, static_cast<int>(h), view.seq));
-        const float* pr = probs.data() + cp.segs[si].prob_off;
-        for (int64_t r = 0, n = cp.segs[si].n_rows; r < n; ++r)
-          if (hs.live_[r]) hs.score_[r] += pr[r];
-      }
+      for (int64_t h = 0; h < Hkv; ++h, ++si)
+        pending->add(&const_cast<head_store&>(c.store(layer, static_cast<int>(h), view.seq)), cp.segs[si].prob_off,
+                     cp.segs[si].n_rows);
+  c.defer_scores(layer, std::move(pending));
 }
 
 void cuda_chunk_attention(const cache& c, int layer, const std::vector<int64_t>& seqs, const std::vector<int64_t>& appended,

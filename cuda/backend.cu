@@ -14,6 +14,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_backend.h"
@@ -104,6 +105,9 @@ staging_ring& ring_for(int device) {
   return *(*g_rings)[device];
 }
 
+std::mutex g_pinned_mu;
+auto* g_pinned_free = new std::vector<std::pair<size_t, void*>>();  // (capacity, buffer), never deleted
+
 std::mutex g_pools_mu;
 cudaMemPool_t g_pools[64] = {};  // per device, created on first use, never destroyed
 
@@ -133,7 +137,37 @@ cudaError_t malloc_async(void** p, size_t bytes, cudaStream_t s) {
   return cudaMallocFromPoolAsync(p, bytes, pool_for(device), s);
 }
 
+void* take_pinned(size_t bytes, size_t* cap) {
+  {
+    std::lock_guard<std::mutex> lock(g_pinned_mu);
+    for (size_t i = 0; i < g_pinned_free->size(); ++i)
+      if ((*g_pinned_free)[i].first >= bytes) {
+        const auto got = (*g_pinned_free)[i];
+        (*g_pinned_free)[i] = g_pinned_free->back();
+        g_pinned_free->pop_back();
+        *cap = got.first;
+        return got.second;
+      }
+  }
+  const size_t n = std::max<size_t>(bytes, size_t(64) << 10);
+  void* p = nullptr;
+  KV_CUDA(cudaHostAlloc(&p, n, cudaHostAllocDefault));
+  *cap = n;
+  return p;
+}
+
+void give_pinned(void* p, size_t cap) {
+  if (!p) return;
+  std::lock_guard<std::mutex> lock(g_pinned_mu);
+  g_pinned_free->push_back({cap, p});
+}
+
 void release_cached_memory() {
+  {
+    std::lock_guard<std::mutex> lock(g_pinned_mu);
+    for (const auto& b : *g_pinned_free) KV_CUDA(cudaFreeHost(b.second));
+    g_pinned_free->clear();
+  }
   {
     std::lock_guard<std::mutex> lock(g_rings_mu);
     for (size_t d = 0; d < g_rings->size(); ++d)

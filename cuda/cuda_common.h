@@ -50,7 +50,12 @@ void* upload(const void* host, size_t bytes, int device, cudaStream_t s);
 // so it hands freed memory back to the driver at every synchronisation, and a decode step after
 // one (a token read by the host) would map its scratch memory again, for every call.
 cudaError_t malloc_async(void** p, size_t bytes, cudaStream_t s);
-// Frees every device's staging ring and trims kvloom's pools (kvloom::cuda_release_cached_memory).
+// Pinned host buffers for asynchronous readbacks, reused: take_pinned gives one of at least
+// `bytes` (its capacity in *cap), give_pinned takes it back once no copy into it is pending.
+void* take_pinned(size_t bytes, size_t* cap);
+void give_pinned(void* p, size_t cap);
+// Frees every device's staging ring, the free pinned readback buffers, and trims kvloom's pools
+// (kvloom::cuda_release_cached_memory).
 void release_cached_memory();
 
 template <class T>

@@ -514,6 +514,7 @@ void decode_attention_accumulate(cache& c, int layer, const std::vector<int64_t>
   q4.strides[2] = D * q.strides[2];
   cache::use_scope scope(c, seqs, true, "decode attention with accumulation");
   c.check_query_rows(layer, seqs, q4);  // distinct, non-empty sequences; shapes
+  c.settle_scores(layer);               // (at most one update of a layer queued)
   if (B == 0) return;
   if (q.device == device_kind::cuda) {
 #ifdef KVLOOM_WITH_CUDA

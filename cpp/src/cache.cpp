@@ -9,6 +9,7 @@
 #include <string>
 
 #include "device.h"
+#include "deferred.h"
 #include "head_store.h"
 #include "sequence.h"
 #include "plans/plan_impl.h"
@@ -116,9 +117,33 @@ void cache::set_quantized(std::shared_ptr<block_pool> sealed) {
 }
 
 cache::~cache() {
+  deferred_.clear();  // updates never applied: each waits for its copy, then frees its buffer
   for (auto& s : seqs_)
     if (s)
       for (auto& hs : s->heads) release(hs);
+}
+
+void cache::defer_scores(int layer, std::shared_ptr<detail::deferred_scores> update) const {
+  check_layer(layer);
+  update->store_layer = layer_store_[layer];
+  std::lock_guard<std::mutex> lock(deferred_mu_);
+  deferred_.push_back(std::move(update));
+  n_deferred_.fetch_add(1, std::memory_order_release);
+}
+
+void cache::settle_scores(int layer) const {
+  if (n_deferred_.load(std::memory_order_acquire) == 0) return;
+  const int store_layer = layer < 0 ? -1 : layer_store_[layer];
+  std::lock_guard<std::mutex> lock(deferred_mu_);
+  std::vector<std::shared_ptr<detail::deferred_scores>> due;
+  size_t kept = 0;
+  for (auto& d : deferred_) {
+    if (store_layer < 0 || d->store_layer == store_layer) due.push_back(std::move(d));
+    else deferred_[kept++] = std::move(d);
+  }
+  deferred_.resize(kept);
+  n_deferred_.store(static_cast<int>(kept), std::memory_order_release);
+  for (auto& d : due) d->apply();  // in the order queued (a throw drops the rest: a CUDA error)
 }
 
 void cache::set_plan(std::shared_ptr<const head_plan> plan) {
@@ -195,6 +220,7 @@ size_t count_distinct(std::vector<block_id>& v) {
 int64_t cache::seq_fork(int64_t seq) {
   std::unique_lock<std::shared_mutex> lock(seqs_mu_);  // no operation is in progress on any sequence
   const sequence& src = seq_ref(seq);
+  settle_scores(-1);  // the fork copies the scores
   auto s = std::make_unique<sequence>(src);  // copies tables and metadata
   std::vector<block_id> ids, qids;
   for (const auto& hs : s->heads) split_blocks(hs, ids, qids);
@@ -227,6 +253,7 @@ void cache::release(head_store& hs) {
 void cache::seq_drop(int64_t seq) {
   std::unique_lock<std::shared_mutex> lock(seqs_mu_);
   sequence& s = seq_ref(seq);
+  settle_scores(-1);  // (an update must not outlive the stores it writes)
   for (auto& hs : s.heads) release(hs);
   seqs_[seq].reset();
 }
@@ -254,6 +281,7 @@ int64_t cache::length(int layer, int head, int64_t seq) const {
 std::vector<slot_info> cache::live_slots(int layer, int head, int64_t seq) const {
   use_scope scope(*this, {seq}, false, "live_slots");
   const head_store& hs = store(layer, head, seq);
+  settle_scores(layer);
   std::vector<slot_info> out;
   out.reserve(static_cast<size_t>(hs.length()));
   for (int64_t s = 0; s < hs.n_slots(); ++s)
@@ -377,6 +405,7 @@ void cache::compact(head_store& hs) {
 void cache::seq_rollback(int64_t seq, int64_t n) {
   use_scope scope(*this, {seq}, true, "rollback");
   sequence& s = seq_ref(seq);
+  settle_scores(-1);
   if (n < 0) fail_value("rollback: n_tokens must be >= 0, got " + std::to_string(n));
   auto owned = [&](size_t i) { return layer_store_[i / n_kv_heads_] == static_cast<int>(i / n_kv_heads_); };
   for (size_t i = 0; i < s.heads.size(); ++i)
@@ -441,6 +470,7 @@ void cache::append(int layer, int64_t seq, const tensor_view& k, const tensor_vi
                    const tensor_view* classes) {
   use_scope scope(*this, {seq}, true, "append");
   check_layer(layer);
+  settle_scores(layer);
   if (layer_store_[layer] != layer)
     fail_value("layer " + std::to_string(layer) + " reads the KV of layer " + std::to_string(layer_store_[layer]) +
                " (cross-layer sharing): append to layer " + std::to_string(layer_store_[layer]));
@@ -619,6 +649,8 @@ void cache::check_quantizable(const tensor_view& k, const tensor_view& v) const 
 
 void cache::evict(int layer, int head, int64_t seq, const int32_t* slots, int64_t n) {
   use_scope scope(*this, {seq}, true, "evict");
+  check_layer(layer);
+  settle_scores(layer);
   evict_unlocked(layer, head, seq, slots, n);
 }
 
@@ -641,6 +673,7 @@ void cache::evict_unlocked(int layer, int head, int64_t seq, const int32_t* slot
 int64_t cache::apply_policy(int layer, int64_t seq, int64_t full_tokens) {
   use_scope scope(*this, {seq}, true, "apply_policy");
   check_layer(layer);
+  settle_scores(layer);
   if (full_tokens < -1) fail_value("apply_policy: full_tokens must be >= 0 (or -1: the tokens appended), got " +
                                    std::to_string(full_tokens));
   sequence& s = seq_ref(seq);
@@ -706,6 +739,7 @@ give_way_key key_of(const head_store& hs, int64_t slot) {
 std::vector<give_way_key> cache::give_way_keys(int layer, int head, int64_t seq) const {
   use_scope scope(*this, {seq}, false, "give_way_keys");
   const head_store& hs = store(layer, head, seq);
+  settle_scores(layer);
   std::vector<give_way_key> out;
   for (int64_t sl = 0; sl < hs.n_slots(); ++sl)
     if (hs.live(sl)) out.push_back(key_of(hs, sl));
@@ -776,6 +810,7 @@ std::vector<cache::budget_unit> cache::budget_units_unlocked(int layer, const se
 std::vector<cache::budget_unit> cache::budget_units(int layer, int64_t seq, size_t* projected) const {
   use_scope scope(*this, {seq}, false, "budget_units");
   check_layer(layer);
+  settle_scores(layer);
   return budget_units_unlocked(layer_store_[layer], seq_ref(seq), projected);
 }
 
@@ -822,6 +857,7 @@ int64_t cache::give_way_unlocked(int layer, sequence& s, int64_t seq, const std:
 int64_t cache::give_way(int layer, int64_t seq, const std::vector<budget_unit>& units) {
   use_scope scope(*this, {seq}, true, "give_way");
   check_layer(layer);
+  settle_scores(layer);
   return give_way_unlocked(layer_store_[layer], seq_ref(seq), seq, units);
 }
 

@@ -16,7 +16,8 @@ namespace detail {
 // validated the arguments), on q's device and the current stream; reads the device mirrors of
 // the head stores' tables (uploading what changed) and never waits for the GPU. With
 // `accumulate` (the caller holds a write scope), each live slot's probability, summed over its
-// query group, is also added to its accumulated score: a second pass over the keys, one wait.
+// query group, is also added to its accumulated score: a second pass over the keys, read back
+// without waiting and queued on the cache (cache::defer_scores), applied when it settles.
 void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<cache_segment>>& views,
                        const tensor_view& q, const tensor_view& out, float scale, const rope_spec& rope,
                        bool accumulate = false);

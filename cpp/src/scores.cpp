@@ -319,6 +319,7 @@ int64_t cache::check_query_rows(int layer, const std::vector<int64_t>& seqs, con
 void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, const tensor_view& q_in, float scale) {
   use_scope scope(*this, seqs, true, "accumulate_attention");
   const int64_t G = check_query_rows(layer, seqs, q_in);
+  settle_scores(layer);
   const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(head_dim()));
   const int64_t B = q_in.shape[0], H = n_kv_heads_;
   std::vector<head_store*> heads;
@@ -399,6 +400,7 @@ void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs
                      double r_frequent, int64_t local_window, double* out) {
   cache::use_scope scope(c, seqs, false, "hybrid_recovery");
   const int64_t G = c.check_query_rows(layer, seqs, q_in);
+  c.settle_scores(layer);  // (the frequent tokens are ranked by score)
   if (!(r_frequent >= 0.0 && r_frequent <= 1.0)) fail_value("r_frequent must be in [0, 1]");
   if (local_window < 0) fail_value("local_window must be >= 0");
   const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(c.head_dim()));

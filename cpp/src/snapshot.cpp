@@ -182,6 +182,7 @@ struct head_in {
 
 std::vector<uint8_t> cache::export_sequences(const std::vector<int64_t>& seqs) const {
   use_scope scope(*this, seqs, false, "export_sequences");
+  settle_scores(-1);
   for (size_t i = 0; i < seqs.size(); ++i)
     for (size_t j = 0; j < i; ++j)
       if (seqs[i] == seqs[j]) fail_value("export_sequences: sequence " + std::to_string(seqs[i]) + " named twice");

@@ -564,6 +564,71 @@ TEST(cuda_attention_over_empty_heads_gives_zeros) {
 // Decode attention with the policies' statistic on a device cache: the output equals the host
 // kernels' and every live slot's accumulated score the host's (a second pass over the keys on
 // the device, the probabilities added on the host), through evictions and a fork.
+// H2O on a device cache: each decode step's accumulated attention is read back without
+// waiting and queued (one update per layer); whatever reads the scores or changes the slots
+// first applies it. Across three layers with updates queued in all of them, the heavy-hitter
+// plan evicts the same tokens as on the host, forks (which copy scores) and rollbacks see the
+// same scores, and dropping a sequence or destroying the cache with updates still queued
+// leaves nothing behind (ASan, memcheck).
+TEST(cuda_deferred_scores_apply_before_use) {
+  if (!have_gpu()) return;
+  const int L = 3, H = 2, D = 64, Hq = 4;
+  auto plan = make_plan("heavy_hitter", plan_params().set("ratio", 0.3).set("recent", 6));
+  kvtest::lcg rng(17);
+  {
+    twin t(dtype::f32, L, H, D, 8, plan);
+    for (int l = 0; l < L; ++l) append_both(t.h, t.d, l, t.seqs[0].first, t.seqs[0].second, H, 30, D, rng);
+    auto decode = [&](int layer) {  // one accumulating decode step of every sequence in `layer`
+      const int64_t B = static_cast<int64_t>(t.seqs.size());
+      std::vector<int64_t> hs, ds;
+      for (auto [a, b] : t.seqs) {
+        hs.push_back(a);
+        ds.push_back(b);
+      }
+      auto q = rng.vec(static_cast<size_t>(B * Hq * D));
+      for (auto& x : q) x *= 3.f;
+      std::vector<float> ho(q.size());
+      const auto qv = kvtest::view(q.data(), dtype::f32, {B, Hq, D});
+      decode_attention_accumulate(t.h, layer, hs, qv, kvtest::view(ho.data(), dtype::f32, {B, Hq, D}), 0.f);
+      dbuf dq(q.data(), q.size() * 4), dout(q.size() * 4);
+      decode_attention_accumulate(t.d, layer, ds, on_cuda(qv, dq.p), on_cuda(kvtest::view(nullptr, dtype::f32, {B, Hq, D}), dout.p),
+                                  0.f);
+    };
+    auto same_scores = [&]() {
+      bool ok = true;
+      for (auto [sh, sd] : t.seqs)
+        for (int l = 0; l < L; ++l)
+          for (int head = 0; head < H; ++head) {
+            const auto a = t.h.live_slots(l, head, sh), b = t.d.live_slots(l, head, sd);
+            ok = ok && a.size() == b.size();
+            for (size_t i = 0; ok && i < a.size(); ++i)
+              ok = a[i].ord == b[i].ord && std::fabs(a[i].score - b[i].score) <= 1e-4f * (1e-3f + std::fabs(a[i].score));
+          }
+      return ok;
+    };
+    for (int step = 0; step < 8; ++step) {
+      for (int l = 0; l < L; ++l)
+        for (auto [sh, sd] : t.seqs) append_both(t.h, t.d, l, sh, sd, H, 1, D, rng);
+      for (int l = 0; l < L; ++l) decode(l);  // an update queued in every layer
+      if (step == 2) t.seqs.push_back({t.h.seq_fork(t.seqs[0].first), t.d.seq_fork(t.seqs[0].second)});
+      if (step == 5) {
+        t.h.seq_rollback(t.seqs[1].first, 2);
+        t.d.seq_rollback(t.seqs[1].second, 2);
+      }
+      for (int l = L - 1; l >= 0; --l)  // (the last layer first: each settles only its own)
+        for (auto [sh, sd] : t.seqs) CHECK_EQ(t.h.apply_policy(l, sh), t.d.apply_policy(l, sd));
+    }
+    CHECK(same_scores());
+    // a sequence dropped, then the whole cache destroyed, with updates still queued
+    for (int l = 0; l < L; ++l) decode(l);
+    t.h.seq_drop(t.seqs[1].first);
+    t.d.seq_drop(t.seqs[1].second);
+    t.seqs.pop_back();
+    CHECK(same_scores());
+    for (int l = 0; l < L; ++l) decode(l);
+  }
+}
+
 TEST(cuda_decode_accumulation_matches_host) {
   if (!have_gpu()) return;
   for (int D : {64, 80}) {

@@ -49,6 +49,9 @@
 #include "kvloom/tensor_view.h"
 
 namespace kvloom {
+namespace detail {
+struct deferred_scores;  // deferred.h (internal)
+}  // namespace detail
 
 struct head_store;  // internal (kvloom's kernels and plans read it)
 
@@ -219,6 +222,13 @@ class cache {
 
   // For kvloom's own kernels, inside a use_scope (the head_store type is internal).
   const head_store& store(int layer, int head, int64_t seq) const;
+  // For kvloom's CUDA backend: queues a decode step's accumulated-attention update of `layer`'s
+  // stores (read back without waiting for the GPU). settle_scores(layer) applies the queued
+  // updates of that layer (-1: of every layer); every operation that reads scores or changes
+  // slots calls it first, inside its use_scope: the operations naming a layer settle that
+  // layer, fork, drop, rollback and export settle all of them. Until then nothing can tell.
+  void defer_scores(int layer, std::shared_ptr<detail::deferred_scores> update) const;
+  void settle_scores(int layer) const;
   // Validates q [B, Hq, Tq, D] against seqs for the statistics functions; returns Hq / Hkv.
   // (Inside a use_scope.)
   int64_t check_query_rows(int layer, const std::vector<int64_t>& seqs, const tensor_view& q) const;
@@ -259,6 +269,9 @@ class cache {
   std::vector<std::unique_ptr<sequence>> seqs_;               // index = sequence id; null once dropped
   std::atomic<double> budget_{0.0};   // set_budget; 0 = none
   mutable std::shared_mutex seqs_mu_;  // shared by per-sequence operations, exclusive for structural ones
+  mutable std::mutex deferred_mu_;     // guards deferred_ and applying its updates
+  mutable std::vector<std::shared_ptr<detail::deferred_scores>> deferred_;  // in the order queued
+  mutable std::atomic<int> n_deferred_{0};
 };
 
 }  // namespace kvloom

@@ -5,7 +5,10 @@ A prompt on an empty cache runs transformers' own SDPA path unchanged (so the ``
 policy reproduces ``DynamicCache`` + sdpa); a prompt chunk on a non-empty cache (chunked
 prefill, a continued conversation) attends over the live cached tokens plus the chunk with
 kvloom's chunk attention (``KVCache.chunk_attention``). After attention, left-padding tokens
-are evicted and each head's policy runs: the new tokens attend before anything is evicted.
+are evicted and each head's policy runs: the new tokens attend before anything is evicted. In
+a decode step of a policy that ranks by accumulated attention, the policies of all layers run
+after the forward instead (see ``kvloom.Cache``): on CUDA the scores then reach the host once
+per step.
 """
 from __future__ import annotations
 
@@ -59,6 +62,9 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
     if past == 0 and cache.layers[layer].window is None:
         policy.after_prompt(cache, layer, query, scaling)
     full = _full_tokens(cache, attention_mask)
+    if accumulated and cache._defer_policies:  # runs after the forward (kvloom.Cache._run_deferred_policies)
+        cache._deferred_policy.append((layer, full))
+        return out, None
     for b, s in enumerate(cache.seqs):
         cache.kv.apply_policy(layer, s, full_tokens=None if full is None else full[b])
     return out, None

@@ -78,6 +78,7 @@ class LoomLayer(CacheLayerMixin):
         raise NotImplementedError("call batch_repeat_interleave on the kvloom.Cache itself")
 
     def batch_select_indices(self, indices) -> None:
+        self._run_deferred_policies()
         raise NotImplementedError("call batch_select_indices on the kvloom.Cache itself")
 
 
@@ -151,6 +152,12 @@ class LoomCache(_HFCache):
         self._ids = None
         self._hook = None
         self._flush_hook = None
+        # A decode step's policy runs after the whole forward when it ranks by accumulated
+        # attention and no layer reads another's KV (CLA): on CUDA the step's scores then reach
+        # the host once per step instead of once per layer (kvloom/cache.h: defer_scores). Layer
+        # l's eviction only changes what layer l reads next step, so the result is the same.
+        self._deferred_policy: list = []  # (layer, full_tokens) waiting for _flush
+        self._defer_policies = self.policy.needs_scores and self._store == list(range(geo.n_layers))
         if self._tp_group is not None:  # the budget counts the whole layer, across the ranks
             # settled once per forward, in one exchange, unless a later layer reads an earlier
             # one's KV in the same forward (CLA)
@@ -158,6 +165,8 @@ class LoomCache(_HFCache):
             self.kv.share_heads(self._tp_group, self.head_offset, self.n_kv_heads_total, defer=defer)
             if defer:
                 self._install_flush_hook(model)
+        if self._defer_policies and self._flush_hook is None:
+            self._install_flush_hook(model)
         self._embed = None
         self._closed = False
         self.policy_state = None
@@ -205,9 +214,18 @@ class LoomCache(_HFCache):
         def flush(_module, _args, _out):  # every rank runs the forward: a safe place for a collective
             cache = me()
             if cache is not None and not cache._closed:
+                cache._run_deferred_policies()
                 cache.kv.flush_budget()
 
         self._flush_hook = model.register_forward_hook(flush)
+
+    def _run_deferred_policies(self) -> None:
+        """Runs the policies of the decode steps' layers that waited for the end of the forward
+        (in layer order, as the forward would have); a no-op when none waits."""
+        work, self._deferred_policy = self._deferred_policy, []
+        for layer, full in work:
+            for b, s in enumerate(self.seqs or []):
+                self.kv.apply_policy(layer, s, full_tokens=None if full is None else full[b])
 
     def _remove_hooks(self) -> None:
         for name in ("_hook", "_flush_hook"):  # (getattr: __del__ may see a half-built cache)
@@ -236,7 +254,8 @@ class LoomCache(_HFCache):
                 f"attn_implementation='kvloom'); the model uses {self._config._attn_implementation!r}")
         if not 0 <= layer_idx < self.geometry.n_layers:
             raise IndexError(f"layer {layer_idx} out of range: this cache was built for {self.geometry.n_layers} layers")
-        if layer_idx == 0 and self.kv._pending:  # a forward whose end the flush hook did not see
+        if layer_idx == 0 and (self.kv._pending or self._deferred_policy):  # a forward whose end the hook did not see
+            self._run_deferred_policies()
             self.kv.flush_budget()
         if key_states.dim() != 4 or key_states.shape != value_states.shape:
             raise ValueError(f"expected key/value states [batch, kv_heads, tokens, head_dim], got "
@@ -343,6 +362,7 @@ class LoomCache(_HFCache):
         """Rolls every sequence back. ``max_length < 0`` removes that many tokens; otherwise
         keeps the first ``max_length``. Evicted tokens stay evicted."""
         self._check_open()
+        self._run_deferred_policies()
         length = self.get_seq_length()
         n = -max_length if max_length < 0 else length - max_length
         if n < 0 or n > length:
@@ -355,6 +375,7 @@ class LoomCache(_HFCache):
             layer.cumulative_length -= n
 
     def reset(self) -> None:
+        self._deferred_policy = []  # (the sequences they would run on are dropped)
         if self.seqs is not None:
             for s in self.seqs:
                 self.kv.drop(s)
@@ -367,6 +388,7 @@ class LoomCache(_HFCache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Each row repeated `repeats` times (forks: the rows share their blocks)."""
+        self._run_deferred_policies()
         if self.seqs is None:
             return
         new = []
@@ -376,6 +398,7 @@ class LoomCache(_HFCache):
         self.seqs = new
 
     def batch_select_indices(self, indices) -> None:
+        self._run_deferred_policies()
         if self.seqs is None:
             return
         idx = [int(i) for i in (indices.tolist() if hasattr(indices, "tolist") else indices)]
@@ -403,6 +426,7 @@ class LoomCache(_HFCache):
         plans included, so a compressed cache forks too). :meth:`close` the fork to give its
         memory back; this cache is untouched by anything done to the fork."""
         self._check_open()
+        self._run_deferred_policies()
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)  # shares the C++ cache, geometry, config and policy
         new.seqs = None if self.seqs is None else [self.kv.fork(s) for s in self.seqs]
@@ -415,6 +439,7 @@ class LoomCache(_HFCache):
         new._ids = None
         new._hook = None
         new._flush_hook = None
+        new._deferred_policy = []
         if new._embed is not None:
             new._install_ids_hook()
         if self._flush_hook is not None:
@@ -435,6 +460,7 @@ class LoomCache(_HFCache):
         fork still shares them). The cache cannot be used afterwards."""
         if self._closed:
             return
+        self._deferred_policy = []
         if self.seqs is not None:
             for s in self.seqs:
                 self.kv.drop(s)
@@ -496,6 +522,7 @@ class LoomCache(_HFCache):
 
     def _snapshot_parts(self, extra=None):
         self._check_open()
+        self._run_deferred_policies()
         seqs = list(self.seqs or [])
         meta = {"model": model_fingerprint(self._model()), "kv": self.kv._snapshot_meta(), "seqs": seqs,
                 "lengths": [layer.cumulative_length for layer in self.layers]}
@@ -536,10 +563,14 @@ class LoomCache(_HFCache):
 
     def memory_bytes(self) -> int:
         """Exact bytes of KV held (live blocks x block bytes); 0 once closed."""
-        return 0 if self._closed else self.kv.memory_bytes()
+        if self._closed:
+            return 0
+        self._run_deferred_policies()
+        return self.kv.memory_bytes()
 
     def stats(self) -> dict:
         """Logical length, bytes, and per sequence the live tokens and plan per [layer][kv head]."""
+        self._run_deferred_policies()
         st = self.kv.stats()
         st["logical_length"] = self.get_seq_length()
         st["batch_sequences"] = list(self.seqs or [])
