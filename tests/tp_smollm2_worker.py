@@ -37,3 +37,8 @@ if __name__ == "__main__":
     if os.environ["RANK"] == "0":
         with open(sys.argv[1], "w") as f:
             json.dump(res, f)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave together and close the group (see tp_worker._shut_down)
+        dist.barrier()
+        dist.destroy_process_group()

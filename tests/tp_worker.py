@@ -94,6 +94,18 @@ def main(model_dir: str, out: str) -> None:
     res["kv_budget_paths"] = [kv_budget_paths(rank, 2, defer) for defer in (False, True)]
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
+    _shut_down()
+
+
+def _shut_down() -> None:
+    """Both ranks leave together and close the process group: a rank that exits while gloo's
+    threads still serve its peer can die in teardown ("terminate called without an active
+    exception", seen twice in CI on 2026-12-05) after its work was done."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
