@@ -863,7 +863,7 @@ namespace {
 // attention call copies them into, and the event recorded after the copy.
 class pending_probs final : public deferred_scores {
  public:
-  explicit pending_probs(int device, int64_t rows) : device_(device) {
+  explicit pending_probs(int64_t rows) {
     host_ = static_cast<float*>(cu::take_pinned(static_cast<size_t>(std::max<int64_t>(rows, 1)) * sizeof(float), &cap_));
     if (cudaEventCreateWithFlags(&done_, cudaEventDisableTiming) != cudaSuccess) {
       cudaGetLastError();
@@ -902,7 +902,6 @@ class pending_probs final : public deferred_scores {
     head_store* hs;
     int64_t first, rows;
   };
-  int device_;
   float* host_ = nullptr;
   size_t cap_ = 0;
   cudaEvent_t done_ = nullptr;
@@ -928,7 +927,7 @@ void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<
   if (accumulate) {
     int64_t rows = 0;
     for (const seg_desc& sg : cp.segs) rows += sg.n_rows;
-    pending = std::make_shared<pending_probs>(q.device_id, rows);
+    pending = std::make_shared<pending_probs>(rows);
     ex.probs_host = pending->host();
     ex.probs_done = pending->done();
   }
