@@ -3,7 +3,7 @@ the selection against ``reference.budget_victims`` step by step, and the bound i
 float and quantized caches; then the transformers path."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kvloom
@@ -65,10 +65,12 @@ def fill(c, s, g, n, heads, D, plans):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kv_dtype=st.sampled_from([None, "int8", "int4"]), heads=st.integers(1, 3), D=st.sampled_from([8, 32]),
+@given(kv_dtype=st.sampled_from([None, "int8", "int4", "int2"]), heads=st.integers(1, 3), D=st.sampled_from([8, 32]),
        bs=st.sampled_from([4, 8]), budget=st.floats(0.05, 1.0), seed=st.integers(0, 2**31 - 1),
        plans=st.lists(st.sampled_from(list(PLANS)), min_size=3, max_size=3),
        chunks=st.lists(st.integers(1, 9), min_size=2, max_size=10))
+# a quantized cache packs its float rows so full blocks seal (held blocks == needed ones, one not full)
+@example(kv_dtype="int8", heads=3, D=8, bs=4, budget=0.4375, seed=0, plans=["full"] * 3, chunks=[1, 9, 3])
 def test_budget_matches_reference_step_by_step(kv_dtype, heads, D, bs, budget, seed, plans, chunks):
     """At every step the budgeted cache frees exactly what reference.budget_victims picks from
     the state the plans alone leave (a copy without a budget), and then fits its budget."""
@@ -94,7 +96,8 @@ def test_budget_matches_reference_step_by_step(kv_dtype, heads, D, bs, budget, s
         assert c.budget_bytes(c.seq_length(s)) == limit
         expect = [set() for _ in range(heads)]
         if layer_bytes(free, t) > limit:
-            picked = ref.budget_victims(before, limit, bs, c.pool.block_bytes, qbb if kv_dtype else None)
+            picked = ref.budget_victims(before, limit, bs, c.pool.block_bytes, qbb if kv_dtype else None,
+                                       int(kv_dtype[3:]) if kv_dtype else 0)
             expect = [{st_["ords"][st_["slots"].index(sl)] for sl in p} for st_, p in zip(before, picked)]
         c.apply_policy(0, s)
         for h in range(heads):
@@ -106,7 +109,7 @@ def test_budget_matches_reference_step_by_step(kv_dtype, heads, D, bs, budget, s
 
 
 @settings(max_examples=25, deadline=None)
-@given(kv_dtype=st.sampled_from([None, "int4"]), budget=st.floats(0.1, 0.9), seed=st.integers(0, 2**31 - 1),
+@given(kv_dtype=st.sampled_from([None, "int4", "int2"]), budget=st.floats(0.1, 0.9), seed=st.integers(0, 2**31 - 1),
        ops=st.lists(st.sampled_from(["append", "append", "fork", "rollback", "drop"]), min_size=3, max_size=12))
 def test_budget_holds_through_forks_and_rollbacks(kv_dtype, budget, seed, ops):
     """Forks share blocks (the budget's projection can be short of what compaction achieves):

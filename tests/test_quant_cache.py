@@ -187,6 +187,8 @@ def test_cache_operations_keep_quantized_contents_exact(isa, kv, heads, D, bs, p
        seed=st.integers(0, 2**31 - 1))
 def test_accumulated_attention_over_sealed_blocks(isa, kv, D, n, tq, seed):
     g = torch.Generator().manual_seed(seed)
+    if kv == "int2":
+        n = max(n, 24)  # int2 keeps the first block and the newest full one in full precision
     c = kvloom.KVCache(1, 2, D, kv_dtype=kv, block_size=8)
     s = c.add_sequence()
     c.append(0, s, torch.randn(2, n, D, generator=g), torch.randn(2, n, D, generator=g))
@@ -268,11 +270,12 @@ def test_quantized_cache_bad_input_changes_nothing():
         kvloom.KVCache(1, 2, 16, kv_dtype="int8", pool=c.pool)
 
 
-def test_quantized_snapshot_round_trip(tmp_path):
+@pytest.mark.parametrize("kv_dtype", ["int4", "int2"])
+def test_quantized_snapshot_round_trip(tmp_path, kv_dtype):
     """Snapshots carry sealed blocks as they are: a loaded cache holds every token bit for bit,
     the same sealed blocks and bytes, and goes on sealing as the original does."""
     g = torch.Generator().manual_seed(3)
-    c = kvloom.KVCache(2, 2, 16, kv_dtype="int4", block_size=4, policy=kvloom.Window(sinks=1, recent=9))
+    c = kvloom.KVCache(2, 2, 16, kv_dtype=kv_dtype, block_size=4, policy=kvloom.Window(sinks=1, recent=9))
     a = c.add_sequence()
     for n in (11, 1, 6, 1):
         for layer in range(2):
@@ -283,7 +286,7 @@ def test_quantized_snapshot_round_trip(tmp_path):
         c.append(layer, b, torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g))
     c.save(tmp_path / "q.kvloom")
     d = kvloom.KVCache.load(tmp_path / "q.kvloom")
-    assert d.kv_dtype == "int4" and d.sequences() == [a, b] and d.memory_bytes() == c.memory_bytes()
+    assert d.kv_dtype == kv_dtype and d.sequences() == [a, b] and d.memory_bytes() == c.memory_bytes()
     for s in (a, b):
         for layer in range(2):
             for h in range(2):
@@ -300,6 +303,47 @@ def test_quantized_snapshot_round_trip(tmp_path):
     with pytest.raises(kvloom.SnapshotError, match="no quantized storage"):
         plain.restore(tmp_path / "q.kvloom")
     assert plain.memory_bytes() == 0
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4", "int2"])
+def test_kv_sections_of_version_4(kv_dtype):
+    """KV sections of version 4 (before the 2-bit layout changed) still load with 8 and 4 bits,
+    the same blocks, and are refused with 2 bits, naming why, with the cache unchanged."""
+    g = torch.Generator().manual_seed(5)
+    c = kvloom.KVCache(1, 2, 32, kv_dtype=kv_dtype, block_size=4)
+    s = c.add_sequence()
+    c.append(0, s, torch.randn(2, 13, 32, generator=g), torch.randn(2, 13, 32, generator=g))
+    c.apply_policy(0, s)
+    blob = bytearray(c._c.export_sequences([s]))
+    assert blob[:8] == b"KVLSNAP1" and int.from_bytes(blob[8:12], "little") == 5
+    blob[8:12] = (4).to_bytes(4, "little")
+    d = kvloom.KVCache(1, 2, 32, kv_dtype=kv_dtype, block_size=4)
+    if kv_dtype == "int2":
+        with pytest.raises(ValueError, match="first 2-bit layout"):
+            d._c.import_sequences(bytes(blob), True)
+        assert d.sequences() == [] and d.memory_bytes() == 0
+        return
+    d._c.import_sequences(bytes(blob), True)
+    for h in range(2):
+        assert d.sealed_blocks(0, h, s) == c.sealed_blocks(0, h, s)
+        assert all(torch.equal(x, y) for x, y in zip(c.gather(0, h, s), d.gather(0, h, s)))
+
+
+def test_two_bit_keeps_the_first_and_the_newest_full_block():
+    """int2 (kvloom/quant.h): each head's first block (the sinks) and the full block holding its
+    newest token stay in full precision; every other full block is sealed; bytes count that."""
+    g = torch.Generator().manual_seed(6)
+    c = kvloom.KVCache(1, 2, 16, kv_dtype="int2", block_size=4)
+    s = c.add_sequence()
+    for n, want in ((3, []), (1, []), (4, []), (4, [1]), (1, [1]), (7, [1, 2, 3]), (1, [1, 2, 3]), (3, [1, 2, 3, 4])):
+        c.append(0, s, torch.randn(2, n, 16, generator=g), torch.randn(2, n, 16, generator=g))
+        c.apply_policy(0, s)
+        for h in range(2):
+            assert [e for e, x in enumerate(c.sealed_blocks(0, h, s)) if x] == want, (n, h)
+        n_blocks = len(c.block_table(0, 0, s))
+        assert c.memory_bytes() == 2 * (len(want) * c.sealed_pool.block_bytes + (n_blocks - len(want)) * c.pool.block_bytes)
+    assert kvloom.KVCache(1, 2, 16, kv_dtype="int2").pool.block_size == 16
+    assert kvloom.KVCache(1, 2, 16, kv_dtype="int4").pool.block_size == 32
 
 
 def test_transformers_cache_snapshot_with_quantized_storage(tmp_path):

@@ -349,14 +349,20 @@ void cache::free_slot(head_store& hs, int64_t slot, std::vector<block_id>* relea
 void cache::compact(head_store& hs) {
   const int bs = pool_->block_size();
   // full-precision blocks only: sealed (quantized) rows are never moved (that would re-quantize)
-  int64_t held = 0, live = hs.n_live_;
+  int64_t held = 0, full = 0, live = hs.n_live_;
   for (size_t e = 0; e < hs.table_.size(); ++e)
     if (hs.table_[e] >= 0) {
-      if (hs.sealed(e)) live -= hs.block_live_[e];
-      else ++held;
+      if (hs.sealed(e)) {
+        live -= hs.block_live_[e];
+      } else {
+        ++held;
+        full += hs.block_live_[e] == bs;
+      }
     }
   const int64_t need = (live + bs - 1) / bs;
-  if (held <= need) return;  // nothing to gain
+  // nothing to gain: no block to free and, in a quantized cache (which seals full blocks), no
+  // block to fill (the budget's projection counts the float rows packed)
+  if (held <= need && (!qpool_ || full >= live / bs)) return;
   const size_t row = static_cast<size_t>(pool_->head_dim()) * dtype_size(pool_->type());
   // The row moves are collected and run as one batch on the pool's device; blocks emptied by
   // the moves go back to the pool only after that (nothing else may reuse them before).
@@ -601,9 +607,22 @@ void cache::seal_full(head_store& hs, const std::vector<uint8_t>* skip) {
   const int64_t D = pool_->head_dim();
   const dtype t = pool_->type();
   hs.sealed_.resize(hs.table_.size(), 0);
+  const quant_layout& L = *qpool_->quant();
+  auto sealable = [&](size_t bi) { return hs.table_[bi] >= 0 && !hs.sealed_[bi] && hs.block_live_[bi] == bs; };
+  // 2 bits (kvloom/quant.h): the first block and the full block holding the newest token stay
+  int64_t keep = L.keep_first ? 0 : -1, newest = -1, newest_ord = -1;
+  if (L.keep_newest)
+    for (size_t bi = 0; bi < hs.table_.size(); ++bi)
+      if (sealable(bi))
+        for (int64_t sl = static_cast<int64_t>(bi) * bs; sl < static_cast<int64_t>(bi + 1) * bs; ++sl)
+          if (hs.ord(sl) > newest_ord) {
+            newest_ord = hs.ord(sl);
+            newest = static_cast<int64_t>(bi);
+          }
   thread_local std::vector<float> kf, vf;
   for (size_t bi = 0; bi < hs.table_.size(); ++bi) {
-    if (hs.table_[bi] < 0 || hs.sealed_[bi] || hs.block_live_[bi] != bs || (skip && (*skip)[bi])) continue;
+    if (!sealable(bi) || (skip && (*skip)[bi]) || static_cast<int64_t>(bi) == keep || static_cast<int64_t>(bi) == newest)
+      continue;
     block_id qb;
     try {
       qpool_->alloc(1, &qb);
@@ -764,7 +783,18 @@ std::vector<cache::budget_unit> cache::budget_units_unlocked(int layer, const se
   // bytes a head will hold with `fp` live float tokens once compacted (and sealed)
   auto float_bytes = [&](int64_t fp) -> size_t {
     if (!qpool_) return static_cast<size_t>((fp + bs - 1) / bs) * fbb;
-    return static_cast<size_t>(fp / bs) * qbb + (fp % bs ? fbb : 0);
+    const quant_layout& L = *qpool_->quant();  // 2 bits keep the first block and the newest full one
+    size_t out = 0;
+    if (L.keep_first && fp > 0) {
+      out += fbb;
+      fp = std::max<int64_t>(0, fp - bs);
+    }
+    int64_t full = fp / bs;
+    if (L.keep_newest && full > 0) {
+      out += fbb;
+      --full;
+    }
+    return out + static_cast<size_t>(full) * qbb + (fp % bs ? fbb : 0);
   };
   std::vector<budget_unit> units;
   std::vector<int64_t> fp_live(static_cast<size_t>(n_kv_heads_), 0);

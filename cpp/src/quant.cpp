@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "kernels.h"
 #include "kvloom/common.h"
@@ -31,30 +32,85 @@ void put_code(uint8_t* row, int i, int bits, uint32_t code) {
   row[bit >> 3] = static_cast<uint8_t>(row[bit >> 3] | (code << (bit & 7)));
 }
 
+// The fp16 (min, step) of the range (lo, hi); false if it leaves fp16's range.
+bool range_params(float lo, float hi, float levels, uint16_t* mn16, uint16_t* st16) {
+  if (!(lo >= -kHalfMax && hi <= kHalfMax && lo <= hi)) return false;
+  *mn16 = f16_down(lo);
+  const float mn = f16_to_f32(*mn16);
+  *st16 = hi > mn ? f16_up((hi - mn) / levels) : 0;
+  return (*st16 & 0x7c00) != 0x7c00;  // a finite step
+}
+
+// Codes of xs under (mn16, st16) into `codes` (counted elements only) and their squared error
+// (double, element order).
+template <class Ok>
+double group_codes(const float* xs, int m, int64_t stride, Ok ok, float levels, uint16_t mn16, uint16_t st16,
+                   uint8_t* codes) {
+  const float mn = f16_to_f32(mn16), st = f16_to_f32(st16);
+  double err = 0.0;
+  for (int j = 0; j < m; ++j) {
+    if (!ok(j)) continue;
+    float c = 0.f;
+    if (st != 0.f) {
+      c = std::floor((xs[j * stride] - mn) / st + 0.5f);
+      c = c < 0.f ? 0.f : (c > levels ? levels : c);
+    }
+    codes[j] = static_cast<uint8_t>(c);
+    const double e = static_cast<double>(xs[j * stride]) - static_cast<double>(std::fma(c, st, mn));
+    err += e * e;  // (quant.cpp is built with -ffp-contract=off: the reference rounds each step)
+  }
+  return err;
+}
+
 // (min, step) of a group and the codes of its values. xs[j * stride], j < m, counted where ok(j).
 template <class Ok>
-void quantize_group(const float* xs, int m, int64_t stride, Ok ok, int bits, uint16_t* mn_out, uint16_t* st_out,
-                    uint8_t* rows, size_t row_stride, int elem, int elem_step) {
+void quantize_group(const float* xs, int m, int64_t stride, Ok ok, int bits, int refits, uint16_t* mn_out,
+                    uint16_t* st_out, uint8_t* rows, size_t row_stride, int elem, int elem_step) {
   float lo = INFINITY, hi = -INFINITY;
+  int counted = 0;
   for (int j = 0; j < m; ++j)
     if (ok(j)) {
       lo = std::fmin(lo, xs[j * stride]);
       hi = std::fmax(hi, xs[j * stride]);
+      ++counted;
     }
   if (!(lo <= hi)) lo = hi = 0.f;  // no row counts
-  const uint16_t mn16 = f16_down(lo);
-  const float mn = f16_to_f32(mn16);
   const float levels = static_cast<float>((1 << bits) - 1);
-  const uint16_t st16 = hi > mn ? f16_up((hi - mn) / levels) : 0;
-  const float st = f16_to_f32(st16);
+  uint16_t mn16 = 0, st16 = 0;
+  range_params(lo, hi, levels, &mn16, &st16);  // inputs are within fp16's range: always succeeds
+  thread_local std::vector<uint8_t> codes, trial;
+  codes.assign(static_cast<size_t>(m), 0);
+  trial.assign(static_cast<size_t>(m), 0);
+  double err = group_codes(xs, m, stride, ok, levels, mn16, st16, codes.data());
+  for (int r = 0; r < refits && counted > 0; ++r) {  // least-squares refits (kvloom/quant.h)
+    double s1 = 0, s2 = 0, sx = 0, sxc = 0;
+    for (int j = 0; j < m; ++j) {
+      if (!ok(j)) continue;
+      const double c = codes[static_cast<size_t>(j)], x = xs[j * stride];
+      s1 += c;
+      s2 += c * c;
+      sx += x;
+      sxc += x * c;
+    }
+    const double n = counted, det = n * s2 - s1 * s1;
+    if (!(det > 0.0)) break;
+    const double b = (n * sxc - s1 * sx) / det;
+    if (!(b > 0.0)) break;
+    const double a = (sx - b * s1) / n;
+    uint16_t m2 = 0, s2h = 0;
+    if (!range_params(static_cast<float>(a), static_cast<float>(a + b * static_cast<double>(levels)), levels, &m2, &s2h))
+      break;
+    const double e2 = group_codes(xs, m, stride, ok, levels, m2, s2h, trial.data());
+    if (!(e2 < err)) break;
+    err = e2;
+    mn16 = m2;
+    st16 = s2h;
+    codes.swap(trial);
+  }
   *mn_out = mn16;
   *st_out = st16;
-  for (int j = 0; j < m; ++j) {
-    if (!ok(j) || st == 0.f) continue;
-    float c = std::floor((xs[j * stride] - mn) / st + 0.5f);
-    c = c < 0.f ? 0.f : (c > levels ? levels : c);
-    put_code(rows + j * row_stride, elem + j * elem_step, bits, static_cast<uint32_t>(c));
-  }
+  for (int j = 0; j < m; ++j)
+    if (ok(j) && st16 != 0) put_code(rows + j * row_stride, elem + j * elem_step, bits, codes[static_cast<size_t>(j)]);
 }
 
 }  // namespace
@@ -68,7 +124,10 @@ quant_layout make_quant_layout(int bits, int block_size, int head_dim) {
   L.bits = bits;
   L.block_size = block_size;
   L.head_dim = head_dim;
-  L.value_group = head_dim % 32 == 0 ? 32 : head_dim;
+  const int group = bits == 2 ? 16 : 32;
+  L.value_group = head_dim % group == 0 ? group : head_dim;
+  L.refits = bits == 2 ? 3 : 0;
+  L.keep_first = L.keep_newest = bits == 2;
   const size_t codes = static_cast<size_t>(block_size) * L.code_row_bytes();
   L.key_params = codes;
   L.value_codes = L.key_params + 4 * static_cast<size_t>(head_dim);
@@ -91,7 +150,7 @@ void quantize_block(const quant_layout& L, const float* k, const float* v, int n
   auto* kmin = reinterpret_cast<uint16_t*>(base + L.key_params);
   auto* kstep = kmin + D;
   for (int d = 0; d < D; ++d)  // keys: per channel over the rows
-    quantize_group(k + d, n, D, ok, L.bits, &kmin[d], &kstep[d], base, rb, d, 0);
+    quantize_group(k + d, n, D, ok, L.bits, L.refits, &kmin[d], &kstep[d], base, rb, d, 0);
   uint8_t* vcodes = base + L.value_codes;
   auto* vmin = reinterpret_cast<uint16_t*>(base + L.value_params);
   auto* vstep = vmin + static_cast<size_t>(bs) * L.value_groups();
@@ -99,7 +158,7 @@ void quantize_block(const quant_layout& L, const float* k, const float* v, int n
   for (int j = 0; j < n; ++j) {  // values: per token, per group of channels
     if (!ok(j)) continue;
     for (int g = 0; g < L.value_groups(); ++g)
-      quantize_group(v + static_cast<int64_t>(j) * D + g * gv, gv, 1, [](int) { return true; }, L.bits,
+      quantize_group(v + static_cast<int64_t>(j) * D + g * gv, gv, 1, [](int) { return true; }, L.bits, L.refits,
                      &vmin[g * bs + j], &vstep[g * bs + j], vcodes + j * rb, 0, g * gv, 1);
   }
 }

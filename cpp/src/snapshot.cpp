@@ -15,13 +15,15 @@
 //       rows live in no head written as zeros
 //   magic "KVLSEND1"
 //
-// Version 4 (a cache with quantized storage, cache::set_quantized) differs in three places:
+// Version 5 (a cache with quantized storage, cache::set_quantized) differs in three places:
 //   u32 quant_bits follows n_kv_heads; u64 n_sealed follows n_blocks; a table entry <= -2 names
 //   sealed block -(entry + 2); after the full-precision blocks come n_sealed quantized blocks
 //   of quant_layout::bytes each (kvloom/quant.h), the codes and value scales of rows live in no
 //   head written as zeros (the key scales are the block's: they were computed when it sealed).
 // Versions 1 and 2 (read, no longer written) are 3 and 4 with slot metadata for the holes too
-// (n_table x block_size slots). A float blob (1, 3) loads into a quantized cache too (its blocks
+// (n_table x block_size slots). Version 4 (read, no longer written) is 5 with 2-bit blocks in the
+// first 2-bit layout (value groups of 32, no refits): its 8- and 4-bit blocks load, 2-bit ones
+// are refused. A float blob (1, 3) loads into a quantized cache too (its blocks
 // are all full precision).
 //
 // The importer reads the whole blob and checks every count, index and value against the
@@ -51,7 +53,8 @@ namespace {
 constexpr char kMagic[9] = "KVLSNAP1";
 constexpr char kEnd[9] = "KVLSEND1";
 constexpr uint32_t kVersion = 3;       // float storage
-constexpr uint32_t kVersionQuant = 4;  // quantized storage
+constexpr uint32_t kVersionQuant = 5;  // quantized storage
+constexpr uint32_t kVersionQuantOld = 4;  // quantized storage with the first 2-bit layout
 constexpr uint32_t kNoPlan = 0xffffffffu;
 constexpr int64_t kMaxSeqId = int64_t(1) << 24;
 
@@ -313,13 +316,17 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
     if (got != want[i])
       bad(std::string("made for ") + names[i] + " " + std::to_string(got) + ", this cache has " + std::to_string(want[i]));
   }
-  const bool quant = version == 2 || version == kVersionQuant;
+  const bool quant = version == 2 || version == kVersionQuantOld || version == kVersionQuant;
   if (quant) {
     const uint32_t bits = r.get<uint32_t>("quantized bits");
     const uint32_t mine = qpool_ ? static_cast<uint32_t>(qpool_->quant()->bits) : 0;
     if (bits != mine)
       bad("made for int" + std::to_string(bits) + " storage, this cache has " +
           (mine ? "int" + std::to_string(mine) : std::string("no quantized storage")));
+    if (bits == 2 && version != kVersionQuant)
+      bad("format version " + std::to_string(version) +
+          " holds 2-bit blocks in the first 2-bit layout (value groups of 32 channels, min-max ranges); "
+          "this kvloom's 2-bit blocks differ and cannot read them");
   }
   for (int l = 0; l < n_layers_; ++l)
     if (r.get<int32_t>("layer sharing") != layer_store_[l])

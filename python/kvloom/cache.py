@@ -153,7 +153,8 @@ class KVCache:
             throughout). A block is quantized once all its slots are live and no append writes it
             any more (and at the end of ``apply_policy``, after the policy's evictions), in
             kvloom's block format (README, *Quantized KV*); the block being filled stays in
-            ``dtype``. Default block size 32 then. CPU only; appends must be finite and within
+            ``dtype`` (with int2 also each head's first block and the full block holding its
+            newest token). Default block size 32 then (16 with int2). CPU only; appends must be finite and within
             fp16's range; ``capacity_bytes`` bounds each of the two pools.
         kv_budget: a memory budget, as a fraction in (0, 1] of what ``Full`` holds (default
             None: none). After each :meth:`apply_policy`, one layer of one sequence holds at
@@ -185,7 +186,7 @@ class KVCache:
             if capacity_bytes is None:
                 capacity_bytes = default_capacity_bytes(dev)
             capacity_bytes = _int(capacity_bytes, "capacity_bytes")
-            block_size = (32 if bits else 16) if block_size is None else _int(block_size, "block_size")
+            block_size = (32 if bits in (8, 4) else 16) if block_size is None else _int(block_size, "block_size")
             if block_size <= 0:
                 raise ValueError(f"block_size must be >= 1, got {block_size}")
             elt = 4 if name == "float32" else 2

@@ -90,7 +90,9 @@ class cache {
   // live are quantized into `sealed` (a quantized pool of this cache's head_dim and block_size,
   // host memory) when an append no longer writes them and at the end of apply_policy (after
   // the plan's evictions and compaction), so a plan's prompt eviction runs on full-precision
-  // K/V; new tokens land in full-precision blocks only. Each token is quantized once: sealed
+  // K/V; new tokens land in full-precision blocks only (2 bits also keep each head's first block
+  // and the full block holding its newest token there: quant_layout::keep_first/keep_newest;
+  // compaction packs full-precision rows when that fills a block to seal). Each token is quantized once: sealed
   // blocks are never rewritten or moved (compaction moves full-precision rows only), their
   // evicted slots just die, and a sealed block returns to its pool with its last token. When
   // the quantized pool is full, blocks stay in full precision (no error). Appends to a

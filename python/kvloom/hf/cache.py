@@ -121,7 +121,7 @@ class LoomCache(_HFCache):
             of what ``Full`` would hold for the row's tokens (padding excluded; never less than
             one block per kv head): whatever the policy and ``kv_dtype`` leave above it gives way
             by the policy's rule (README, *Memory budget*).
-        block_size, capacity_bytes: see :class:`kvloom.KVCache` (block size: 16, or 32 with kv_dtype).
+        block_size, capacity_bytes: see :class:`kvloom.KVCache` (block size: 16, or 32 with kv_dtype int8 or int4).
     """
 
     def __init__(self, model, policy=None, *, tokenizer=None, dtype=None, block_size: Optional[int] = None,

@@ -15,7 +15,7 @@ __all__ = [
     "decode_attention", "rotate", "segment_attention", "window_keep", "CacheModel",
     "accumulated_attention", "heavy_hitter_keep", "fastgen_levels", "fastgen_recovery", "fastgen_keep",
     "taskkv_column_means", "taskkv_profile",
-    "quant_block_bytes", "quant_value_group", "quantize_block", "dequantize_block",
+    "quant_block_bytes", "quant_value_group", "quant_refits", "quant_keeps", "quantize_block", "dequantize_block",
     "give_way_key", "budget_bytes", "budget_victims",
 ]
 
@@ -330,14 +330,28 @@ def quant_block_bytes(bits: int, block_size: int, head_dim: int) -> int:
     """Bytes of one quantized block: key codes, key (min, step) per channel, value codes,
     value (min, step) per channel group and token (group-major), padded to 16."""
     codes = block_size * head_dim * bits // 8
-    groups = head_dim // quant_value_group(head_dim)
+    groups = head_dim // quant_value_group(head_dim, bits)
     raw = codes + 4 * head_dim + codes + 4 * block_size * groups
     return -(-raw // 16) * 16
 
 
-def quant_value_group(head_dim: int) -> int:
-    """Channels sharing one value (min, step): 32 when head_dim is a multiple of 32, else all."""
-    return 32 if head_dim % 32 == 0 else head_dim
+def quant_value_group(head_dim: int, bits: int) -> int:
+    """Channels sharing one value (min, step): 32 (16 at 2 bits) when head_dim is a multiple of
+    it, else all."""
+    group = 16 if bits == 2 else 32
+    return group if head_dim % group == 0 else head_dim
+
+
+def quant_refits(bits: int) -> int:
+    """Least-squares range refits per group (2 bits: 3; see ``quantize_block``)."""
+    return 3 if bits == 2 else 0
+
+
+def quant_keeps(bits: int) -> Tuple[bool, bool]:
+    """(first block, newest full block) a quantized cache keeps in full precision: at 2 bits
+    each head's first block (table entry 0, the attention sinks) and the full block holding its
+    newest token (a residual of recent tokens beside the block being filled); none otherwise."""
+    return (bits == 2, bits == 2)
 
 
 def _f16_toward(x: torch.Tensor, up: bool) -> torch.Tensor:
@@ -348,9 +362,38 @@ def _f16_toward(x: torch.Tensor, up: bool) -> torch.Tensor:
     return torch.where(bad, torch.nextafter(h, target), h)
 
 
+def _range_params(lo: torch.Tensor, hi: torch.Tensor, levels: float):
+    """(min fp16, step fp16, ok) of ranges (lo, hi) (float32): ok where the range and step stay
+    within fp16's."""
+    ok = (lo >= -65504.0) & (hi <= 65504.0) & (lo <= hi)
+    lo_c = torch.where(ok, lo, torch.zeros_like(lo))
+    hi_c = torch.where(ok, hi, torch.zeros_like(hi))
+    mn16 = _f16_toward(lo_c, up=False)
+    mn = mn16.float()
+    st16 = torch.where(hi_c > mn, _f16_toward((hi_c - mn) / levels, up=True), torch.zeros_like(mn16))
+    return mn16, st16, ok & torch.isfinite(st16)
+
+
+def _group_codes(x: torch.Tensor, counted: torch.Tensor, levels: float, mn16, st16):
+    """(codes float32, squared error float64 summed in element order) of groups under (mn16, st16)."""
+    mn, st = mn16.float()[..., None], st16.float()[..., None]
+    safe = torch.where(st == 0, torch.ones_like(st), st)
+    c = torch.floor((x - mn) / safe + 0.5).clamp(0, levels)
+    c = torch.where(counted & (st != 0), c, torch.zeros_like(c))
+    value = (c.double() * st.double() + mn.double()).float()  # one rounding, as a fused multiply-add
+    e = x.double() - value.double()
+    sq = torch.where(counted, e * e, torch.zeros_like(e))
+    err = torch.zeros(x.shape[:-1], dtype=torch.float64)
+    for j in range(x.shape[-1]):  # element order, as the C++ loop adds
+        err = err + sq[..., j]
+    return c, err
+
+
 def _quant_group(x: torch.Tensor, counted: torch.Tensor, bits: int):
     """(codes int64, min fp16, step fp16) of groups along the last dimension of x (float32);
-    entries where counted is False get code 0 and do not widen the range."""
+    entries where counted is False get code 0 and do not widen the range. The range is the
+    counted entries' (min, max), then refit ``quant_refits(bits)`` times by least squares on the
+    codes while that lowers the group's squared error (kvloom/quant.h)."""
     levels = float((1 << bits) - 1)
     inf = torch.tensor(float("inf"))
     lo = torch.where(counted, x, inf).amin(-1)
@@ -358,13 +401,32 @@ def _quant_group(x: torch.Tensor, counted: torch.Tensor, bits: int):
     empty = ~counted.any(-1)
     lo = torch.where(empty, torch.zeros_like(lo), lo)
     hi = torch.where(empty, torch.zeros_like(hi), hi)
-    mn16 = _f16_toward(lo, up=False)
-    mn = mn16.float()
-    st16 = torch.where(hi > mn, _f16_toward((hi - mn) / levels, up=True), torch.zeros_like(mn16))
-    st = st16.float()
-    safe = torch.where(st == 0, torch.ones_like(st), st)
-    c = torch.floor((x - mn[..., None]) / safe[..., None] + 0.5).clamp(0, levels)
-    c = torch.where(counted & (st[..., None] != 0), c, torch.zeros_like(c))
+    mn16, st16, _ = _range_params(lo, hi, levels)
+    c, err = _group_codes(x, counted, levels, mn16, st16)
+    active = ~empty
+    n = counted.sum(-1).double()
+    for _ in range(quant_refits(bits)):
+        s1 = torch.zeros_like(err)
+        s2, sx, sxc = s1.clone(), s1.clone(), s1.clone()
+        for j in range(x.shape[-1]):  # sums in double, element order
+            cj = torch.where(counted[..., j], c[..., j].double(), torch.zeros_like(s1))
+            xj = torch.where(counted[..., j], x[..., j].double(), torch.zeros_like(s1))
+            s1, s2, sx, sxc = s1 + cj, s2 + cj * cj, sx + xj, sxc + xj * cj
+        det = n * s2 - s1 * s1
+        active = active & (det > 0)
+        b = (n * sxc - s1 * sx) / torch.where(active, det, torch.ones_like(det))
+        active = active & (b > 0)
+        a = (sx - b * s1) / torch.where(n > 0, n, torch.ones_like(n))
+        lo2, hi2 = a.float(), (a + b * levels).float()
+        m2, t2, ok = _range_params(lo2, hi2, levels)
+        active = active & ok
+        c2, e2 = _group_codes(x, counted, levels, m2, t2)
+        active = active & (e2 < err)
+        mn16 = torch.where(active, m2, mn16)
+        st16 = torch.where(active, t2, st16)
+        c = torch.where(active[..., None], c2, c)
+        err = torch.where(active, e2, err)
+    c = torch.where(counted & (st16.float()[..., None] != 0), c, torch.zeros_like(c))
     return c.long(), mn16, st16
 
 
@@ -385,12 +447,13 @@ def _unpack(packed: torch.Tensor, bits: int, D: int) -> torch.Tensor:
 def quantize_block(k: torch.Tensor, v: torch.Tensor, bits: int, block_size: int, live=None) -> torch.Tensor:
     """One quantized block (uint8 [quant_block_bytes]) of n <= block_size rows k, v [n, D]
     (finite, |x| <= 65504): keys per channel over the counted rows (``live``, default all),
-    values per token per channel group; minimum rounded down and step rounded up to fp16,
-    code = min(2^bits - 1, floor((x - min) / step + 0.5)); rows not counted get code 0."""
+    values per token per channel group (``quant_value_group``); minimum rounded down and step
+    rounded up to fp16, code = min(2^bits - 1, floor((x - min) / step + 0.5)), 2-bit ranges refit
+    by least squares (``_quant_group``); rows not counted get code 0."""
     k, v = k.float(), v.float()
     n, D = k.shape
     live = torch.ones(n, dtype=torch.bool) if live is None else torch.as_tensor(live, dtype=torch.bool)
-    gv = quant_value_group(D)
+    gv = quant_value_group(D, bits)
     kc, kmin, kstep = _quant_group(k.t(), live[None, :].expand(D, n), bits)  # [D, n]
     vc, vmin, vstep = _quant_group(v.reshape(n, D // gv, gv), torch.ones(n, D // gv, gv, dtype=torch.bool), bits)
     vc = torch.where(live[:, None, None], vc, torch.zeros_like(vc)).reshape(n, D)
@@ -412,7 +475,7 @@ def quantize_block(k: torch.Tensor, v: torch.Tensor, bits: int, block_size: int,
 def dequantize_block(block: torch.Tensor, bits: int, block_size: int, head_dim: int, n: int):
     """(k, v) float32 [n, head_dim] of rows [0, n) of a block: min + code * step, the product and
     sum rounded once (a fused multiply-add, as the kernels do)."""
-    D, gv = head_dim, quant_value_group(head_dim)
+    D, gv = head_dim, quant_value_group(head_dim, bits)
     rb = D * bits // 8
     codes = block_size * rb
     b = block.to(torch.uint8)
@@ -479,18 +542,27 @@ def budget_bytes(fraction: float, full_tokens: int, n_kv_heads: int, block_size:
 
 
 def budget_victims(heads: Sequence[dict], limit: int, block_size: int, block_bytes: int,
-                   sealed_block_bytes: Optional[int] = None) -> List[List[int]]:
+                   sealed_block_bytes: Optional[int] = None, quant_bits: int = 0) -> List[List[int]]:
     """One round of the budget's selection over one layer of one sequence. ``heads``: per kv
     head a dict with ``slots`` (live slots), ``ords``, ``keys`` ((tier, value) per live slot) and
     ``sealed`` (the set of sealed table entries). Units give way in key order (tier, value, ord,
     head, slot): a float token alone, a sealed block whole (its key is its live tokens' largest).
     Units are taken (at least one) until the projected bytes fit `limit`: sealed blocks at
     ``sealed_block_bytes`` each plus each head's float tokens packed into blocks (and, in a
-    quantized cache, full ones sealed). Returns the slots each head frees, in take order."""
+    quantized cache of ``quant_bits``, full ones sealed but those ``quant_keeps`` names).
+    Returns the slots each head frees, in take order."""
+    keep_first, keep_newest = quant_keeps(quant_bits)
+
     def float_bytes(n):
         if sealed_block_bytes is None:
             return -(-n // block_size) * block_bytes
-        return (n // block_size) * sealed_block_bytes + (block_bytes if n % block_size else 0)
+        out = 0
+        if keep_first and n > 0:
+            out, n = block_bytes, max(0, n - block_size)
+        full = n // block_size
+        if keep_newest and full > 0:
+            out, full = out + block_bytes, full - 1
+        return out + full * sealed_block_bytes + (block_bytes if n % block_size else 0)
 
     units, fp_live, n_sealed = [], [], []
     for h, hd in enumerate(heads):
