@@ -119,41 +119,48 @@ TEST(quantized_cache_refuses_what_it_cannot_store) {
 
 // Threads append into their own forks of one prompt, sealing blocks (quantizing, taking and
 // releasing blocks of both pools) concurrently; every token stays within its format's error.
+// 2 bits also run the range refits and keep each head's first block in full precision.
 TEST(concurrent_quantized_appends_into_forks) {
-  auto pool = std::make_shared<block_pool>(dtype::f32, kD, kBs, 4096, 16);
-  auto qpool = std::make_shared<block_pool>(dtype::f32, kD, kBs, 4096, 16, device_kind::cpu, 0, 8);
-  cache c(pool, 1, 2, nullptr);
-  c.set_quantized(qpool);
-  kvtest::lcg rng(3);
-  const int64_t parent = c.seq_add();
-  append_random(c, parent, 7, rng);
-  const int T = 4, M = 40;
-  std::vector<int64_t> kids;
-  for (int t = 0; t < T; ++t) kids.push_back(c.seq_fork(parent));
-  std::atomic<int> go{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < T; ++t)
-    threads.emplace_back([&, t] {
-      kvtest::lcg local(100 + t);
-      while (go.load() == 0) {
-      }
-      for (int m = 0; m < M; ++m) append_random(c, kids[t], 1 + m % 3, local);
-    });
-  go.store(1);
-  for (auto& th : threads) th.join();
-  for (int t = 0; t < T; ++t) {
-    CHECK(count_sealed(c, kids[t]) > 0);
-    const int64_t L = c.length(0, 1, kids[t]);
-    int64_t want = 7;
-    for (int m = 0; m < M; ++m) want += 1 + m % 3;
-    CHECK_EQ(L, want);
-    std::vector<float> k(L * kD), v(L * kD);
-    c.gather(0, 1, kids[t], view(k.data(), dtype::f32, {L, kD}), view(v.data(), dtype::f32, {L, kD}), nullptr, nullptr);
-    for (float x : k) CHECK(std::fabs(x) <= 4.1f);  // int8 of values in [-4, 4): garbage would show
+  for (int bits : {8, 2}) {
+    auto pool = std::make_shared<block_pool>(dtype::f32, kD, kBs, 4096, 16);
+    auto qpool = std::make_shared<block_pool>(dtype::f32, kD, kBs, 4096, 16, device_kind::cpu, 0, bits);
+    cache c(pool, 1, 2, nullptr);
+    c.set_quantized(qpool);
+    kvtest::lcg rng(3);
+    const int64_t parent = c.seq_add();
+    append_random(c, parent, 7, rng);
+    const int T = 4, M = 40;
+    std::vector<int64_t> kids;
+    for (int t = 0; t < T; ++t) kids.push_back(c.seq_fork(parent));
+    std::atomic<int> go{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < T; ++t)
+      threads.emplace_back([&, t] {
+        kvtest::lcg local(100 + t);
+        while (go.load() == 0) {
+        }
+        for (int m = 0; m < M; ++m) append_random(c, kids[t], 1 + m % 3, local);
+      });
+    go.store(1);
+    for (auto& th : threads) th.join();
+    for (int t = 0; t < T; ++t) {
+      CHECK(count_sealed(c, kids[t]) > 0);
+      if (bits == 2)
+        for (int h = 0; h < 2; ++h) CHECK_EQ(c.sealed_entries(0, h, kids[t])[0], uint8_t(0));  // the sinks' block
+      const int64_t L = c.length(0, 1, kids[t]);
+      int64_t want = 7;
+      for (int m = 0; m < M; ++m) want += 1 + m % 3;
+      CHECK_EQ(L, want);
+      std::vector<float> k(L * kD), v(L * kD);
+      c.gather(0, 1, kids[t], view(k.data(), dtype::f32, {L, kD}), view(v.data(), dtype::f32, {L, kD}), nullptr, nullptr);
+      // values in [-4, 4): int8 stays within them; a 2-bit refit range may reach a little past
+      // them; garbage would show
+      for (float x : k) CHECK(std::fabs(x) <= (bits == 8 ? 4.1f : 8.f));
+    }
+    for (int64_t s : c.seq_ids()) c.seq_drop(s);
+    CHECK_EQ(pool->used_blocks(), 0);
+    CHECK_EQ(qpool->used_blocks(), 0);
   }
-  for (int64_t s : c.seq_ids()) c.seq_drop(s);
-  CHECK_EQ(pool->used_blocks(), 0);
-  CHECK_EQ(qpool->used_blocks(), 0);
 }
 
 // Snapshot version 2: sealed blocks travel as they are (no re-quantization), shared once; the
