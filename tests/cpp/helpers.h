@@ -1,7 +1,9 @@
 #pragma once
 
 #include <cstdint>
+#include <atomic>
 #include <initializer_list>
+#include <thread>
 #include <vector>
 
 #include "kvloom/tensor_view.h"
@@ -22,6 +24,21 @@ inline kvloom::tensor_view view(void* data, kvloom::dtype t, std::initializer_li
     st *= v.shape[d];
   }
   return v;
+}
+
+// Runs fn(t) for t < n on n threads released at once (a spin start, so they overlap), then joins.
+template <class Fn>
+void run_together(int n, Fn fn) {
+  std::atomic<int> go{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < n; ++t)
+    threads.emplace_back([&go, &fn, t] {
+      while (go.load() == 0) {
+      }
+      fn(t);
+    });
+  go.store(1);
+  for (auto& th : threads) th.join();
 }
 
 // Deterministic pseudo-random floats in [-1, 1).

@@ -173,17 +173,10 @@ TEST(concurrent_appends_into_forks) {
   const int T = 4, M = 50;
   std::vector<int64_t> kids;
   for (int t = 0; t < T; ++t) kids.push_back(c.seq_fork(parent));
-  std::atomic<int> go{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < T; ++t)
-    threads.emplace_back([&, t] {
-      while (go.load() == 0) {
-      }
-      for (int m = 0; m < M; ++m)
-        for (int l = 0; l < 2; ++l) append_const(c, l, kids[t], 1, 1000.f * (t + 1) + m);
-    });
-  go.store(1);
-  for (auto& th : threads) th.join();
+  kvtest::run_together(T, [&](int t) {
+    for (int m = 0; m < M; ++m)
+      for (int l = 0; l < 2; ++l) append_const(c, l, kids[t], 1, 1000.f * (t + 1) + m);
+  });
   for (int t = 0; t < T; ++t)
     for (int l = 0; l < 2; ++l)
       for (int h = 0; h < 2; ++h) {
@@ -213,32 +206,25 @@ TEST(concurrent_segment_appends_checksums) {
   // new segments are made up front (seq_add is a structural operation: not concurrent)
   for (int t = 0; t < T; ++t)
     for (int k = 0; k < 5; ++k) extra_ids[t].push_back(c.seq_add());
-  std::atomic<int> go{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < T; ++t)
-    threads.emplace_back([&, t] {
-      while (go.load() == 0) {
-      }
-      size_t next_extra = 0;
-      for (int m = 0; m < M; ++m) {
-        if (m % 70 == 69 && next_extra < extra_ids[t].size()) segs[t].push_back({extra_ids[t][next_extra++], 0, {}});
-        seg& s = segs[t].back();
-        const int64_t n = 1 + (m * 7 + t) % 3;
-        const float value = 10000.f * (t + 1) + 10.f * static_cast<float>(segs[t].size()) + static_cast<float>(m);
-        std::vector<float> k(static_cast<size_t>(H * n * D)), v(k.size());
-        for (int h = 0; h < H; ++h)
-          for (int64_t j = 0; j < n; ++j)
-            for (int d = 0; d < D; ++d) {
-              k[(h * n + j) * D + d] = value + 0.25f * static_cast<float>(j);
-              v[(h * n + j) * D + d] = -(value + 0.25f * static_cast<float>(j));
-            }
-        for (int l = 0; l < 2; ++l)
-          c.append(l, s.id, view(k.data(), dtype::f32, {H, n, D}), view(v.data(), dtype::f32, {H, n, D}), nullptr);
-        for (int64_t j = 0; j < n; ++j) s.values.push_back(value + 0.25f * static_cast<float>(j));
-      }
-    });
-  go.store(1);
-  for (auto& th : threads) th.join();
+  kvtest::run_together(T, [&](int t) {
+    size_t next_extra = 0;
+    for (int m = 0; m < M; ++m) {
+      if (m % 70 == 69 && next_extra < extra_ids[t].size()) segs[t].push_back({extra_ids[t][next_extra++], 0, {}});
+      seg& s = segs[t].back();
+      const int64_t n = 1 + (m * 7 + t) % 3;
+      const float value = 10000.f * (t + 1) + 10.f * static_cast<float>(segs[t].size()) + static_cast<float>(m);
+      std::vector<float> k(static_cast<size_t>(H * n * D)), v(k.size());
+      for (int h = 0; h < H; ++h)
+        for (int64_t j = 0; j < n; ++j)
+          for (int d = 0; d < D; ++d) {
+            k[(h * n + j) * D + d] = value + 0.25f * static_cast<float>(j);
+            v[(h * n + j) * D + d] = -(value + 0.25f * static_cast<float>(j));
+          }
+      for (int l = 0; l < 2; ++l)
+        c.append(l, s.id, view(k.data(), dtype::f32, {H, n, D}), view(v.data(), dtype::f32, {H, n, D}), nullptr);
+      for (int64_t j = 0; j < n; ++j) s.values.push_back(value + 0.25f * static_cast<float>(j));
+    }
+  });
   int64_t tokens = 0;
   for (int t = 0; t < T; ++t)
     for (const seg& s : segs[t])
@@ -339,32 +325,26 @@ TEST(concurrent_misuse_raises_instead_of_corrupting) {
   cache c(pool, 1, 2, nullptr);
   const int64_t s = c.seq_add();
   const int T = 4, M = 300;
-  std::atomic<int> go{0}, collisions{0}, done{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < T; ++t)
-    threads.emplace_back([&, t] {
-      while (go.load() == 0) {
-      }
-      std::vector<float> k(2 * 3 * 8, static_cast<float>(t)), q(4 * 8, 0.5f), out(4 * 8);
-      for (int m = 0; m < M; ++m) {
-        try {
-          if (t % 2 == 0) {
-            c.append(0, s, view(k.data(), dtype::f32, {2, 3, 8}), view(k.data(), dtype::f32, {2, 3, 8}), nullptr);
-            done.fetch_add(1);
-          } else {
-            decode_attention_cache(c, 0, {{cache_segment{s, 0}}}, view(q.data(), dtype::f32, {1, 4, 8}),
-                                   view(out.data(), dtype::f32, {1, 4, 8}), 0.f, rope_spec{});
-          }
-        } catch (const concurrent_use_error& e) {
-          collisions.fetch_add(1);
-          CHECK(std::string(e.what()).find("sequence") != std::string::npos);
-        } catch (const std::invalid_argument&) {
-          // attention before the first append: no key yet is fine (zeros), nothing else expected
+  std::atomic<int> collisions{0}, done{0};
+  kvtest::run_together(T, [&](int t) {
+    std::vector<float> k(2 * 3 * 8, static_cast<float>(t)), q(4 * 8, 0.5f), out(4 * 8);
+    for (int m = 0; m < M; ++m) {
+      try {
+        if (t % 2 == 0) {
+          c.append(0, s, view(k.data(), dtype::f32, {2, 3, 8}), view(k.data(), dtype::f32, {2, 3, 8}), nullptr);
+          done.fetch_add(1);
+        } else {
+          decode_attention_cache(c, 0, {{cache_segment{s, 0}}}, view(q.data(), dtype::f32, {1, 4, 8}),
+                                 view(out.data(), dtype::f32, {1, 4, 8}), 0.f, rope_spec{});
         }
+      } catch (const concurrent_use_error& e) {
+        collisions.fetch_add(1);
+        CHECK(std::string(e.what()).find("sequence") != std::string::npos);
+      } catch (const std::invalid_argument&) {
+        // attention before the first append: no key yet is fine (zeros), nothing else expected
       }
-    });
-  go.store(1);
-  for (auto& th : threads) th.join();
+    }
+  });
   // every append that returned is whole: 3 tokens per head each
   CHECK_EQ(c.seq_length(s), int64_t(3) * done.load());
   CHECK_EQ(c.length(0, 0, s), c.length(0, 1, s));

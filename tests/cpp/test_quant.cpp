@@ -132,17 +132,10 @@ TEST(concurrent_quantized_appends_into_forks) {
     const int T = 4, M = 40;
     std::vector<int64_t> kids;
     for (int t = 0; t < T; ++t) kids.push_back(c.seq_fork(parent));
-    std::atomic<int> go{0};
-    std::vector<std::thread> threads;
-    for (int t = 0; t < T; ++t)
-      threads.emplace_back([&, t] {
-        kvtest::lcg local(100 + t);
-        while (go.load() == 0) {
-        }
-        for (int m = 0; m < M; ++m) append_random(c, kids[t], 1 + m % 3, local);
-      });
-    go.store(1);
-    for (auto& th : threads) th.join();
+    kvtest::run_together(T, [&](int t) {
+      kvtest::lcg local(100 + t);
+      for (int m = 0; m < M; ++m) append_random(c, kids[t], 1 + m % 3, local);
+    });
     for (int t = 0; t < T; ++t) {
       CHECK(count_sealed(c, kids[t]) > 0);
       if (bits == 2)

@@ -426,8 +426,7 @@ def _quant_group(x: torch.Tensor, counted: torch.Tensor, bits: int):
         st16 = torch.where(active, t2, st16)
         c = torch.where(active[..., None], c2, c)
         err = torch.where(active, e2, err)
-    c = torch.where(counted & (st16.float()[..., None] != 0), c, torch.zeros_like(c))
-    return c.long(), mn16, st16
+    return c.long(), mn16, st16  # (_group_codes gave uncounted entries and zero steps code 0)
 
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
