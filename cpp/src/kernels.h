@@ -6,6 +6,7 @@
 // (running sum of p), acc[g*D .. g*D+D) (running sum of p * v).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -93,11 +94,15 @@ inline int64_t scratch_floats(int G, int n, int D) {
   return static_cast<int64_t>(G) * n + 2 * static_cast<int64_t>(n) * D + 256 * static_cast<int64_t>(G) + 64;
 }
 
-// Covers the fused kernels' needs (scores, scaled queries, partial sums, per-group sums) and
-// the portable fallback's (a dequantized tile of 2 n D floats at the end, after scratch_floats).
+// Covers the fused kernels' needs (kernels_avx512.cpp, attend_quant_t: scores [G][n], scaled
+// queries [G][D], partial sums [G][256], per-group sums [G][groups], q . kmin [G], weighted steps
+// [groups][G][n]; groups <= D / 16 there) or the portable
+// fallback's (scratch_floats, then a dequantized tile of 2 n D floats: always the last 2 n D).
 inline int64_t quant_scratch_floats(int G, int n, int D) {
-  return scratch_floats(G, n, D) + 2 * static_cast<int64_t>(n) * D + static_cast<int64_t>(G) * D + 32 * static_cast<int64_t>(G) +
-         16 * static_cast<int64_t>(G) * n + 32 * static_cast<int64_t>(n) + 64;
+  const int64_t g = G, t = n, d = D, groups = d / 16 + 1;
+  const int64_t fused = g * t + g * d + 256 * g + g * groups + g + groups * g * t + 64;
+  const int64_t front = std::max<int64_t>(fused, scratch_floats(G, n, D));
+  return front + 2 * t * d;
 }
 
 const kernel_ops& generic_ops();

@@ -142,7 +142,7 @@ void softmax_alpha(float* s, int rows, int n, float* m, float* l, float* alpha) 
       for (t = 0; t < n; ++t) si[t] = 0.f;
       continue;
     }
-    alpha[i] = exp2_neg_scalar(m[i] - m_new);
+    alpha[i] = m_new == m[i] ? 1.f : exp2_neg_scalar(m[i] - m_new);  // (most chunks keep the max)
     const __m512 vm = _mm512_set1_ps(m_new);
     __m512 vsum = _mm512_setzero_ps();
     for (t = 0; t + 16 <= n; t += 16) {
@@ -771,14 +771,17 @@ void attend_quant_t(const float* q, int G, int D, const quant_layout& L, const v
   float* park = qs + static_cast<int64_t>(G) * D;      // [G][16][16]
   float* cm = park + 256 * static_cast<int64_t>(G);    // [G][ng] sum of p * vmin
   float* kb = cm + static_cast<int64_t>(G) * ng;       // [G] q . kmin
+  alignas(64) float kmin[512], kstep[512];              // the block's key ranges as fp32, once
+  for (int d = 0; d < D; d += 16) {
+    _mm512_store_ps(kmin + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + d))));
+    _mm512_store_ps(kstep + d, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + D + d))));
+  }
   for (int g = 0; g < G; ++g) {
     __m512 b = _mm512_setzero_ps();
     for (int d = 0; d < D; d += 16) {
-      const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + d)));
-      const __m512 st = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + D + d)));
       const __m512 qg = _mm512_loadu_ps(q + static_cast<int64_t>(g) * D + d);
-      _mm512_storeu_ps(qs + static_cast<int64_t>(g) * D + d, _mm512_mul_ps(qg, st));
-      b = _mm512_fmadd_ps(qg, mn, b);
+      _mm512_storeu_ps(qs + static_cast<int64_t>(g) * D + d, _mm512_mul_ps(qg, _mm512_load_ps(kstep + d)));
+      b = _mm512_fmadd_ps(qg, _mm512_load_ps(kmin + d), b);
     }
     kb[g] = hsum(b);
   }

@@ -201,3 +201,43 @@ TEST(quantized_snapshot_round_trip) {
     CHECK_EQ(d2->sealed_pool()->used_blocks(), 0);
   }
 }
+
+// The fused kernel's scratch at its widest: a query group of 256 over D 512 in 2 bits (32 value
+// groups a row, so the weighted steps alone are 32 * 256 * 32 floats a block); the sanitizer
+// builds catch a write past the scratch, and the result equals attention over the dequantized
+// blocks.
+TEST(quantized_attention_widest_group_and_head_dim) {
+  const int G = 256, D = 512, bs = 32, T = 64, bits = 2;
+  const quant_layout L = make_quant_layout(bits, bs, D);
+  kvtest::lcg rng(11);
+  std::vector<float> k(static_cast<size_t>(T) * D), v(k.size()), q(static_cast<size_t>(G) * D), out(q.size());
+  for (auto& x : k) x = rng.next();
+  for (auto& x : v) x = rng.next();
+  for (auto& x : q) x = rng.next();
+  std::vector<uint8_t> blocks(static_cast<size_t>(T / bs) * L.bytes);
+  for (int b = 0; b < T / bs; ++b)
+    quantize_block(L, &k[static_cast<size_t>(b) * bs * D], &v[static_cast<size_t>(b) * bs * D], bs, nullptr,
+                   &blocks[b * L.bytes]);
+  std::vector<float> kd(k.size()), vd(v.size());
+  for (int b = 0; b < T / bs; ++b)
+    dequantize_block(L, &blocks[b * L.bytes], bs, &kd[static_cast<size_t>(b) * bs * D], &vd[static_cast<size_t>(b) * bs * D]);
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  decode_attention_quantized(view(q.data(), dtype::f32, {1, G, D}),
+                             view(blocks.data(), dtype::u8, {1, 1, T / bs, static_cast<int64_t>(L.bytes)}), T, L,
+                             view(out.data(), dtype::f32, {1, G, D}), scale);
+  for (int g = 0; g < G; g += 17) {
+    std::vector<double> w(T);
+    double mx = -1e300, z = 0;
+    for (int t = 0; t < T; ++t) {
+      double d = 0;
+      for (int i = 0; i < D; ++i) d += double(q[g * D + i]) * kd[static_cast<size_t>(t) * D + i];
+      mx = std::max(mx, w[t] = d * scale);
+    }
+    for (auto& x : w) z += (x = std::exp(x - mx));
+    for (int i = 0; i < D; ++i) {
+      double o = 0;
+      for (int t = 0; t < T; ++t) o += w[t] / z * vd[static_cast<size_t>(t) * D + i];
+      CHECK(std::fabs(o - out[g * D + i]) < 1e-5);
+    }
+  }
+}
