@@ -148,3 +148,22 @@ def test_chunk_attention_sees_only_visible_tokens(isa, data, past, Tq, masked):
             ref = sdpa_math(q[0, h * G:(h + 1) * G, t, None], k[h, vis].expand(G, -1, -1), v[h, vis].expand(G, -1, -1),
                             scale=scale)[:, 0]
             assert_same(got, ref)
+
+
+@given(shape=st.lists(st.integers(0, 5), min_size=1, max_size=4), dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+       bad=st.lists(st.tuples(st.integers(0, 10 ** 6), st.sampled_from(BAD + [65504.0, -3e38, 1e-40])), max_size=3),
+       view=st.sampled_from(["plain", "transposed", "strided"]), seed=st.integers(0, 2 ** 16))
+def test_all_finite_equals_torch(shape, dtype, bad, view, seed):
+    """kvloom._core.all_finite (the HF adapter's check on every cached K/V) == torch.isfinite(x).all(),
+    for every float dtype, non-contiguous views, huge and subnormal finite values included."""
+    dt = getattr(torch, dtype)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 100).to(dt)
+    flat = x.view(-1)
+    for i, val in bad:
+        if flat.numel():
+            flat[i % flat.numel()] = val
+    if view == "transposed" and x.dim() >= 2:
+        x = x.transpose(0, -1)
+    elif view == "strided" and x.dim() >= 1:
+        x = x[..., ::2]
+    assert kvloom._core.all_finite(x) == bool(torch.isfinite(x).all())

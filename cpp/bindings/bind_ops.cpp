@@ -147,6 +147,14 @@ void bind_ops(py::module_& m) {
   m.def("force_generic_kernels", &force_generic_kernels, py::arg("on"));
   m.def("force_isa", &force_isa, py::arg("isa"), "cap the kernel path: 'auto', 'avx2' or 'generic'");
   m.def("read_probe", &probe, py::arg("buffer"));
+  m.def(
+      "all_finite",
+      [](py::handle t) {
+        borrowed b = from_dlpack(t, "tensor");
+        py::gil_scoped_release nogil;
+        return all_finite(b.view);
+      },
+      py::arg("tensor"), "no NaN or infinity in a float CPU tensor (one pass, nothing allocated)");
   m.attr("cuda_built") = cuda_built();
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_architectures", &cuda_architectures, "the CUDA architectures compiled in, e.g. '80,90'");

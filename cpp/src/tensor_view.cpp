@@ -1,5 +1,6 @@
 #include "kvloom/tensor_view.h"
 
+#include <cstdint>
 #include <sstream>
 
 namespace kvloom {
@@ -51,6 +52,50 @@ void check_device(const tensor_view& t, device_kind kind, int id, const char* wh
   if (t.device != kind || (kind == device_kind::cuda && t.device_id != id))
     fail_value(std::string(what) + " is on " + device_name(t.device, t.device_id) + " but this cache lives on " +
                device_name(kind, id) + "; move it there first");
+}
+
+namespace {
+
+// Elements [0, n) at stride st: no NaN or infinity, i.e. no element whose exponent bits are
+// all set (integer work the compiler vectorises in the unit-stride case).
+template <class U>
+bool finite_bits(const char* p, int64_t n, int64_t st, U e) {
+  const U* x = reinterpret_cast<const U*>(p);
+  U bad = 0;
+  if (st == 1)
+    for (int64_t i = 0; i < n; ++i) bad |= static_cast<U>((x[i] & e) == e);
+  else
+    for (int64_t i = 0; i < n; ++i) bad |= static_cast<U>((x[i * st] & e) == e);
+  return bad == 0;
+}
+
+bool finite_run(const char* p, dtype t, int64_t n, int64_t st) {
+  if (t == dtype::f32) return finite_bits<uint32_t>(p, n, st, 0x7F800000u);
+  return finite_bits<uint16_t>(p, n, st, t == dtype::f16 ? uint16_t(0x7C00) : uint16_t(0x7F80));
+}
+
+}  // namespace
+
+bool all_finite(const tensor_view& t) {
+  check_float(t, "tensor");
+  check_cpu(t, "tensor");
+  if (t.numel() == 0) return true;
+  if (t.ndim == 0) return finite_run(static_cast<const char*>(t.data), t.type, 1, 1);
+  const size_t esz = dtype_size(t.type);
+  const int last = t.ndim - 1;
+  int64_t idx[tensor_view::kMaxDims] = {0};
+  for (;;) {  // one run per index of the leading dimensions
+    int64_t off = 0;
+    for (int d = 0; d < last; ++d) off += idx[d] * t.strides[d];
+    if (!finite_run(static_cast<const char*>(t.data) + off * static_cast<int64_t>(esz), t.type, t.shape[last], t.strides[last]))
+      return false;
+    int d = last - 1;
+    for (; d >= 0; --d) {
+      if (++idx[d] < t.shape[d]) break;
+      idx[d] = 0;
+    }
+    if (d < 0) return true;
+  }
 }
 
 void check_inner_contiguous(const tensor_view& t, const char* what) {

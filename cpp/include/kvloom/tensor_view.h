@@ -40,5 +40,8 @@ void check_cpu(const tensor_view& t, const char* what);
 void check_device(const tensor_view& t, device_kind kind, int id, const char* what);
 std::string device_name(device_kind kind, int id);  // "cpu", "cuda:0"
 void check_inner_contiguous(const tensor_view& t, const char* what);
+// True when every element of a float tensor on the CPU (fp32/fp16/bf16, any strides) is finite;
+// one pass over the elements, nothing allocated.
+bool all_finite(const tensor_view& t);
 
 }  // namespace kvloom

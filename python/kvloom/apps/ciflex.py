@@ -51,8 +51,10 @@ def _stop_ids(model, tokenizer) -> set:
             ids.add(src)
         elif src is not None:
             ids.update(int(i) for i in src)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    if end is not None:
+    # ChatML's end of turn, where the vocabulary has it (an unknown token maps to the unk id;
+    # one lookup, not a copy of the vocabulary: side paths build this per sub-task)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
         ids.add(int(end))
     return ids
 

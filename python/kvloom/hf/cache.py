@@ -11,6 +11,7 @@ import torch
 from transformers.cache_utils import Cache as _HFCache
 from transformers.cache_utils import CacheLayerMixin
 
+from .. import _core
 from ..cache import KVCache, make_policy
 from . import arch
 
@@ -272,7 +273,7 @@ class LoomCache(_HFCache):
             raise ValueError(f"this kvloom.Cache lives on {self.kv.device} but the key states are on "
                              f"{key_states.device}: build the cache after moving the model (kvloom.Cache(model))")
         # (on CUDA this check would wait for the GPU at every layer: it runs on CPU caches only)
-        if key_states.device.type == "cpu" and not (torch.isfinite(key_states).all() and torch.isfinite(value_states).all()):
+        if key_states.device.type == "cpu" and not (_core.all_finite(key_states.detach()) and _core.all_finite(value_states.detach())):
             raise ValueError(f"non-finite values (NaN/inf) in the key/value states of layer {layer_idx}; nothing was cached")
         if self.seqs is None:
             self._check_capacity(B, n)
