@@ -2,7 +2,8 @@
 for all of them (tests/test_policies.py runs it over the registry; the README's toy policy
 runs through it in tests/test_readme.py).
 
-On the C++ cache (kvloom.KVCache), for random appends with random class bytes:
+On the C++ cache (kvloom.KVCache, on the CPU or, in tests/test_cuda.py, on a GPU), for random
+appends with random class bytes:
 - bytes held == bytes of the kept slots (after a policy run, each unshared head holds
   ceil(live / block_size) blocks, and memory_bytes() is exactly those blocks);
 - a fork holds the same tokens at no extra memory; writing to the fork leaves the parent
@@ -26,7 +27,7 @@ def _contents(cache, seq):
     for layer in range(cache.n_layers):
         for h in range(cache.n_kv_heads):
             k, v, ords, pos = cache.gather(layer, h, seq)
-            out.append((k.clone(), v.clone(), ords.tolist(), pos.tolist()))
+            out.append((k.cpu().clone(), v.cpu().clone(), ords.tolist(), pos.tolist()))
     return out
 
 
@@ -38,22 +39,23 @@ def _same(a, b):
 def _step(cache, policy, seq, rng, n, gen):
     """Appends n tokens to every layer of seq (random K/V and class bytes) and runs the policy
     as the transformers path does (statistics first where the policy needs them)."""
-    H, D = cache.n_kv_heads, cache.head_dim
+    H, D, dev = cache.n_kv_heads, cache.head_dim, cache.device
     for layer in range(cache.n_layers):
-        k, v = torch.randn(H, n, D, generator=gen), torch.randn(H, n, D, generator=gen)
+        k, v = torch.randn(H, n, D, generator=gen).to(dev), torch.randn(H, n, D, generator=gen).to(dev)
         classes = torch.tensor([rng.choice([0, 0, 0, 1, 2]) for _ in range(n)], dtype=torch.uint8)
         cache.append(layer, seq, k, v, classes=classes)
         if policy.needs_scores:
-            cache.accumulate_attention(layer, torch.randn(1, 2 * H, n, D, generator=gen), [seq])
+            cache.accumulate_attention(layer, torch.randn(1, 2 * H, n, D, generator=gen).to(dev), [seq])
         cache.apply_policy(layer, seq)
 
 
-def check_kvcache(policy, seed: int) -> None:
-    """The C++-cache properties of one policy instance, on one random scenario."""
+def check_kvcache(policy, seed: int, device: str = "cpu") -> None:
+    """The C++-cache properties of one policy instance, on one random scenario, with the
+    cache's blocks on `device`."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     bs = rng.choice([2, 4, 8])
-    cache = kvloom.KVCache(2, 2, 8, block_size=bs, policy=policy)
+    cache = kvloom.KVCache(2, 2, 8, block_size=bs, policy=policy, device=device)
     s = cache.add_sequence()
     for _ in range(rng.randint(2, 6)):
         _step(cache, policy, s, rng, rng.randint(1, 12), gen)
@@ -78,12 +80,13 @@ def check_kvcache(policy, seed: int) -> None:
     cache.rollback(s, n)
     assert _same(_contents(cache, s), want) and cache.seq_length(s) == keep
     # a failed append changes nothing
-    small = kvloom.KVCache(1, 2, 8, block_size=bs, policy=policy, capacity_bytes=3 * 2 * bs * 8 * 4)
+    small = kvloom.KVCache(1, 2, 8, block_size=bs, policy=policy, capacity_bytes=3 * 2 * bs * 8 * 4, device=device)
     t = small.add_sequence()
-    small.append(0, t, torch.randn(2, bs, 8, generator=gen), torch.randn(2, bs, 8, generator=gen))
+    small.append(0, t, torch.randn(2, bs, 8, generator=gen).to(device), torch.randn(2, bs, 8, generator=gen).to(device))
     snap, mem = _contents(small, t), small.memory_bytes()
     try:
-        small.append(0, t, torch.randn(2, 2 * bs, 8, generator=gen), torch.randn(2, 2 * bs, 8, generator=gen))
+        small.append(0, t, torch.randn(2, 2 * bs, 8, generator=gen).to(device),
+                     torch.randn(2, 2 * bs, 8, generator=gen).to(device))
         raise AssertionError("an append past the pool's capacity must raise")
     except kvloom.CapacityError:
         pass

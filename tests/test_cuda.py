@@ -9,7 +9,8 @@ skips without a GPU (and a CUDA build of kvloom); bench/gpu_check.sh runs them o
   CPU cache's;
 - prompt statistics on a device cache equal the CPU cache's;
 - through transformers on random-init Llama/Qwen2/Qwen3/Mistral/Gemma 3: greedy Full equals
-  DynamicCache + sdpa token for token, and so do a continued turn's logits; every policy generates and frees memory; CIFLEX side
+  DynamicCache + sdpa token for token, and so do a continued turn's logits; every policy generates and frees memory
+  (and passes the policy suite's cache properties on a device cache); CIFLEX side
   paths, Hogwild! and CLA run; Full's decode step issues no host synchronisation from Python.
 """
 import pytest
@@ -232,6 +233,16 @@ def test_continued_turn_equals_dynamic_cache_on_gpu(arch):
     want = run(DynamicCache())
     kvloom.enable(model)
     torch.testing.assert_close(run(kvloom.Cache(model)), want, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", kvloom.policies.names())
+def test_policy_suite_on_a_device_cache(name, seed):
+    """The policy suite's C++-cache properties (tests/policy_suite.py: bytes == kept blocks, forks
+    share and copy on write, rollback, a failed append changes nothing) with blocks on the GPU."""
+    import policy_suite
+
+    policy_suite.check_kvcache(kvloom.policies.get(name).example(), seed, device=DEV)
 
 
 @pytest.mark.parametrize("name", kvloom.policies.names())
