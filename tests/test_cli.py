@@ -1,6 +1,8 @@
 """The kvloom command line: generate on the default model, bench e2e on a tiny saved model."""
 import json
 
+import os
+
 import pytest
 
 from kvloom import cli
@@ -91,7 +93,19 @@ def test_bench_budget_small(tmp_path, capsys):
 
 def test_info(capsys):
     assert cli.main(["info"]) == 0
-    assert "CPU kernels" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "CPU kernels" in out and "huge pages:" in out
+
+
+def test_info_says_when_huge_pages_are_off():
+    """KVLOOM_HUGEPAGES=0 (read once per process) keeps the host arenas on ordinary pages."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KVLOOM_HUGEPAGES="0")
+    r = subprocess.run([sys.executable, "-m", "kvloom", "info"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "huge pages:    off (KVLOOM_HUGEPAGES=0)" in r.stdout
 
 
 @pytest.mark.slow

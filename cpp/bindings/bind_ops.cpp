@@ -147,6 +147,7 @@ void bind_ops(py::module_& m) {
   m.def("force_generic_kernels", &force_generic_kernels, py::arg("on"));
   m.def("force_isa", &force_isa, py::arg("isa"), "cap the kernel path: 'auto', 'avx2' or 'generic'");
   m.def("read_probe", &probe, py::arg("buffer"));
+  m.def("host_huge_pages", &host_huge_pages, "whether host block arenas ask for transparent huge pages, and why");
   m.def(
       "all_finite",
       [](py::handle t) {

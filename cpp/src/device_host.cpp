@@ -1,8 +1,13 @@
 // The host side of the device seam: block memory in host arenas, bytes moved with memcpy and
 // the shared fp16/bf16 conversions; the per-thread current stream; CUDA stubs without CUDA.
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "device.h"
 #include "device_mirror.h"
@@ -14,6 +19,31 @@ namespace {
 thread_local void* g_stream = nullptr;
 
 constexpr size_t kAlign = 64;
+constexpr size_t kHugePage = size_t(2) << 20;
+
+// Transparent huge pages for arena chunks of 2 MiB or more (Linux; KVLOOM_HUGEPAGES=0 turns
+// it off): a decode step reads every layer's KV, hundreds of MiB at long contexts, and with
+// 4 KiB pages that is a TLB miss every 4 KiB. Where THP is "madvise" (a common default) memory
+// only gets huge pages when asked.
+bool want_huge_pages() {
+  static const bool on = [] {
+    const char* e = std::getenv("KVLOOM_HUGEPAGES");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+void* host_arena(size_t bytes) {
+#if defined(__linux__)
+  if (bytes >= kHugePage && want_huge_pages()) {
+    const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* p = std::aligned_alloc(kHugePage, size);
+    if (p) madvise(p, size, MADV_HUGEPAGE);  // advice only: an error leaves ordinary pages
+    return p;
+  }
+#endif
+  return std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
+}
 
 // Row (h, j) of a [H, n, D] tensor converted into `dst` of dst_type (D elements).
 void copy_row_in(void* dst, dtype dst_type, const tensor_view& src, int64_t h, int64_t j, int64_t D) {
@@ -41,9 +71,7 @@ void copy_row_out(const tensor_view& out, int64_t i, const void* src, dtype src_
 class host_device_ops final : public detail::device_ops {
  public:
   const char* name() const override { return "cpu"; }
-  void* arena_alloc(int, size_t bytes) const override {
-    return std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
-  }
+  void* arena_alloc(int, size_t bytes) const override { return host_arena(bytes); }
   void arena_free(int, void* p) const override { std::free(p); }
   void copy_spans(int, const std::vector<detail::span_copy>& spans, size_t bytes) const override {
     for (const auto& s : spans) std::memcpy(s.dst, s.src, bytes);
@@ -95,6 +123,27 @@ void mirror_release(mirror_state*) {}  // no mirror is ever made without CUDA
 #endif
 
 }  // namespace detail
+
+std::string host_huge_pages() {
+  if (!want_huge_pages()) return "off (KVLOOM_HUGEPAGES=0)";
+#if defined(__linux__)
+  std::string mode;
+  if (FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r")) {
+    char buf[128] = {0};
+    const size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
+    std::fclose(f);
+    const std::string line(buf, n);
+    const size_t a = line.find('['), b = line.find(']');
+    if (a != std::string::npos && b != std::string::npos && b > a) mode = line.substr(a + 1, b - a - 1);
+  }
+  if (mode == "never") return "off (the system's transparent huge pages setting is never)";
+  if (mode == "always" || mode == "madvise")
+    return "on (arena chunks of 2 MiB and more; the system's transparent huge pages setting is " + mode + ")";
+  return "unknown (no transparent huge pages setting readable)";
+#else
+  return "off (transparent huge pages are asked for on Linux only)";
+#endif
+}
 
 void set_current_stream(void* stream) { g_stream = stream; }
 void* current_stream() { return g_stream; }

@@ -238,6 +238,7 @@ def _info(_args, _parser) -> int:
         print("  CUDA backend:  not built (no nvcc at build time, or KVLOOM_CUDA=0)")
     print(f"  torch:         {torch.__version__}")
     print(f"  pool default:  {kvloom.default_capacity_bytes() / 2**30:.1f} GiB limit (grows on demand)")
+    print(f"  huge pages:    {_core.host_huge_pages()}")
     return 0
 
 

@@ -80,7 +80,7 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
 // Threads used by the kernels (default: hardware concurrency, or KVLOOM_NUM_THREADS).
 void set_num_threads(int n);
 int get_num_threads();
-// Name of the kernel path chosen at run time ("avx2" or "generic").
+// Name of the kernel path chosen at run time ("avx512", "avx2" or "generic").
 const char* kernel_isa();
 
 }  // namespace kvloom

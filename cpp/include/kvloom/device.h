@@ -20,6 +20,9 @@ bool cuda_built();
 int cuda_device_count();
 // The CUDA architectures compiled in (e.g. "80;90"), or "" without CUDA.
 std::string cuda_architectures();
+// Whether host block arenas ask for transparent huge pages, and why: "on (...)", "off (...)"
+// (KVLOOM_HUGEPAGES=0, or the system's THP setting is never) or "unknown (...)".
+std::string host_huge_pages();
 // Gives back the memory kvloom keeps between calls on CUDA devices: the pinned host buffers
 // for uploads (16 MiB per device used) and the device memory its own stream-ordered pool holds
 // for scratch and descriptors (kept, not handed back at each synchronisation). Call it before
