@@ -1,7 +1,8 @@
 """The kvloom command line: generate on the default model, bench e2e on a tiny saved model."""
 import json
-
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -99,9 +100,6 @@ def test_info(capsys):
 
 def test_info_says_when_huge_pages_are_off():
     """KVLOOM_HUGEPAGES=0 (read once per process) keeps the host arenas on ordinary pages."""
-    import subprocess
-    import sys
-
     env = dict(os.environ, KVLOOM_HUGEPAGES="0")
     r = subprocess.run([sys.executable, "-m", "kvloom", "info"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -1,7 +1,9 @@
 #pragma once
 
-#include <cstdint>
+#include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstdint>
 #include <initializer_list>
 #include <thread>
 #include <vector>
@@ -55,5 +57,35 @@ struct lcg {
     return v;
   }
 };
+
+// Naive double-precision decode attention for one batch row: q [Hq, D], k/v [Hkv, T, D].
+inline std::vector<double> naive(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
+                                 int Hq, int Hkv, int T, int D) {
+  std::vector<double> out(static_cast<size_t>(Hq * D), 0.0);
+  const int G = Hq / Hkv;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  for (int hq = 0; hq < Hq; ++hq) {
+    const int h = hq / G;
+    std::vector<double> s(static_cast<size_t>(T));
+    double mx = -INFINITY;
+    for (int t = 0; t < T; ++t) {
+      double dot = 0;
+      for (int d = 0; d < D; ++d) dot += double(q[hq * D + d]) * k[(h * T + t) * D + d];
+      s[t] = dot * scale;
+      mx = std::max(mx, s[t]);
+    }
+    double z = 0;
+    for (int t = 0; t < T; ++t) z += (s[t] = std::exp(s[t] - mx));
+    for (int t = 0; t < T; ++t)
+      for (int d = 0; d < D; ++d) out[hq * D + d] += s[t] / z * v[(h * T + t) * D + d];
+  }
+  return out;
+}
+
+inline double max_err(const std::vector<float>& a, const std::vector<double>& b) {
+  double e = 0;
+  for (size_t i = 0; i < a.size(); ++i) e = std::max(e, std::fabs(a[i] - b[i]));
+  return e;
+}
 
 }  // namespace kvtest
