@@ -29,7 +29,8 @@ inline uint64_t heavy_key(const head_store& hs, int64_t slot) {
   return (static_cast<uint64_t>(bits) << 32) | (0xffffffffu - static_cast<uint32_t>(hs.ord(slot)));
 }
 
-// The smallest key among the `keep` largest of `keys` (0 < keep <= keys.size()); reorders keys.
+// The smallest key among the `keep` largest of `keys` (0 < keep <= keys.size()); leaves keys
+// in no particular order (scratch).
 uint64_t kth_heaviest(std::vector<uint64_t>& keys, int64_t keep);
 
 // FastGen profiling: for each row b and kv head, the attention mass (averaged over the

@@ -402,7 +402,7 @@ class KVCache:
             positions = positions.to(torch.int32).contiguous()
         if classes is not None:  # one byte of class bits per token
             classes = host(as_tensor(classes, "classes"))
-            if classes.dtype != torch.bool:
+            if classes.dtype not in (torch.bool, torch.uint8):  # (every uint8 value is a valid class byte)
                 classes = _int_tensor(classes, "classes", 0, 255)
             classes = classes.to(torch.uint8).contiguous()
         use_stream(self._device)

@@ -9,6 +9,7 @@
 #include "helpers.h"
 #include "kvloom/c_api.h"
 #include "kvloom/kvloom.h"
+#include "scores.h"
 #include "test.h"
 
 using namespace kvloom;
@@ -33,6 +34,38 @@ TEST(plan_registry_lists_and_checks) {
     CHECK(std::string(e.what()).find("recnet") != std::string::npos);
   }
   CHECK_EQ(std::string(version()), std::string(KVLOOM_VERSION_STRING));
+}
+
+// kth_heaviest (the radix select behind H2O's and FastGen's per-step ranking) against a full
+// sort: rank keys like the plans build (score bits over inverted ords), heavy ties, all keys
+// equal, sizes on both sides of the small-input cut-off, every k at the ends and around the middle.
+TEST(kth_heaviest_matches_a_sort) {
+  kvtest::lcg rng(11);
+  for (int round = 0; round < 400; ++round) {
+    const size_t n = 1 + static_cast<size_t>((rng.next() + 1.f) * (round % 4 == 0 ? 30.f : 1200.f));
+    const int mode = round % 5;
+    std::vector<uint64_t> keys(n);
+    for (size_t i = 0; i < n; ++i) {
+      const float r = rng.next();
+      float score = std::fabs(r) * (mode == 1 ? 1e-3f : 40.f);
+      if (mode == 2) score = std::round(score);  // many equal scores (ords still differ)
+      uint32_t bits;
+      std::memcpy(&bits, &score, 4);
+      bits |= 0x80000000u;
+      uint64_t key = (static_cast<uint64_t>(bits) << 32) | (0xffffffffu - static_cast<uint32_t>(i));
+      if (mode == 3) key = 0x1234;  // all equal
+      if (mode == 4) key = static_cast<uint64_t>(std::fabs(r) * 7.f);  // duplicates, low bits only
+      keys[i] = key;
+    }
+    std::vector<uint64_t> sorted = keys;
+    std::sort(sorted.begin(), sorted.end(), std::greater<uint64_t>());
+    const int64_t N = static_cast<int64_t>(n);
+    for (int64_t keep : {int64_t{1}, int64_t{2}, N / 2, N / 2 + 1, N - 1, N}) {
+      if (keep < 1 || keep > N) continue;
+      std::vector<uint64_t> scratch = keys;
+      CHECK_EQ(kth_heaviest(scratch, keep), sorted[static_cast<size_t>(keep - 1)]);
+    }
+  }
 }
 
 // The C API drives the same cache: append, evict by policy, attend, and errors that name

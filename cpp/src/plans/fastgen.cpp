@@ -5,6 +5,9 @@
 // `local_window` newest tokens); 4 everything. Under a byte budget special tokens give way
 // last, punctuation next to last, and the other tokens in order of the attention they received
 // per query since they arrived (score / (appended - ord)), the least first.
+#include <algorithm>
+#include <cmath>
+
 #include "../scores.h"
 #include "plan_impl.h"
 
@@ -22,18 +25,49 @@ class fastgen_plan final : public head_plan {
   }
   void select_evictions(const head_store& hs, std::vector<int32_t>& out) const override {
     if (level_ == 4) return;
-    std::vector<int64_t> slots;
-    for (int64_t s = 0, n = hs.n_slots(); s < n; ++s)
-      if (hs.live(s)) slots.push_back(s);
-    std::vector<char> freq;
-    if (level_ >= 2) freq = top_by_score(hs, slots, r_frequent_, hs.appended());
-    const int64_t newest = hs.appended() - 1;
-    for (size_t i = 0; i < slots.size(); ++i) {
-      const uint8_t c = hs.token_class(slots[i]);
-      const bool keep = (c & kClassSpecial) || (level_ >= 1 && (c & kClassPunct)) || (level_ >= 2 && freq[i]) ||
-                        (level_ >= 3 && newest - hs.ord(slots[i]) < local_window_);
-      if (!keep) out.push_back(static_cast<int32_t>(slots[i]));
+    // Runs for every head at every decode step, so: one pass to list the live slots (and
+    // their rank keys), one selection, and a keep test without branches (its outcomes are
+    // data-dependent and mispredicted as branches).
+    thread_local std::vector<int32_t> tl_slots;
+    thread_local std::vector<uint64_t> tl_keys, tl_scratch;
+    std::vector<int32_t>& slots = tl_slots;  // (one thread-local lookup, not one per use)
+    std::vector<uint64_t>& keys = tl_keys;
+    std::vector<uint64_t>& scratch = tl_scratch;
+    slots.resize(static_cast<size_t>(hs.n_slots()));
+    size_t n = 0;
+    for (int64_t s = 0, ns = hs.n_slots(); s < ns; ++s) {
+      slots[n] = static_cast<int32_t>(s);
+      n += hs.live(s);
     }
+    // "frequent": the ceil(r_frequent x tokens seen) live tokens with the most attention
+    bool any_frequent = false, all_frequent = false;
+    uint64_t kth = 0;
+    if (level_ >= 2) {
+      const int64_t keep = std::min<int64_t>(static_cast<int64_t>(n),
+                                             static_cast<int64_t>(std::ceil(r_frequent_ * static_cast<double>(hs.appended()))));
+      all_frequent = keep >= static_cast<int64_t>(n);
+      if (all_frequent) return;
+      if (keep > 0) {
+        any_frequent = true;
+        keys.resize(n);
+        for (size_t i = 0; i < n; ++i) keys[i] = heavy_key(hs, slots[i]);
+        scratch.assign(keys.begin(), keys.end());
+        kth = kth_heaviest(scratch, keep);
+      }
+    }
+    const uint8_t protect = level_ >= 1 ? (kClassSpecial | kClassPunct) : kClassSpecial;
+    const int64_t local = level_ >= 3 ? local_window_ : 0;
+    const int64_t newest = hs.appended() - 1;
+    size_t m = out.size();
+    out.resize(m + n);
+    for (size_t i = 0; i < n; ++i) {
+      const int32_t sl = slots[i];
+      const bool keep = ((hs.token_class(sl) & protect) != 0) | (any_frequent && keys[i] >= kth) |
+                        (newest - hs.ord(sl) < local);
+      out[m] = sl;
+      m += !keep;
+    }
+    out.resize(m);
   }
 
   give_way_key give_way(const head_store& hs, int64_t slot) const override {

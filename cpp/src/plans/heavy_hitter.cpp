@@ -36,12 +36,18 @@ class heavy_hitter_plan final : public head_plan {
       out.insert(out.end(), old.begin(), old.end());
       return;
     }
-    thread_local std::vector<uint64_t> keys;
+    thread_local std::vector<uint64_t> keys, scratch;
     keys.resize(old.size());
     for (size_t i = 0; i < old.size(); ++i) keys[i] = heavy_key(hs, old[i]);
-    const uint64_t kth = kth_heaviest(keys, keep);
-    for (int32_t s : old)
-      if (heavy_key(hs, s) < kth) out.push_back(s);
+    scratch.assign(keys.begin(), keys.end());
+    const uint64_t kth = kth_heaviest(scratch, keep);
+    size_t m = out.size();  // (no branch on the comparison: its outcome is data-dependent)
+    out.resize(m + old.size());
+    for (size_t i = 0; i < old.size(); ++i) {
+      out[m] = old[i];
+      m += keys[i] < kth;
+    }
+    out.resize(m);
   }
   give_way_key give_way(const head_store& hs, int64_t slot) const override {
     if (hs.ord(slot) >= hs.appended() - recent_) return {1, static_cast<double>(hs.ord(slot))};

@@ -151,6 +151,7 @@ class LoomCache(_HFCache):
                           kv_budget=kv_budget, layer_store=None if self._store == list(range(geo.n_layers)) else self._store)
         self._class_table = None
         self._ids = None
+        self._ids_classes = None  # the classes of _ids (computed on first use)
         self._hook = None
         self._flush_hook = None
         # A decode step's policy runs after the whole forward when it ranks by accumulated
@@ -242,6 +243,7 @@ class LoomCache(_HFCache):
             cache = me()
             if cache is not None:
                 cache._ids = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                cache._ids_classes = None
 
         self._hook = self._embed.register_forward_pre_hook(remember_ids)
 
@@ -318,7 +320,9 @@ class LoomCache(_HFCache):
         ids = self._ids
         if self._class_table is None or ids is None or tuple(ids.shape) != (batch, n):
             return None
-        return self._class_table[ids.clamp(0, self._class_table.numel() - 1)].contiguous()
+        if self._ids_classes is None:  # once per forward, not once per layer
+            self._ids_classes = self._class_table[ids.clamp(0, self._class_table.numel() - 1)].contiguous()
+        return self._ids_classes
 
     def __del__(self):
         self._remove_hooks()
@@ -438,6 +442,7 @@ class LoomCache(_HFCache):
             layer.is_initialized = old.is_initialized
             new.layers.append(layer)
         new._ids = None
+        new._ids_classes = None
         new._hook = None
         new._flush_hook = None
         new._deferred_policy = []
