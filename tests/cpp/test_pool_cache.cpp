@@ -276,6 +276,32 @@ TEST(accumulate_attention_and_heavy_hitter) {
   CHECK_EQ(pool->used_blocks(), 0);
 }
 
+// Task-KV's keep_set plan keeps sinks, recent tokens and its listed ords (a listed ord past
+// the tokens seen is harmless), with dead slots (evicted earlier, ord -1) in the head's table.
+TEST(keep_set_plan_with_dead_slots) {
+  auto pool = small_pool(256);
+  cache c(pool, 1, 1, nullptr);
+  const int64_t s = c.seq_add();
+  append_const(c, 0, s, 30, 0.f);  // token j has key j
+  const int32_t dead[] = {6, 7, 12};
+  c.evict(0, 0, s, dead, 3);
+  c.set_head_plan(0, 0, s, make_plan("keep_set", plan_params().set("sinks", 2).set("recent", 3)
+                                                     .set("ords", std::vector<int32_t>{5, 7, 9, 17, 100})));
+  auto kept = [&] {
+    std::vector<float> k = gather_keys(c, 0, 0, s), out;
+    for (size_t i = 0; i < k.size(); i += 8) out.push_back(k[i]);
+    std::sort(out.begin(), out.end());
+    return out;
+  };
+  c.apply_policy(0, s);
+  CHECK(kept() == (std::vector<float>{0, 1, 5, 9, 17, 27, 28, 29}));
+  append_const(c, 0, s, 5, 30.f);  // tokens 30..34
+  c.apply_policy(0, s);
+  CHECK(kept() == (std::vector<float>{0, 1, 5, 9, 17, 32, 33, 34}));
+  c.seq_drop(s);
+  CHECK_EQ(pool->used_blocks(), 0);
+}
+
 // Scattered evictions through a plan are compacted: live rows move into lower exclusive
 // blocks, whole blocks return to the pool, a forked parent's shared blocks are never written.
 TEST(policy_eviction_compacts) {

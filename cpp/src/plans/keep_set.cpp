@@ -13,19 +13,30 @@ namespace {
 class keep_set_plan final : public head_plan {
  public:
   keep_set_plan(std::string label, int64_t sinks, int64_t recent, std::vector<int32_t> ords, bool keep_all)
-      : label_(std::move(label)), sinks_(sinks), recent_(recent), ords_(std::move(ords)), keep_all_(keep_all) {
-    std::sort(ords_.begin(), ords_.end());
+      : label_(std::move(label)), sinks_(sinks), recent_(recent), keep_all_(keep_all) {
+    if (!ords.empty()) {  // a bit per ord up to the largest: the per-step test is one load
+      kept_.assign(static_cast<size_t>(*std::max_element(ords.begin(), ords.end())) / 64 + 1, 0);
+      for (int32_t o : ords) kept_[static_cast<size_t>(o) / 64] |= uint64_t{1} << (o % 64);
+    }
   }
   std::string name() const override { return label_; }
   void select_evictions(const head_store& hs, std::vector<int32_t>& out) const override {
     if (keep_all_) return;
-    const int64_t first_recent = hs.appended() - recent_;
-    for (int64_t s = 0, n = hs.n_slots(); s < n; ++s) {
-      if (!hs.live(s)) continue;
-      const int32_t o = hs.ord(s);
-      if (o < sinks_ || o >= first_recent || std::binary_search(ords_.begin(), ords_.end(), o)) continue;
-      out.push_back(static_cast<int32_t>(s));
+    // every head of Task-KV's compressed kind runs this at every decode step: no branch on
+    // the outcome (data-dependent), no search
+    const int64_t first_recent = hs.appended() - recent_, n = hs.n_slots();
+    const uint64_t n_bits = kept_.size() * 64;
+    size_t m = out.size();
+    out.resize(m + static_cast<size_t>(n));
+    for (int64_t s = 0; s < n; ++s) {
+      const int64_t o = hs.ord(s);  // (any value in a dead slot: the unsigned test keeps it in range)
+      const uint64_t u = static_cast<uint64_t>(o);
+      const bool listed = u < n_bits && ((kept_[u / 64] >> (u % 64)) & 1);
+      const bool keep = !hs.live(s) | (o < sinks_) | (o >= first_recent) | listed;
+      out[m] = static_cast<int32_t>(s);
+      m += !keep;
     }
+    out.resize(m);
   }
 
   give_way_key give_way(const head_store& hs, int64_t slot) const override {
@@ -36,7 +47,7 @@ class keep_set_plan final : public head_plan {
  private:
   std::string label_;
   int64_t sinks_, recent_;
-  std::vector<int32_t> ords_;  // sorted
+  std::vector<uint64_t> kept_;  // bit o: ord o is one of the listed ords
   bool keep_all_;
 };
 
