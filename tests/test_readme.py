@@ -44,13 +44,13 @@ def test_quick_start_runs():
 
 
 def test_readme_tables_are_the_measured_results():
-    """Every `<!-- results:NAME -->` block holds bench/results/NAME.md (`python -m bench readme`)."""
+    """Every `<!-- results:NAME -->` block holds bench/results/NAME.md (`kvloom bench readme`)."""
     blocks = re.findall(r"<!-- results:(\w+) -->\n(.*?)<!-- /results:\1 -->", _readme(), re.S)
     assert blocks
     for name, body in blocks:
         md = ROOT / "bench" / "results" / f"{name}.md"
         assert md.exists(), f"README shows results:{name} but bench/results/{name}.md is missing"
-        assert body.strip() == md.read_text().strip(), f"README results:{name} differs from {md}; run python -m bench readme"
+        assert body.strip() == md.read_text().strip(), f"README results:{name} differs from {md}; run kvloom bench readme"
 
 
 def test_side_path_example_runs():
