@@ -424,11 +424,8 @@ std::vector<char> top_by_score(const head_store& hs, const std::vector<int64_t>&
   const int64_t keep = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(ratio * static_cast<double>(n_base))));
   std::vector<char> top(slots.size(), keep >= n ? 1 : 0);
   if (keep <= 0 || keep >= n) return top;
-  thread_local std::vector<uint64_t> keys, scratch;
-  keys.resize(slots.size());
-  for (size_t i = 0; i < slots.size(); ++i) keys[i] = heavy_key(hs, slots[i]);
-  scratch.assign(keys.begin(), keys.end());
-  const uint64_t kth = kth_heaviest(scratch, keep);
+  thread_local std::vector<uint64_t> keys;
+  const uint64_t kth = heavy_threshold(hs, slots.data(), slots.size(), keep, keys);
   for (size_t i = 0; i < slots.size(); ++i) top[i] = keys[i] >= kth;
   return top;
 }

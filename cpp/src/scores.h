@@ -33,6 +33,17 @@ inline uint64_t heavy_key(const head_store& hs, int64_t slot) {
 // in no particular order (scratch).
 uint64_t kth_heaviest(std::vector<uint64_t>& keys, int64_t keep);
 
+// The rank keys of slots[0, n) into `keys` (in slot order), and the smallest key among the
+// `keep` heaviest (0 < keep <= n): a slot is one of them iff its key is >= the result.
+template <class Slot>
+uint64_t heavy_threshold(const head_store& hs, const Slot* slots, size_t n, int64_t keep, std::vector<uint64_t>& keys) {
+  keys.resize(n);
+  for (size_t i = 0; i < n; ++i) keys[i] = heavy_key(hs, slots[i]);
+  thread_local std::vector<uint64_t> scratch;  // kth_heaviest reorders its input
+  scratch.assign(keys.begin(), keys.end());
+  return kth_heaviest(scratch, keep);
+}
+
 // FastGen profiling: for each row b and kv head, the attention mass (averaged over the
 // queries q[b] [B, Hq, Tq, D] and each head's query group, causal) that the keys of each
 // nested hybrid would keep: [0] special, [1] +punctuation, [2] +frequent (the

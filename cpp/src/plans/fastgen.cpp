@@ -29,10 +29,9 @@ class fastgen_plan final : public head_plan {
     // their rank keys), one selection, and a keep test without branches (its outcomes are
     // data-dependent and mispredicted as branches).
     thread_local std::vector<int32_t> tl_slots;
-    thread_local std::vector<uint64_t> tl_keys, tl_scratch;
+    thread_local std::vector<uint64_t> tl_keys;
     std::vector<int32_t>& slots = tl_slots;  // (one thread-local lookup, not one per use)
     std::vector<uint64_t>& keys = tl_keys;
-    std::vector<uint64_t>& scratch = tl_scratch;
     slots.resize(static_cast<size_t>(hs.n_slots()));
     size_t n = 0;
     for (int64_t s = 0, ns = hs.n_slots(); s < ns; ++s) {
@@ -40,19 +39,15 @@ class fastgen_plan final : public head_plan {
       n += hs.live(s);
     }
     // "frequent": the ceil(r_frequent x tokens seen) live tokens with the most attention
-    bool any_frequent = false, all_frequent = false;
+    bool any_frequent = false;
     uint64_t kth = 0;
     if (level_ >= 2) {
       const int64_t keep = std::min<int64_t>(static_cast<int64_t>(n),
                                              static_cast<int64_t>(std::ceil(r_frequent_ * static_cast<double>(hs.appended()))));
-      all_frequent = keep >= static_cast<int64_t>(n);
-      if (all_frequent) return;
+      if (keep >= static_cast<int64_t>(n)) return;  // every live token is frequent
       if (keep > 0) {
         any_frequent = true;
-        keys.resize(n);
-        for (size_t i = 0; i < n; ++i) keys[i] = heavy_key(hs, slots[i]);
-        scratch.assign(keys.begin(), keys.end());
-        kth = kth_heaviest(scratch, keep);
+        kth = heavy_threshold(hs, slots.data(), n, keep, keys);
       }
     }
     const uint8_t protect = level_ >= 1 ? (kClassSpecial | kClassPunct) : kClassSpecial;

@@ -36,11 +36,8 @@ class heavy_hitter_plan final : public head_plan {
       out.insert(out.end(), old.begin(), old.end());
       return;
     }
-    thread_local std::vector<uint64_t> keys, scratch;
-    keys.resize(old.size());
-    for (size_t i = 0; i < old.size(); ++i) keys[i] = heavy_key(hs, old[i]);
-    scratch.assign(keys.begin(), keys.end());
-    const uint64_t kth = kth_heaviest(scratch, keep);
+    thread_local std::vector<uint64_t> keys;
+    const uint64_t kth = heavy_threshold(hs, old.data(), old.size(), keep, keys);
     size_t m = out.size();  // (no branch on the comparison: its outcome is data-dependent)
     out.resize(m + old.size());
     for (size_t i = 0; i < old.size(); ++i) {
