@@ -37,15 +37,19 @@ def reference(cache, layer, q, seqs, mask, scale):
 
 @settings(max_examples=40, deadline=None)
 @given(heads=st.sampled_from([(9, 3), (8, 1), (4, 4), (14, 2)]), D=st.sampled_from([64, 16, 40]),
-       past=st.integers(0, 70), Tq=st.integers(1, 40), B=st.integers(1, 3), block=st.sampled_from([4, 16]),
+       past=st.integers(0, 70) | st.integers(200, 700), Tq=st.integers(1, 40), B=st.integers(1, 3), block=st.sampled_from([4, 16]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        evict=st.floats(0, 0.6), fork=st.booleans(), masked=st.sampled_from([None, "bool", "float"]),
-       path=st.sampled_from(["kernel", "kernel", "gather"]), seed=st.integers(0, 10_000))
-def test_chunk_attention_matches_reference(isa, heads, D, past, Tq, B, block, dtype, evict, fork, masked, path, seed):
-    """path "gather": the gathering path long chunks on CUDA caches take, run here on the CPU."""
+       path=st.sampled_from(["kernel", "kernel", "gather"]), kv=st.sampled_from([None, None, "int8", "int4"]),
+       seed=st.integers(0, 10_000))
+def test_chunk_attention_matches_reference(isa, heads, D, past, Tq, B, block, dtype, evict, fork, masked, path, kv,
+                                           seed):
+    """path "gather": the gathering path long chunks on CUDA caches take, run here on the CPU.
+    past: up to 70 tokens, or enough for several softmax steps of the kernel (256 keys or 64
+    blocks at most each); kv: a quantized cache, whose full blocks are sealed before the chunk."""
     Hq, Hkv = heads
     g = torch.Generator().manual_seed(seed)
-    cache = kvloom.KVCache(1, Hkv, D, dtype=dtype, block_size=block)
+    cache = kvloom.KVCache(1, Hkv, D, dtype=dtype, block_size=block, kv_dtype=kv)
     seqs = []
     for b in range(B):
         s = cache.add_sequence()

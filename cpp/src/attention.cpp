@@ -544,6 +544,10 @@ inline bool mask_allows(const tensor_view* mask, int64_t b, int64_t t, int64_t o
 }
 
 constexpr int64_t kChunkTile = 16;  // query tokens per task
+// keys per softmax step of chunk attention (whole blocks; at least one), and the most scores a
+// step holds (their [S][R] matrix is written, read and rewritten within the step)
+constexpr int64_t kStepKeys = 256;
+constexpr int64_t kStepScores = 12288;
 
 bool all_finite(const float* x, int n, int64_t D) {
   for (int64_t i = 0; i < n * D; ++i)
@@ -613,20 +617,33 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
     const int rows = static_cast<int>(nt * G);
     const int R = (rows + 15) / 16 * 16;  // query rows padded for the vector kernels
     const head_store& hs = c.store(layer, static_cast<int>(h), seqs[b]);
-    // per task: queries transposed [D][R], accumulators [R][D], softmax state [R] x 3, one
-    // block's scores [bs][R], and fp32 copies of a block's rows where they cannot be read in place
+    // Keys are taken in steps of whole blocks, up to kStepKeys of them (at least one block):
+    // the scores of a step, one softmax update, then its weighted values, so the accumulators
+    // are reloaded and rescaled once a step, not once a block.
+    const int64_t S = std::max<int64_t>(bs, std::min<int64_t>(kStepKeys, kStepScores / R) / bs * bs);
+    // per task: queries transposed [D][R], accumulators [R][D], softmax state [R] x 3, a step's
+    // scores [S][R], fp32 copies of its rows that cannot be read in place (keys, values [S][D]
+    // each), and its sealed blocks dequantized (keys then values, [bs][D] each, per block)
     thread_local std::vector<float> buf;
-    const int64_t need = 2 * R * D + 3 * R + static_cast<int64_t>(bs) * R + 4 * static_cast<int64_t>(bs) * D;
+    thread_local std::vector<int32_t> ords_buf;
+    thread_local std::vector<const float*> vrows_buf;
+    const int64_t need = 2 * R * D + 3 * R + S * R + 4 * S * D;
     if (static_cast<int64_t>(buf.size()) < need) buf.resize(static_cast<size_t>(need));
+    if (static_cast<int64_t>(ords_buf.size()) < S) {
+      ords_buf.resize(static_cast<size_t>(S));
+      vrows_buf.resize(static_cast<size_t>(S));
+    }
     float* qt = buf.data();
     float* acc = qt + R * D;
     float* m = acc + R * D;
     float* l = m + R;
     float* alpha = l + R;
     float* sc = alpha + R;
-    float* kf = sc + static_cast<int64_t>(bs) * R;
-    float* vf = kf + static_cast<int64_t>(bs) * D;
-    float* dq = vf + static_cast<int64_t>(bs) * D;  // a sealed block dequantized: keys, then values
+    float* kf = sc + S * R;
+    float* vf = kf + S * D;
+    float* dq = vf + S * D;
+    int32_t* ords = ords_buf.data();
+    const float** vrows = vrows_buf.data();
     std::fill(qt, qt + R * D, 0.f);
     for (int64_t j = 0; j < nt; ++j)
       for (int64_t g = 0; g < G; ++g) {
@@ -642,85 +659,114 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
     const int64_t first_ord = appended[b] - Tq + t0;  // ord of the tile's first query
     const int64_t last_ord = first_ord + nt - 1;
     const float ninf = -std::numeric_limits<float>::infinity();
-    int32_t ords[4096];
+    auto hidden = [&](int k, int r) {  // causality inside the chunk, and the caller's mask (k: row of the step)
+      const int64_t j = r / G;
+      return ords[k] > first_ord + j || !mask_allows(mask, b, t0 + j, ords[k], threshold);
+    };
+    int step_n = 0;  // keys in the step so far
+    int step_blocks = 0;
+    bool some_hidden = false;
+    auto flush = [&] {
+      if (step_n == 0) return;
+      ops.chunk_softmax(sc, step_n, R, m, l, alpha);
+      bool finite = true;
+      if (some_hidden)
+        for (int k = 0; k < step_n && finite; ++k) finite = all_finite(vrows[k], 1, D);
+      if (!finite) {
+        // a hidden row's NaN/inf value must not reach the queries that do not see it (p = 0
+        // there, and 0 * inf is NaN): the exact loop skips hidden pairs (rare: non-finite V)
+        for (int r = 0; r < rows; ++r) {
+          float* a = acc + static_cast<int64_t>(r) * D;
+          for (int64_t d = 0; d < D; ++d) a[d] *= alpha[r];
+          for (int k = 0; k < step_n; ++k) {
+            if (hidden(k, r)) continue;
+            const float w = sc[static_cast<int64_t>(k) * R + r];
+            for (int64_t d = 0; d < D; ++d) a[d] += w * vrows[k][d];
+          }
+        }
+      } else {
+        ops.chunk_pv(acc, R, static_cast<int>(D), sc, step_n, vrows, alpha);
+      }
+      step_n = 0;
+      step_blocks = 0;
+      some_hidden = false;
+    };
     const auto& table = hs.table();
     for (size_t bi = 0; bi < table.size(); ++bi) {
       if (table[bi] < 0 || hs.block_live()[bi] == 0) continue;
+      // the block's keys this tile may see: live, and not after its last query
+      int n = 0;
+      bool all_used = true;
+      int32_t max_ord = 0;
+      for (int r = 0; r < bs; ++r) {
+        const int64_t slot = static_cast<int64_t>(bi) * bs + r;
+        const bool use = hs.live(slot) && hs.ord(slot) <= last_ord;
+        all_used = all_used && use;
+        if (use) n++;
+      }
+      if (n == 0) continue;
+      if (step_n + n > S || step_blocks == S / bs) flush();
       const char* kb;
       const char* vb;
       dtype bt = kv_type;
       if (hs.sealed(bi)) {
-        ops.dequant(*c.sealed_pool()->quant(), c.sealed_pool()->block_keys(table[bi]), bs, dq, dq + static_cast<int64_t>(bs) * D);
-        kb = reinterpret_cast<const char*>(dq);
-        vb = reinterpret_cast<const char*>(dq + static_cast<int64_t>(bs) * D);
+        float* dk = dq + static_cast<int64_t>(step_blocks) * 2 * bs * D;  // S / bs blocks a step at most
+        ops.dequant(*c.sealed_pool()->quant(), c.sealed_pool()->block_keys(table[bi]), bs, dk, dk + static_cast<int64_t>(bs) * D);
+        kb = reinterpret_cast<const char*>(dk);
+        vb = reinterpret_cast<const char*>(dk + static_cast<int64_t>(bs) * D);
         bt = dtype::f32;
       } else {
         kb = static_cast<const char*>(pool.block_keys(table[bi]));
         vb = static_cast<const char*>(pool.block_values(table[bi]));
       }
+      ++step_blocks;
       const size_t esz = dtype_size(bt);
-      // the block's keys this tile may see: live, and not after its last query
-      int n = 0;
-      bool in_place = bt == dtype::f32;
-      for (int r = 0; r < bs; ++r) {
-        const int64_t slot = static_cast<int64_t>(bi) * bs + r;
-        const bool use = hs.live(slot) && hs.ord(slot) <= last_ord;
-        in_place = in_place && use;
-        if (use) ords[n++] = hs.ord(slot);
-      }
-      if (n == 0) continue;
+      int32_t* bo = ords + step_n;
       const float* K = reinterpret_cast<const float*>(kb);
       const float* V = reinterpret_cast<const float*>(vb);
-      if (!in_place) {  // fp16/bf16 storage, or rows to skip: fp32 copies of the used rows
+      if (bt != dtype::f32 || !all_used) {  // fp16/bf16 storage, or rows to skip: fp32 copies of the used rows
+        float* kd = kf + static_cast<int64_t>(step_n) * D;
+        float* vd = vf + static_cast<int64_t>(step_n) * D;
         int k = 0;
         for (int r = 0; r < bs; ++r) {
           const int64_t slot = static_cast<int64_t>(bi) * bs + r;
           if (!hs.live(slot) || hs.ord(slot) > last_ord) continue;
           for (int64_t d = 0; d < D; ++d) {
-            kf[k * D + d] = load_as_f32(kb + static_cast<size_t>(r) * D * esz, bt, static_cast<size_t>(d));
-            vf[k * D + d] = load_as_f32(vb + static_cast<size_t>(r) * D * esz, bt, static_cast<size_t>(d));
+            kd[k * D + d] = load_as_f32(kb + static_cast<size_t>(r) * D * esz, bt, static_cast<size_t>(d));
+            vd[k * D + d] = load_as_f32(vb + static_cast<size_t>(r) * D * esz, bt, static_cast<size_t>(d));
           }
           ++k;
         }
-        K = kf;
-        V = vf;
+        K = kd;
+        V = vd;
       }
-      ops.chunk_scores(qt, R, static_cast<int>(D), K, D, n, sc);
-      int32_t max_ord = 0;
-      for (int k = 0; k < n; ++k) max_ord = std::max(max_ord, ords[k]);
-      auto hidden = [&](int k, int r) {  // causality inside the chunk, and the caller's mask
-        const int64_t j = r / G;
-        return ords[k] > first_ord + j || !mask_allows(mask, b, t0 + j, ords[k], threshold);
-      };
-      bool some_hidden = false;
+      {
+        int k = 0;
+        for (int r = 0; r < bs; ++r) {
+          const int64_t slot = static_cast<int64_t>(bi) * bs + r;
+          if (!hs.live(slot) || hs.ord(slot) > last_ord) continue;
+          bo[k] = static_cast<int32_t>(hs.ord(slot));
+          max_ord = std::max(max_ord, bo[k]);
+          vrows[step_n + k] = V + static_cast<int64_t>(k) * D;
+          ++k;
+        }
+      }
+      float* sb = sc + static_cast<int64_t>(step_n) * R;
+      ops.chunk_scores(qt, R, static_cast<int>(D), K, D, n, sb);
       if (mask || max_ord > first_ord) {
         for (int k = 0; k < n; ++k) {
-          float* st = sc + static_cast<int64_t>(k) * R;
+          float* st = sb + static_cast<int64_t>(k) * R;
           for (int r = 0; r < rows; ++r) {
-            if (hidden(k, r)) {
+            if (hidden(step_n + k, r)) {
               st[r] = ninf;
               some_hidden = true;
             }
           }
         }
       }
-      ops.chunk_softmax(sc, n, R, m, l, alpha);
-      if (some_hidden && !all_finite(V, n, D)) {
-        // a hidden row's NaN/inf value must not reach the queries that do not see it (p = 0
-        // there, and 0 * inf is NaN): the exact loop skips hidden pairs (rare: non-finite V)
-        for (int r = 0; r < rows; ++r) {
-          float* a = acc + static_cast<int64_t>(r) * D;
-          for (int64_t d = 0; d < D; ++d) a[d] *= alpha[r];
-          for (int k = 0; k < n; ++k) {
-            if (hidden(k, r)) continue;
-            const float w = sc[static_cast<int64_t>(k) * R + r];
-            for (int64_t d = 0; d < D; ++d) a[d] += w * V[k * D + d];
-          }
-        }
-      } else {
-        ops.chunk_pv(acc, R, static_cast<int>(D), sc, n, V, D, alpha);
-      }
+      step_n += n;
     }
+    flush();
     for (int64_t j = 0; j < nt; ++j)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = j * G + g;

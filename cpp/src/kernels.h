@@ -49,8 +49,8 @@ struct kernel_ops {
   // Online softmax over n more keys of s [n][R] (masked entries -inf): updates the running max m
   // and sum l [R], writes alpha[r] (the factor for the old accumulator) and turns s into p.
   void (*chunk_softmax)(float* s, int n, int R, float* m, float* l, float* alpha);
-  // acc [R][D] = acc * alpha[r] + sum_{t < n} p[t * R + r] * V_t (n fp32 value rows, stride vs).
-  void (*chunk_pv)(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha);
+  // acc [R][D] = acc * alpha[r] + sum_{t < n} p[t * R + r] * V[t] (V[t]: an fp32 value row of D).
+  void (*chunk_pv)(float* acc, int R, int D, const float* p, int n, const float* const* V, const float* alpha);
   // Rows [0, n) of a quantized block (kvloom/quant.h) as fp32 [n][D]; bit-exact on every path.
   void (*dequant)(const quant_layout& L, const void* block, int n, float* k_out, float* v_out);
   // attend_chunk over rows [0, n) of a quantized block (live: null or [n] flags); scratch: at

@@ -565,7 +565,7 @@ void chunk_softmax_avx2(float* s, int n, int R, float* m, float* l, float* alpha
 // acc rows [r0, r0+QT) x vector columns [j0, j0+DT): scaled by alpha, then += p @ V with the
 // accumulators in registers over all n value rows.
 template <int QT, int DT>
-inline void cpv_tile(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha,
+inline void cpv_tile(float* acc, int R, int D, const float* p, int n, const float* const* V, const float* alpha,
                      int r0, int j0) {
   __m256 a[QT][DT];
   for (int i = 0; i < QT; ++i) {
@@ -575,7 +575,7 @@ inline void cpv_tile(float* acc, int R, int D, const float* p, int n, const floa
   }
   for (int t = 0; t < n; ++t) {
     __m256 vv[DT];
-    for (int j = 0; j < DT; ++j) vv[j] = _mm256_loadu_ps(V + t * vs + 8 * (j0 + j));
+    for (int j = 0; j < DT; ++j) vv[j] = _mm256_loadu_ps(V[t] + 8 * (j0 + j));
     for (int i = 0; i < QT; ++i) {
       const __m256 pb = _mm256_broadcast_ss(p + static_cast<int64_t>(t) * R + r0 + i);
       for (int j = 0; j < DT; ++j) a[i][j] = _mm256_fmadd_ps(pb, vv[j], a[i][j]);
@@ -585,12 +585,12 @@ inline void cpv_tile(float* acc, int R, int D, const float* p, int n, const floa
     for (int j = 0; j < DT; ++j) _mm256_storeu_ps(acc + static_cast<int64_t>(r0 + i) * D + 8 * (j0 + j), a[i][j]);
 }
 
-void chunk_pv_avx2(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha) {
+void chunk_pv_avx2(float* acc, int R, int D, const float* p, int n, const float* const* V, const float* alpha) {
   const int nd = D / 8;
   for (int r = 0; r < R; r += 4) {  // R % 16 == 0
     int j = 0;
-    for (; j + 2 <= nd; j += 2) cpv_tile<4, 2>(acc, R, D, p, n, V, vs, alpha, r, j);
-    for (; j < nd; ++j) cpv_tile<4, 1>(acc, R, D, p, n, V, vs, alpha, r, j);
+    for (; j + 2 <= nd; j += 2) cpv_tile<4, 2>(acc, R, D, p, n, V, alpha, r, j);
+    for (; j < nd; ++j) cpv_tile<4, 1>(acc, R, D, p, n, V, alpha, r, j);
   }
 }
 

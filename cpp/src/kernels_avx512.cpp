@@ -590,7 +590,7 @@ void chunk_softmax_avx512(float* s, int n, int R, float* m, float* l, float* alp
 }
 
 template <int QT, int DT>
-inline void cpv_tile(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha,
+inline void cpv_tile(float* acc, int R, int D, const float* p, int n, const float* const* V, const float* alpha,
                      int r0, int j0) {
   __m512 a[QT][DT];
   for (int i = 0; i < QT; ++i) {
@@ -600,7 +600,7 @@ inline void cpv_tile(float* acc, int R, int D, const float* p, int n, const floa
   }
   for (int t = 0; t < n; ++t) {
     __m512 vv[DT];
-    for (int j = 0; j < DT; ++j) vv[j] = _mm512_loadu_ps(V + t * vs + 16 * (j0 + j));
+    for (int j = 0; j < DT; ++j) vv[j] = _mm512_loadu_ps(V[t] + 16 * (j0 + j));
     for (int i = 0; i < QT; ++i) {
       const __m512 pb = _mm512_set1_ps(p[static_cast<int64_t>(t) * R + r0 + i]);
       for (int j = 0; j < DT; ++j) a[i][j] = _mm512_fmadd_ps(pb, vv[j], a[i][j]);
@@ -610,12 +610,12 @@ inline void cpv_tile(float* acc, int R, int D, const float* p, int n, const floa
     for (int j = 0; j < DT; ++j) _mm512_storeu_ps(acc + static_cast<int64_t>(r0 + i) * D + 16 * (j0 + j), a[i][j]);
 }
 
-void chunk_pv_avx512(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha) {
+void chunk_pv_avx512(float* acc, int R, int D, const float* p, int n, const float* const* V, const float* alpha) {
   const int nd = D / 16;
   for (int r = 0; r < R; r += 4) {  // R % 16 == 0
     int j = 0;
-    for (; j + 4 <= nd; j += 4) cpv_tile<4, 4>(acc, R, D, p, n, V, vs, alpha, r, j);
-    for (; j < nd; ++j) cpv_tile<4, 1>(acc, R, D, p, n, V, vs, alpha, r, j);
+    for (; j + 4 <= nd; j += 4) cpv_tile<4, 4>(acc, R, D, p, n, V, alpha, r, j);
+    for (; j < nd; ++j) cpv_tile<4, 1>(acc, R, D, p, n, V, alpha, r, j);
   }
 }
 

@@ -120,14 +120,14 @@ void chunk_softmax_generic(float* s, int n, int R, float* m, float* l, float* al
   }
 }
 
-void chunk_pv_generic(float* acc, int R, int D, const float* p, int n, const float* V, int64_t vs, const float* alpha) {
+void chunk_pv_generic(float* acc, int R, int D, const float* p, int n, const float* const* V, const float* alpha) {
   for (int r = 0; r < R; ++r) {
     float* a = acc + static_cast<int64_t>(r) * D;
     if (alpha[r] != 1.f)
       for (int d = 0; d < D; ++d) a[d] *= alpha[r];
     for (int t = 0; t < n; ++t) {
       const float w = p[t * R + r];
-      const float* vt = V + t * vs;
+      const float* vt = V[t];
       for (int d = 0; d < D; ++d) a[d] += w * vt[d];
     }
   }
