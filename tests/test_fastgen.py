@@ -50,6 +50,56 @@ def test_hybrid_recovery_matches_reference(heads, n, tq, r_frequent, local, seed
         assert all(a <= b + 1e-9 for a, b in zip(got[0, h], got[0, h][1:]))  # nested hybrids
 
 
+@given(
+    heads=st.sampled_from([(2, 2), (6, 2), (9, 3)]),
+    n=st.integers(1, 300),
+    tq=st.integers(1, 300),
+    B=st.integers(1, 2),
+    r_frequent=st.floats(0.0, 1.0),
+    local=st.integers(0, 80),
+    evict=st.floats(0.0, 0.5),
+    prior=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_accumulate_with_recovery_equals_the_two_calls(heads, n, tq, B, r_frequent, local, evict, prior, seed):
+    """FastGen's prompt profiling in one pass (accumulate=True) leaves the scores that
+    accumulate_attention leaves and returns the masses hybrid_recovery gives after it: over
+    evicted keys, earlier scores, GQA and several rows."""
+    Hq, Hkv = heads
+    tq = min(tq, n)
+    g = torch.Generator().manual_seed(seed)
+    caches = [kvloom.KVCache(1, Hkv, 16, block_size=4) for _ in range(2)]
+    classes = torch.randint(0, 4, (B, n), generator=g).to(torch.uint8) * (torch.rand(B, n, generator=g) < 0.3)
+    k, v = torch.randn(B, Hkv, n, 16, generator=g), torch.randn(B, Hkv, n, 16, generator=g)
+    drops = [[[i for i in range(n - tq) if torch.rand(1, generator=g).item() < evict] for _ in range(Hkv)]
+             for _ in range(B)]
+    q0, q = torch.randn(B, Hq, 2, 16, generator=g), torch.randn(B, Hq, tq, 16, generator=g)
+    seqs = []
+    for c in caches:
+        seqs.append([c.add_sequence() for _ in range(B)])
+        for b, s in enumerate(seqs[-1]):
+            c.append(0, s, k[b, :, :n - tq], v[b, :, :n - tq], classes=classes[b, :n - tq])
+            for h in range(Hkv):
+                if drops[b][h]:
+                    c.evict(0, h, s, drops[b][h])
+            c.append(0, s, k[b, :, n - tq:], v[b, :, n - tq:], classes=classes[b, n - tq:])
+        if prior and n >= 2:
+            c.accumulate_attention(0, q0, seqs[-1])
+    (one, two), (s1, s2) = caches, seqs
+    two.accumulate_attention(0, q, s2)
+    want = hybrid_recovery(two, 0, q, s2, r_frequent=r_frequent, local_window=local)
+    got = hybrid_recovery(one, 0, q, s1, r_frequent=r_frequent, local_window=local, accumulate=True)
+    for a, b in zip(s1, s2):
+        for h in range(Hkv):
+            assert one.slots(0, h, a)[0].tolist() == two.slots(0, h, b)[0].tolist()
+            assert one.scores(0, h, a).tolist() == pytest.approx(two.scores(0, h, b).tolist(), rel=1e-5, abs=1e-6)
+    assert got.ravel().tolist() == pytest.approx(want.ravel().tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="r_frequent"):  # checked before anything changes
+        hybrid_recovery(one, 0, q, s1, r_frequent=2.0, local_window=local, accumulate=True)
+    for a, b in zip(s1, s2):
+        assert one.scores(0, 0, a).tolist() == pytest.approx(two.scores(0, 0, b).tolist(), rel=1e-5, abs=1e-6)
+
+
 @given(level=st.integers(0, 4), r_frequent=st.floats(0.0, 1.0), local=st.integers(0, 20), steps=st.integers(1, 25),
        seed=st.integers(0, 2**31 - 1))
 def test_fastgen_plan_keeps_reference_set(level, r_frequent, local, steps, seed):

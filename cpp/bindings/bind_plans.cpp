@@ -36,19 +36,22 @@ void bind_plans(py::module_& m) {
   m.attr("CLASS_PUNCT") = kClassPunct;
   m.def(
       "hybrid_recovery",
-      [](const cache& c, int layer, std::vector<int64_t> seqs, py::handle q, float scale, double r_frequent,
-         int64_t local_window) {
+      [](cache& c, int layer, std::vector<int64_t> seqs, py::handle q, float scale, double r_frequent,
+         int64_t local_window, bool accumulate) {
         borrowed bq = from_dlpack(q, "q");
         std::vector<double> out(seqs.size() * static_cast<size_t>(c.n_kv_heads()) * 4);
         {
           py::gil_scoped_release nogil;
-          hybrid_recovery(c, layer, seqs, bq.view, scale, r_frequent, local_window, out.data());
+          if (accumulate) accumulate_with_recovery(c, layer, seqs, bq.view, scale, r_frequent, local_window, out.data());
+          else hybrid_recovery(c, layer, seqs, bq.view, scale, r_frequent, local_window, out.data());
         }
         return py::array_t<double>({static_cast<py::ssize_t>(seqs.size()), static_cast<py::ssize_t>(c.n_kv_heads()),
                                     static_cast<py::ssize_t>(4)}, out.data());
       },
       py::arg("cache"), py::arg("layer"), py::arg("seqs"), py::arg("q"), py::arg("scale"), py::arg("r_frequent"),
-      py::arg("local_window"), "FastGen profiling: [B, n_kv_heads, 4] attention mass kept by each nested hybrid");
+      py::arg("local_window"), py::arg("accumulate") = false,
+      "FastGen profiling: [B, n_kv_heads, 4] attention mass kept by each nested hybrid (accumulate: first adds "
+      "q's attention to the scores as accumulate_attention does, from the same pass)");
 }
 
 }  // namespace bind

@@ -441,13 +441,24 @@ std::vector<char> fastgen_levels(const head_store& hs, const std::vector<int64_t
   return lv;
 }
 
-void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q_in, float scale,
-                     double r_frequent, int64_t local_window, double* out) {
-  cache::use_scope scope(c, seqs, false, "hybrid_recovery");
-  const int64_t G = c.check_query_rows(layer, seqs, q_in);
-  c.settle_scores(layer);  // (the frequent tokens are ranked by score)
+namespace {
+
+void check_recovery_args(double r_frequent, int64_t local_window) {
   if (!(r_frequent >= 0.0 && r_frequent <= 1.0)) fail_value("r_frequent must be in [0, 1]");
   if (local_window < 0) fail_value("local_window must be >= 0");
+}
+
+// hybrid_recovery, and with `accumulate` also accumulate_attention's update of the scores from
+// the same probabilities (the caller holds the cache as non-const). The masses come from
+// per-key sums: the attention each key receives from all of the queries (levels 0-2) and from
+// the queries within local_window after it (level 3), so a query's visit only adds its
+// probabilities, and the frequent set is ranked once the scores hold this call's addition.
+void recovery_pass(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q_in, float scale,
+                   double r_frequent, int64_t local_window, double* out, bool accumulate) {
+  cache::use_scope scope(c, seqs, accumulate, accumulate ? "accumulate_with_recovery" : "hybrid_recovery");
+  const int64_t G = c.check_query_rows(layer, seqs, q_in);
+  c.settle_scores(layer);  // (the frequent tokens are ranked by score)
+  check_recovery_args(r_frequent, local_window);
   const float sc = scale > 0 ? scale : 1.f / std::sqrt(static_cast<float>(c.head_dim()));
   const int64_t B = q_in.shape[0], H = c.n_kv_heads();
   std::vector<const head_store*> heads;
@@ -458,7 +469,7 @@ void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs
       appended.push_back(heads.back()->appended());
     }
 #ifdef KVLOOM_WITH_CUDA
-  if (c.pool().device() == device_kind::cuda) {
+  if (c.pool().device() == device_kind::cuda) {  // (accumulate: the caller ran accumulate_attention)
     std::vector<std::vector<int64_t>> slots;
     std::vector<float> acc;
     std::vector<double> mass;
@@ -476,35 +487,68 @@ void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs
   const host_query hq = query_on_host(q_in);
   const tensor_view& q = hq.view;
   const std::vector<key_panels> keys = layer_panels(heads, c.pool(), c.sealed_pool());
-  // Per head, 0/1 masks over its keys (ord order): in the special set, in +punct's
-  // additions, in +frequent's additions, in none of them (candidates for +local).
   const size_t BH = heads.size();
-  std::vector<std::vector<float>> in_level(BH * 4);
-  for (size_t bh = 0; bh < BH; ++bh) {
-    const std::vector<int64_t>& slots = keys[bh].slots;
-    const std::vector<char> lv = fastgen_levels(*heads[bh], slots, r_frequent);
-    for (int j = 0; j < 4; ++j) in_level[bh * 4 + j].assign(slots.size(), 0.f);
-    for (size_t i = 0; i < slots.size(); ++i) in_level[bh * 4 + lv[i]][i] = 1.f;
-  }
   const int W = detail::pool_threads();
-  std::vector<double> acc(static_cast<size_t>(W) * BH * 5, 0.0);  // per worker, per head: 4 masses + query count
+  // per worker, per head: each key's attention from every query and from the queries within
+  // local_window after it ([keys] each), and the number of queries
+  std::vector<std::vector<float>> all(static_cast<size_t>(W) * BH), near(static_cast<size_t>(W) * BH);
+  std::vector<double> count(static_cast<size_t>(W) * BH, 0.0);
   for_each_query(keys, appended, q, H, G, sc, [&](int worker, int64_t bh, int64_t q_ord, const float* p, int64_t n, float z) {
-    const std::vector<float>* lv = &in_level[static_cast<size_t>(bh) * 4];
+    const size_t at = static_cast<size_t>(worker) * BH + static_cast<size_t>(bh);
+    std::vector<float>& a = all[at];
+    std::vector<float>& w = near[at];
+    if (a.empty()) {
+      a.assign(keys[static_cast<size_t>(bh)].slots.size(), 0.f);
+      w.assign(a.size(), 0.f);
+    }
     const std::vector<int64_t>& ords = keys[static_cast<size_t>(bh)].ords;
     const int64_t lo = std::lower_bound(ords.begin(), ords.begin() + n, q_ord - local_window + 1) - ords.begin();
-    const double m0 = dot(p, lv[0].data(), n), m1 = dot(p, lv[1].data(), n), m2 = dot(p, lv[2].data(), n);
-    const double m3 = lo < n ? dot(p + lo, lv[3].data() + lo, n - lo) : 0.0;
-    double* r = &acc[(static_cast<size_t>(worker) * BH + static_cast<size_t>(bh)) * 5];
-    const double cum[4] = {m0, m0 + m1, m0 + m1 + m2, m0 + m1 + m2 + m3};
-    for (int j = 0; j < 4; ++j) r[j] += cum[j] / z;
-    r[4] += 1;
+    const float inv = 1.f / z;
+    for (int64_t i = 0; i < lo; ++i) a[i] += p[i] * inv;
+    for (int64_t i = lo; i < n; ++i) {
+      const float x = p[i] * inv;
+      a[i] += x;
+      w[i] += x;
+    }
+    count[at] += 1;
   });
   for (size_t bh = 0; bh < BH; ++bh) {
-    double tot[5] = {0, 0, 0, 0, 0};
-    for (int w = 0; w < W; ++w)
-      for (int j = 0; j < 5; ++j) tot[j] += acc[(static_cast<size_t>(w) * BH + bh) * 5 + j];
-    for (int j = 0; j < 4; ++j) out[bh * 4 + j] = tot[4] > 0 ? tot[j] / tot[4] : 0.0;
+    const std::vector<int64_t>& slots = keys[bh].slots;
+    if (accumulate) {  // as accumulate_attention adds them: worker by worker
+      head_store& hs = const_cast<head_store&>(*heads[bh]);
+      for (int wk = 0; wk < W; ++wk) {
+        const std::vector<float>& a = all[static_cast<size_t>(wk) * BH + bh];
+        for (size_t i = 0; i < a.size(); ++i) hs.score_[slots[i]] += a[i];
+      }
+    }
+    const std::vector<char> lv = fastgen_levels(*heads[bh], slots, r_frequent);
+    double m[4] = {0, 0, 0, 0}, n_queries = 0;
+    for (int wk = 0; wk < W; ++wk) {
+      const size_t at = static_cast<size_t>(wk) * BH + bh;
+      n_queries += count[at];
+      if (all[at].empty()) continue;
+      for (size_t i = 0; i < slots.size(); ++i) m[static_cast<int>(lv[i])] += lv[i] < 3 ? all[at][i] : near[at][i];
+    }
+    const double cum[4] = {m[0], m[0] + m[1], m[0] + m[1] + m[2], m[0] + m[1] + m[2] + m[3]};
+    for (int j = 0; j < 4; ++j) out[bh * 4 + j] = n_queries > 0 ? cum[j] / n_queries : 0.0;
   }
+}
+
+}  // namespace
+
+void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale,
+                     double r_frequent, int64_t local_window, double* out) {
+  recovery_pass(c, layer, seqs, q, scale, r_frequent, local_window, out, false);
+}
+
+void accumulate_with_recovery(cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale,
+                              double r_frequent, int64_t local_window, double* out) {
+  if (c.pool().device() == device_kind::cuda) {  // two passes there: the device statistics kernels
+    check_recovery_args(r_frequent, local_window);  // (before the scores change)
+    c.accumulate_attention(layer, seqs, q, scale);
+    return hybrid_recovery(c, layer, seqs, q, scale, r_frequent, local_window, out);
+  }
+  recovery_pass(c, layer, seqs, q, scale, r_frequent, local_window, out, true);
 }
 
 }  // namespace kvloom

@@ -57,9 +57,10 @@ def kvloom_attention_forward(module, query, key, value, attention_mask, dropout:
         return out, None
     if q_len > 1 and attention_mask is not None:
         _evict_invisible_new_tokens(cache, layer, attention_mask, past, q_len)
-    if policy.needs_scores and not accumulated:
+    profile = past == 0 and cache.layers[layer].window is None
+    if policy.needs_scores and not accumulated and not (profile and policy.scores_prompt):
         cache.kv.accumulate_attention(layer, query, cache.seqs, scale=scaling)
-    if past == 0 and cache.layers[layer].window is None:
+    if profile:
         policy.after_prompt(cache, layer, query, scaling)
     full = _full_tokens(cache, attention_mask)
     if accumulated and cache._defer_policies:  # runs after the forward (kvloom.Cache._run_deferred_policies)

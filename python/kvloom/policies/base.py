@@ -8,6 +8,8 @@ Hooks, all optional (the defaults do nothing):
 ========================  ==============================================================
 ``plan()``                the C++ plan every head starts with (``kvloom._core.make_plan``)
 ``needs_scores``          keep accumulated attention per slot up to date every step (H2O)
+``scores_prompt``         with ``needs_scores``: ``after_prompt`` adds the prompt's
+                          accumulated attention itself (FastGen, from its profiling pass)
 ``token_classes(tok, n)`` a uint8 class table over the vocabulary (FastGen's special and
                           punctuation ids); set ``needs_tokenizer`` if it is required
 ``evict(kv, layer, seq)`` Python-side evictions after each step (prototyping a policy
@@ -64,6 +66,7 @@ class Policy:
     name: ClassVar[str] = ""
     aliases: ClassVar[Tuple[str, ...]] = ()
     needs_scores: ClassVar[bool] = False
+    scores_prompt: ClassVar[bool] = False
     needs_tokenizer: ClassVar[bool] = False
 
     def __post_init__(self):

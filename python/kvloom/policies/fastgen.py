@@ -43,10 +43,13 @@ def token_classes(tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 def hybrid_recovery(kv, layer: int, q, seqs: Sequence[int], *, r_frequent: float, local_window: int,
-                    scale: Optional[float] = None) -> np.ndarray:
+                    scale: Optional[float] = None, accumulate: bool = False) -> np.ndarray:
     """FastGen's profiling statistic over a :class:`kvloom.KVCache`: [B, n_kv_heads, 4] attention
     mass (mean over q's queries [B, Hq, Tq, D] and each head's group, causal) kept by the
-    hybrids special, +punct, +frequent, +local."""
+    hybrids special, +punct, +frequent, +local. With ``accumulate``, first adds q's attention
+    to the scores as :meth:`KVCache.accumulate_attention` does, from the same pass over the
+    probabilities (on the CPU; a CUDA cache runs the two in turn): the same scores and masses
+    as the two calls, at about the cost of one."""
     from .. import _core
     from .._tensors import as_tensor, use_stream
     from ..ops import _check_scale
@@ -58,7 +61,7 @@ def hybrid_recovery(kv, layer: int, q, seqs: Sequence[int], *, r_frequent: float
         q = q.contiguous()  # the statistic runs on the host from one copy of q
     use_stream(kv.device)
     return _core.hybrid_recovery(kv._c, layer, [int(s) for s in seqs], q, 0.0 if scale is None else _check_scale(scale),
-                                 float(r_frequent), int(local_window))
+                                 float(r_frequent), int(local_window), bool(accumulate))
 
 
 @register
@@ -68,6 +71,7 @@ class FastGen(Policy):
 
     name: ClassVar[str] = "fastgen"
     needs_scores: ClassVar[bool] = True
+    scores_prompt: ClassVar[bool] = True
     needs_tokenizer: ClassVar[bool] = True
     HYBRIDS: ClassVar[tuple] = ("special", "special+punct", "special+punct+frequent", "special+punct+frequent+local",
                                 "full")
@@ -100,13 +104,13 @@ class FastGen(Policy):
         return table
 
     def after_prompt(self, cache, layer: int, query, scaling) -> None:
-        """Chooses each head's hybrid from its prompt attention (scores already accumulated),
-        row by row (rows differ in prompt length when padded)."""
+        """Accumulates the prompt's attention and chooses each head's hybrid from it in one
+        pass (``scores_prompt``), row by row (rows differ in prompt length when padded)."""
         kv = cache.kv
         for b, s in enumerate(cache.seqs):
             prompt_len = kv.length(layer, 0, s)  # the row's real prompt (padding already evicted)
             masses = hybrid_recovery(kv, layer, query[b:b + 1], [s], r_frequent=self.r_frequent,
-                                     local_window=self.local_window(prompt_len), scale=scaling)[0]
+                                     local_window=self.local_window(prompt_len), scale=scaling, accumulate=True)[0]
             for h in range(kv.n_kv_heads):
                 kv.set_head_plan(layer, h, s, self.hybrid_plan(self.choose(masses[h]), prompt_len))
 
