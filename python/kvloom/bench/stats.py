@@ -60,6 +60,8 @@ class Stats(Benchmark):
         row["kvloom_accumulate_s"] = _median_s(lambda: cache.accumulate_attention(0, q, [s]), repeats)
         row["kvloom_recovery_s"] = _median_s(
             lambda: hybrid_recovery(cache, 0, q, [s], r_frequent=0.3, local_window=T // 3), repeats)
+        row["kvloom_fastgen_prompt_s"] = _median_s(  # what FastGen's prompt runs: both, from one pass
+            lambda: hybrid_recovery(cache, 0, q, [s], r_frequent=0.3, local_window=T // 3, accumulate=True), repeats)
         _core.force_generic_kernels(True)
         try:
             row["generic_accumulate_s"] = _median_s(lambda: cache.accumulate_attention(0, q, [s]), repeats)
@@ -73,10 +75,11 @@ class Stats(Benchmark):
         head = (f"Prompt statistics, one layer of SmolLM2's shape (9/3 heads, D 64), {summary['kernel_isa']}, "
                 f"{summary['threads']} threads; median seconds\n\n")
         rows = [[r["tokens"], f"{r['kvloom_accumulate_s']:.4f}", f"{r['kvloom_recovery_s']:.4f}",
-                 f"{r['generic_accumulate_s']:.4f}", f"{r['torch_dense_s']:.4f}", f"{r['speedup_vs_dense']:.1f}x"]
+                 f"{r['kvloom_fastgen_prompt_s']:.4f}", f"{r['generic_accumulate_s']:.4f}", f"{r['torch_dense_s']:.4f}",
+                 f"{r['speedup_vs_dense']:.1f}x"]
                 for r in summary["rows"]]
-        return head + table(["tokens", "kvloom accumulate", "kvloom recovery", "generic kernels", "torch dense",
-                             "dense / kvloom"], rows, align="rrrrrr")
+        return head + table(["tokens", "kvloom accumulate", "kvloom recovery", "both in one pass (FastGen)",
+                             "generic kernels", "torch dense", "dense / kvloom"], rows, align="rrrrrrr")
 
 
 BENCH = Stats()
