@@ -386,8 +386,9 @@ struct stats_args {
   const detail::stat_key* keys;
   int mode;
   int64_t local_window;
-  float* acc;    // mode 0: [total keys]
-  double* mass;  // mode 1: [n_heads * 5]
+  float* acc;    // modes 0 and 2: [total keys]
+  float* near;   // mode 2: [total keys]
+  double* mass;  // mode 1: [n_heads * 5]; mode 2: [n_heads] (rows counted)
 };
 
 constexpr int kStatThreads = 128;
@@ -395,7 +396,8 @@ constexpr int kStatThreads = 128;
 // Grid (heads, tiles of QR query rows): a block takes QR query rows of one kv head (row r of
 // the head is token r / G, query head h * G + r % G) and streams that head's visible keys
 // through shared memory KT at a time: pass 1 finds each row's softmax max and sum, pass 2
-// recomputes the scores and adds each key's probability, summed over the tile's rows (mode 0),
+// recomputes the scores and adds each key's probability, summed over the tile's rows (mode 0;
+// mode 2 also sums it over the rows within local_window after the key, and counts the rows),
 // or each row's mass per FastGen level (mode 1). QR x D and KT x D are at most 4096 floats;
 // each thread computes the scores of one key for QR * KT / 128 rows (the key's elements are
 // read once from shared memory for all of them; key rows are padded to D + 1 floats so the 32
@@ -525,21 +527,31 @@ __global__ void __launch_bounds__(kStatThreads) prompt_stats_kernel(stats_args a
         const int r = r_first + i * RSTEP;
         const float inv = row_inv[r];
         const float pr = inv == 0.f || key_ord[c] > row_ord[r] ? 0.f : exp2f(s[i] - row_m[r]) * inv;
-        if (a.mode == 0) {
+        if (a.mode != 1) {
           sc[r * KT + c] = pr;
         } else if (key_level[c] < 3 || row_ord[r] - key_ord[c] < a.local_window) {
           part[key_level[c]] += pr;
         }
       }
     }
-    if (a.mode == 0) {
+    if (a.mode != 1) {
       __syncthreads();
       for (int kc = tid; kc < nk; kc += kStatThreads) {
-        float sum = 0.f;
-        for (int r = 0; r < QR; ++r) sum += sc[r * KT + kc];
+        float sum = 0.f, near = 0.f;
+        for (int r = 0; r < QR; ++r) {
+          const float x = sc[r * KT + kc];
+          sum += x;
+          if (a.mode == 2 && row_ord[r] - key_ord[kc] < a.local_window) near += x;
+        }
         if (sum != 0.f) atomicAdd(a.acc + hd.first_key + k0 + kc, sum);
+        if (near != 0.f) atomicAdd(a.near + hd.first_key + k0 + kc, near);
       }
     }
+  }
+  if (a.mode == 2 && tid == 0) {
+    int counted = 0;
+    for (int r = 0; r < QR; ++r) counted += row_ord[r] >= keys[0].ord ? 1 : 0;
+    atomicAdd(a.mass + blockIdx.x, static_cast<double>(counted));
   }
   if (a.mode == 1) {
     for (int i = 0; i < 4; ++i) mred[i * kStatThreads + tid] = part[i];
@@ -582,7 +594,7 @@ const device_ops* cuda_ops() {
 
 void cuda_prompt_stats(const tensor_view& q, int64_t G, dtype kv_type, int64_t D, const std::vector<stat_head>& heads,
                        const std::vector<stat_key>& keys, float scale, int mode, int64_t local_window, float* out_acc,
-                       double* out_mass) {
+                       float* out_near, double* out_mass) {
   if (D > 512) fail_value("the CUDA prompt statistics support head_dim up to 512, got " + std::to_string(D));
   if (heads.empty()) return;
   const int64_t Tq = q.shape[2];
@@ -605,21 +617,27 @@ void cuda_prompt_stats(const tensor_view& q, int64_t G, dtype kv_type, int64_t D
   a.keys = keys.empty() ? nullptr : upload_vec(keys, q.device_id, s);
   a.mode = mode;
   a.local_window = local_window;
-  const size_t acc_bytes = mode == 0 ? std::max<size_t>(keys.size(), 1) * sizeof(float) : 16;
-  const size_t mass_bytes = mode == 1 ? heads.size() * 5 * sizeof(double) : 16;
+  const size_t acc_bytes = mode != 1 ? std::max<size_t>(keys.size(), 1) * sizeof(float) : 16;
+  const size_t near_bytes = mode == 2 ? acc_bytes : 16;
+  const size_t mass_bytes = mode == 1 ? heads.size() * 5 * sizeof(double) : mode == 2 ? heads.size() * sizeof(double) : 16;
   KV_CUDA(malloc_async(reinterpret_cast<void**>(&a.acc), acc_bytes, s));
+  KV_CUDA(malloc_async(reinterpret_cast<void**>(&a.near), near_bytes, s));
   KV_CUDA(malloc_async(reinterpret_cast<void**>(&a.mass), mass_bytes, s));
   KV_CUDA(cudaMemsetAsync(a.acc, 0, acc_bytes, s));
+  KV_CUDA(cudaMemsetAsync(a.near, 0, near_bytes, s));
   KV_CUDA(cudaMemsetAsync(a.mass, 0, mass_bytes, s));
   if (D <= 64) launch_stats<64, 32>(a, static_cast<int64_t>(heads.size()), s);
   else if (D <= 128) launch_stats<32, 32>(a, static_cast<int64_t>(heads.size()), s);
   else if (D <= 256) launch_stats<16, 16>(a, static_cast<int64_t>(heads.size()), s);
   else launch_stats<8, 8>(a, static_cast<int64_t>(heads.size()), s);
-  if (mode == 0 && !keys.empty())
+  if (mode != 1 && !keys.empty())
     KV_CUDA(cudaMemcpyAsync(out_acc, a.acc, keys.size() * sizeof(float), cudaMemcpyDeviceToHost, s));
-  if (mode == 1) KV_CUDA(cudaMemcpyAsync(out_mass, a.mass, mass_bytes, cudaMemcpyDeviceToHost, s));
+  if (mode == 2 && !keys.empty())
+    KV_CUDA(cudaMemcpyAsync(out_near, a.near, keys.size() * sizeof(float), cudaMemcpyDeviceToHost, s));
+  if (mode != 0) KV_CUDA(cudaMemcpyAsync(out_mass, a.mass, mass_bytes, cudaMemcpyDeviceToHost, s));
   for (const void* p : {static_cast<const void*>(a.heads), static_cast<const void*>(a.keys),
-                        static_cast<const void*>(a.acc), static_cast<const void*>(a.mass)})
+                        static_cast<const void*>(a.acc), static_cast<const void*>(a.near),
+                        static_cast<const void*>(a.mass)})
     release(const_cast<void*>(p), s);
   KV_CUDA(cudaStreamSynchronize(s));  // the one synchronisation: the statistics update host metadata
 }

@@ -50,10 +50,12 @@ struct stat_key {
 // mode 0 (accumulated attention): out_acc[key] += probability it receives, summed over each
 // head's query group and queries. mode 1 (hybrid recovery): out_mass[head * 5 + i] = summed
 // mass of level i (level 3 only within local_window of the query), [4] = query rows counted.
-// Both outputs are host arrays (filled after one synchronisation).
+// mode 2 (both from one pass, FastGen's prompt): out_acc as mode 0, out_near[key] the same
+// sum over the queries within local_window after the key, out_mass[head] = query rows counted.
+// The outputs are host arrays (filled after one synchronisation).
 void cuda_prompt_stats(const tensor_view& q, int64_t G, dtype kv_type, int64_t D, const std::vector<stat_head>& heads,
                        const std::vector<stat_key>& keys, float scale, int mode, int64_t local_window, float* out_acc,
-                       double* out_mass);
+                       float* out_near, double* out_mass);
 
 }  // namespace detail
 }  // namespace kvloom

@@ -101,12 +101,13 @@ std::vector<int64_t> slots_by_ord(const head_store& hs) {
   return slots;
 }
 
-// The device statistics: keys described on the host (row address, ord, FastGen level), summed
-// on the GPU. levels(bh, slots) gives the FastGen level of each key (mode 1 only).
+// The device statistics (modes of cuda_prompt_stats): keys described on the host (row address,
+// ord, FastGen level), summed on the GPU. levels(bh, slots) gives the FastGen level of each key
+// (mode 1 only).
 template <class Levels>
 void device_stats(const std::vector<const head_store*>& heads, const block_pool& pool, const tensor_view& q, int64_t G,
                   int64_t H, float scale, int mode, int64_t local_window, std::vector<std::vector<int64_t>>& slots,
-                  Levels&& levels, std::vector<float>& acc, std::vector<double>& mass) {
+                  Levels&& levels, std::vector<float>& acc, std::vector<float>& near, std::vector<double>& mass) {
   std::vector<detail::stat_head> sh;
   std::vector<detail::stat_key> keys;
   const int bs = pool.block_size();
@@ -124,9 +125,11 @@ void device_stats(const std::vector<const head_store*>& heads, const block_pool&
                       hs.ord(sl), lv[i]});
     }
   }
-  acc.assign(mode == 0 ? keys.size() : 0, 0.f);
-  mass.assign(mode == 1 ? heads.size() * 5 : 0, 0.0);
-  detail::cuda_prompt_stats(q, G, pool.type(), pool.head_dim(), sh, keys, scale, mode, local_window, acc.data(), mass.data());
+  acc.assign(mode != 1 ? keys.size() : 0, 0.f);
+  near.assign(mode == 2 ? keys.size() : 0, 0.f);
+  mass.assign(mode == 1 ? heads.size() * 5 : mode == 2 ? heads.size() : 0, 0.0);
+  detail::cuda_prompt_stats(q, G, pool.type(), pool.head_dim(), sh, keys, scale, mode, local_window, acc.data(),
+                            near.data(), mass.data());
 }
 #endif
 
@@ -334,10 +337,10 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
 #ifdef KVLOOM_WITH_CUDA
   if (pool_->device() == device_kind::cuda) {
     std::vector<std::vector<int64_t>> slots;
-    std::vector<float> acc;
+    std::vector<float> acc, near;
     std::vector<double> mass;
     device_stats(cheads, *pool_, q_in, G, H, sc, 0, 0, slots, [](size_t, const std::vector<int64_t>&) { return std::vector<char>(); },
-                 acc, mass);
+                 acc, near, mass);
     size_t k = 0;
     for (size_t bh = 0; bh < heads.size(); ++bh)
       for (int64_t sl : slots[bh]) heads[bh]->score_[sl] += acc[k++];
@@ -448,6 +451,23 @@ void check_recovery_args(double r_frequent, int64_t local_window) {
   if (local_window < 0) fail_value("local_window must be >= 0");
 }
 
+// FastGen's masses of one head (out[0..4)) from per-key sums over the keys of `slots` (ord
+// order): levels 0-2 keep each key's attention from every query (the arrays of `all`, summed),
+// level 3 its attention from the queries within the local window after it (`near`); n_queries
+// rows saw a key. Ranks the frequent keys by the scores as they are now.
+void masses_from_sums(const head_store& hs, const std::vector<int64_t>& slots, double r_frequent,
+                      const std::vector<const float*>& all, const std::vector<const float*>& near, double n_queries,
+                      double* out) {
+  const std::vector<char> lv = fastgen_levels(hs, slots, r_frequent);
+  double m[4] = {0, 0, 0, 0};
+  for (size_t w = 0; w < all.size(); ++w) {
+    if (!all[w]) continue;
+    for (size_t i = 0; i < slots.size(); ++i) m[static_cast<int>(lv[i])] += lv[i] < 3 ? all[w][i] : near[w][i];
+  }
+  const double cum[4] = {m[0], m[0] + m[1], m[0] + m[1] + m[2], m[0] + m[1] + m[2] + m[3]};
+  for (int j = 0; j < 4; ++j) out[j] = n_queries > 0 ? cum[j] / n_queries : 0.0;
+}
+
 // hybrid_recovery, and with `accumulate` also accumulate_attention's update of the scores from
 // the same probabilities (the caller holds the cache as non-const). The masses come from
 // per-key sums: the attention each key receives from all of the queries (levels 0-2) and from
@@ -468,15 +488,31 @@ void recovery_pass(const cache& c, int layer, const std::vector<int64_t>& seqs, 
       heads.push_back(&c.store(layer, static_cast<int>(h), seqs[b]));
       appended.push_back(heads.back()->appended());
     }
+  const size_t BH = heads.size();
 #ifdef KVLOOM_WITH_CUDA
-  if (c.pool().device() == device_kind::cuda) {  // (accumulate: the caller ran accumulate_attention)
+  if (c.pool().device() == device_kind::cuda) {
     std::vector<std::vector<int64_t>> slots;
-    std::vector<float> acc;
+    std::vector<float> acc, near;
     std::vector<double> mass;
+    if (accumulate) {  // per-key sums from one pass (mode 2), then as on the host
+      device_stats(heads, c.pool(), q_in, G, H, sc, 2, local_window, slots,
+                   [](size_t, const std::vector<int64_t>&) { return std::vector<char>(); }, acc, near, mass);
+      size_t k = 0;
+      for (size_t bh = 0; bh < BH; ++bh) {
+        head_store& hs = const_cast<head_store&>(*heads[bh]);
+        for (int64_t sl : slots[bh]) hs.score_[sl] += acc[k++];
+      }
+      k = 0;
+      for (size_t bh = 0; bh < BH; ++bh) {
+        masses_from_sums(*heads[bh], slots[bh], r_frequent, {acc.data() + k}, {near.data() + k}, mass[bh], out + bh * 4);
+        k += slots[bh].size();
+      }
+      return;
+    }
     device_stats(heads, c.pool(), q_in, G, H, sc, 1, local_window, slots,
                  [&](size_t bh, const std::vector<int64_t>& sl) { return fastgen_levels(*heads[bh], sl, r_frequent); },
-                 acc, mass);
-    for (size_t bh = 0; bh < heads.size(); ++bh) {
+                 acc, near, mass);
+    for (size_t bh = 0; bh < BH; ++bh) {
       const double* m = &mass[bh * 5];
       const double cum[4] = {m[0], m[0] + m[1], m[0] + m[1] + m[2], m[0] + m[1] + m[2] + m[3]};
       for (int j = 0; j < 4; ++j) out[bh * 4 + j] = m[4] > 0 ? cum[j] / m[4] : 0.0;
@@ -487,7 +523,6 @@ void recovery_pass(const cache& c, int layer, const std::vector<int64_t>& seqs, 
   const host_query hq = query_on_host(q_in);
   const tensor_view& q = hq.view;
   const std::vector<key_panels> keys = layer_panels(heads, c.pool(), c.sealed_pool());
-  const size_t BH = heads.size();
   const int W = detail::pool_threads();
   // per worker, per head: each key's attention from every query and from the queries within
   // local_window after it ([keys] each), and the number of queries
@@ -521,16 +556,15 @@ void recovery_pass(const cache& c, int layer, const std::vector<int64_t>& seqs, 
         for (size_t i = 0; i < a.size(); ++i) hs.score_[slots[i]] += a[i];
       }
     }
-    const std::vector<char> lv = fastgen_levels(*heads[bh], slots, r_frequent);
-    double m[4] = {0, 0, 0, 0}, n_queries = 0;
+    std::vector<const float*> a_w, n_w;
+    double n_queries = 0;
     for (int wk = 0; wk < W; ++wk) {
       const size_t at = static_cast<size_t>(wk) * BH + bh;
       n_queries += count[at];
-      if (all[at].empty()) continue;
-      for (size_t i = 0; i < slots.size(); ++i) m[static_cast<int>(lv[i])] += lv[i] < 3 ? all[at][i] : near[at][i];
+      a_w.push_back(all[at].empty() ? nullptr : all[at].data());
+      n_w.push_back(near[at].empty() ? nullptr : near[at].data());
     }
-    const double cum[4] = {m[0], m[0] + m[1], m[0] + m[1] + m[2], m[0] + m[1] + m[2] + m[3]};
-    for (int j = 0; j < 4; ++j) out[bh * 4 + j] = n_queries > 0 ? cum[j] / n_queries : 0.0;
+    masses_from_sums(*heads[bh], slots, r_frequent, a_w, n_w, n_queries, out + bh * 4);
   }
 }
 
@@ -543,11 +577,6 @@ void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs
 
 void accumulate_with_recovery(cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale,
                               double r_frequent, int64_t local_window, double* out) {
-  if (c.pool().device() == device_kind::cuda) {  // two passes there: the device statistics kernels
-    check_recovery_args(r_frequent, local_window);  // (before the scores change)
-    c.accumulate_attention(layer, seqs, q, scale);
-    return hybrid_recovery(c, layer, seqs, q, scale, r_frequent, local_window, out);
-  }
   recovery_pass(c, layer, seqs, q, scale, r_frequent, local_window, out, true);
 }
 

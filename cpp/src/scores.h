@@ -52,8 +52,8 @@ uint64_t heavy_threshold(const head_store& hs, const Slot* slots, size_t n, int6
 void hybrid_recovery(const cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale,
                      double r_frequent, int64_t local_window, double* out);
 // accumulate_attention followed by hybrid_recovery over the same queries, in one pass over
-// their probabilities on the host (FastGen's prompt; CUDA caches take the two calls): the
-// scores end as accumulate_attention leaves them, out as hybrid_recovery then gives it.
+// their probabilities (FastGen's prompt): the scores end as accumulate_attention leaves them,
+// out as hybrid_recovery then gives it.
 void accumulate_with_recovery(cache& c, int layer, const std::vector<int64_t>& seqs, const tensor_view& q, float scale,
                               double r_frequent, int64_t local_window, double* out);
 

@@ -332,6 +332,22 @@ TEST(cuda_prompt_statistics_match_host) {
     CHECK(mh[3] > mh[0]);  // (the levels are not all empty: the local window adds mass)
     if (!(worst < 2e-5f && worst_mass < 1e-5))
       std::printf("  D %d G %d: score error %g, mass error %g\n", D, cf.G, static_cast<double>(worst), worst_mass);
+    // FastGen's prompt: both statistics from one pass (mode 2 on the device), against the host's
+    std::vector<double> fh(mh.size()), fd(mh.size());
+    accumulate_with_recovery(h, 0, hs, qv, 0.f, cf.r_frequent, cf.window, fh.data());
+    accumulate_with_recovery(d, 0, ds, on_cuda(qv, dq.p), 0.f, cf.r_frequent, cf.window, fd.data());
+    float worst2 = 0.f;
+    for (int b = 0; b < B; ++b)
+      for (int head = 0; head < H; ++head) {
+        const auto x = h.live_slots(0, head, hs[b]), y = d.live_slots(0, head, ds[b]);
+        for (size_t i = 0; i < x.size() && i < y.size(); ++i)
+          worst2 = worse(worst2, std::fabs(x[i].score - y[i].score) / (1.f + std::fabs(x[i].score)));
+      }
+    double worst_fused = 0.0;
+    for (size_t i = 0; i < fh.size(); ++i) worst_fused = std::max(worst_fused, std::fabs(fh[i] - fd[i]));
+    CHECK(worst2 < 4e-5f);
+    CHECK(worst_fused < 1e-5);
+    CHECK(fh[3] > fh[0]);
   }
 }
 

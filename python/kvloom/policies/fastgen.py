@@ -48,8 +48,7 @@ def hybrid_recovery(kv, layer: int, q, seqs: Sequence[int], *, r_frequent: float
     mass (mean over q's queries [B, Hq, Tq, D] and each head's group, causal) kept by the
     hybrids special, +punct, +frequent, +local. With ``accumulate``, first adds q's attention
     to the scores as :meth:`KVCache.accumulate_attention` does, from the same pass over the
-    probabilities (on the CPU; a CUDA cache runs the two in turn): the same scores and masses
-    as the two calls, at about the cost of one."""
+    probabilities: the same scores and masses as the two calls, at about the cost of one."""
     from .. import _core
     from .._tensors import as_tensor, use_stream
     from ..ops import _check_scale
