@@ -697,7 +697,6 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
       // the block's keys this tile may see: live, and not after its last query
       int n = 0;
       bool all_used = true;
-      int32_t max_ord = 0;
       for (int r = 0; r < bs; ++r) {
         const int64_t slot = static_cast<int64_t>(bi) * bs + r;
         const bool use = hs.live(slot) && hs.ord(slot) <= last_ord;
@@ -721,36 +720,29 @@ void chunk_attention_cache(const cache& c, int layer, const std::vector<int64_t>
       }
       ++step_blocks;
       const size_t esz = dtype_size(bt);
-      int32_t* bo = ords + step_n;
-      const float* K = reinterpret_cast<const float*>(kb);
-      const float* V = reinterpret_cast<const float*>(vb);
-      if (bt != dtype::f32 || !all_used) {  // fp16/bf16 storage, or rows to skip: fp32 copies of the used rows
-        float* kd = kf + static_cast<int64_t>(step_n) * D;
-        float* vd = vf + static_cast<int64_t>(step_n) * D;
-        int k = 0;
-        for (int r = 0; r < bs; ++r) {
-          const int64_t slot = static_cast<int64_t>(bi) * bs + r;
-          if (!hs.live(slot) || hs.ord(slot) > last_ord) continue;
+      // the used rows' ords and value rows; fp16/bf16 storage, or rows to skip: fp32 copies
+      // of the used rows, read from there
+      const bool copy = bt != dtype::f32 || !all_used;
+      float* kd = kf + static_cast<int64_t>(step_n) * D;
+      float* vd = vf + static_cast<int64_t>(step_n) * D;
+      int32_t max_ord = 0;
+      int u = 0;  // used rows so far
+      for (int r = 0; r < bs; ++r) {
+        const int64_t slot = static_cast<int64_t>(bi) * bs + r;
+        if (!hs.live(slot) || hs.ord(slot) > last_ord) continue;
+        ords[step_n + u] = static_cast<int32_t>(hs.ord(slot));
+        max_ord = std::max(max_ord, ords[step_n + u]);
+        const char* kr = kb + static_cast<size_t>(r) * D * esz;
+        const char* vr = vb + static_cast<size_t>(r) * D * esz;
+        if (copy)
           for (int64_t d = 0; d < D; ++d) {
-            kd[k * D + d] = load_as_f32(kb + static_cast<size_t>(r) * D * esz, bt, static_cast<size_t>(d));
-            vd[k * D + d] = load_as_f32(vb + static_cast<size_t>(r) * D * esz, bt, static_cast<size_t>(d));
+            kd[u * D + d] = load_as_f32(kr, bt, static_cast<size_t>(d));
+            vd[u * D + d] = load_as_f32(vr, bt, static_cast<size_t>(d));
           }
-          ++k;
-        }
-        K = kd;
-        V = vd;
+        vrows[step_n + u] = copy ? vd + u * D : reinterpret_cast<const float*>(vr);
+        ++u;
       }
-      {
-        int k = 0;
-        for (int r = 0; r < bs; ++r) {
-          const int64_t slot = static_cast<int64_t>(bi) * bs + r;
-          if (!hs.live(slot) || hs.ord(slot) > last_ord) continue;
-          bo[k] = static_cast<int32_t>(hs.ord(slot));
-          max_ord = std::max(max_ord, bo[k]);
-          vrows[step_n + k] = V + static_cast<int64_t>(k) * D;
-          ++k;
-        }
-      }
+      const float* K = copy ? kd : reinterpret_cast<const float*>(kb);
       float* sb = sc + static_cast<int64_t>(step_n) * R;
       ops.chunk_scores(qt, R, static_cast<int>(D), K, D, n, sb);
       if (mask || max_ord > first_ord) {
