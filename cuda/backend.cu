@@ -384,11 +384,10 @@ struct stats_args {
   float qscale;  // scale * log2(e)
   const detail::stat_head* heads;
   const detail::stat_key* keys;
-  int mode;
   int64_t local_window;
-  float* acc;    // modes 0 and 2: [total keys]
-  float* near;   // mode 2: [total keys]
-  double* mass;  // mode 1: [n_heads * 5]; mode 2: [n_heads] (rows counted)
+  float* acc;    // [total keys]
+  float* near;   // [total keys], or null: no window sums
+  double* rows;  // [n_heads] query rows counted (with near)
 };
 
 constexpr int kStatThreads = 128;
@@ -396,9 +395,8 @@ constexpr int kStatThreads = 128;
 // Grid (heads, tiles of QR query rows): a block takes QR query rows of one kv head (row r of
 // the head is token r / G, query head h * G + r % G) and streams that head's visible keys
 // through shared memory KT at a time: pass 1 finds each row's softmax max and sum, pass 2
-// recomputes the scores and adds each key's probability, summed over the tile's rows (mode 0;
-// mode 2 also sums it over the rows within local_window after the key, and counts the rows),
-// or each row's mass per FastGen level (mode 1). QR x D and KT x D are at most 4096 floats;
+// recomputes the scores and adds each key's probability, summed over the tile's rows (with
+// `near`, also summed over the rows within local_window after the key, and the rows counted). QR x D and KT x D are at most 4096 floats;
 // each thread computes the scores of one key for QR * KT / 128 rows (the key's elements are
 // read once from shared memory for all of them; key rows are padded to D + 1 floats so the 32
 // keys a warp reads are in 32 different banks).
@@ -413,9 +411,7 @@ __global__ void __launch_bounds__(kStatThreads) prompt_stats_kernel(stats_args a
   __shared__ float row_m[QR], row_inv[QR];
   __shared__ int64_t row_ord[QR];  // the row's token ord; -1: a padding row (sees no key)
   __shared__ int32_t key_ord[KT];
-  __shared__ int32_t key_level[KT];
   __shared__ const void* key_ptr[KT];
-  __shared__ double mred[4 * kStatThreads];
   const int tid = threadIdx.x;
   const int D = a.D, DP = D + 1;
   const detail::stat_head hd = a.heads[blockIdx.x];
@@ -459,7 +455,6 @@ __global__ void __launch_bounds__(kStatThreads) prompt_stats_kernel(stats_args a
     for (int kc = tid; kc < nk; kc += kStatThreads) {
       key_ptr[kc] = keys[k0 + kc].k;
       key_ord[kc] = keys[k0 + kc].ord;
-      key_level[kc] = keys[k0 + kc].level;
     }
     __syncthreads();
     for (int i = tid; i < nk * D; i += kStatThreads) {
@@ -515,8 +510,7 @@ __global__ void __launch_bounds__(kStatThreads) prompt_stats_kernel(stats_args a
     row_inv[my_row] = my_row_sees ? 1.f / l : 0.f;
   }
 
-  // pass 2: probabilities
-  double part[4] = {0, 0, 0, 0};
+  // pass 2: probabilities, summed per key over the tile's rows
   for (int64_t k0 = 0; k0 < n_vis; k0 += KT) {
     const int nk = static_cast<int>(n_vis - k0 < KT ? n_vis - k0 : KT);
     load_keys(k0, nk);  // (its barrier also publishes row_m and row_inv)
@@ -526,47 +520,25 @@ __global__ void __launch_bounds__(kStatThreads) prompt_stats_kernel(stats_args a
       KVLOOM_UNROLL for (int i = 0; i < NE; ++i) {
         const int r = r_first + i * RSTEP;
         const float inv = row_inv[r];
-        const float pr = inv == 0.f || key_ord[c] > row_ord[r] ? 0.f : exp2f(s[i] - row_m[r]) * inv;
-        if (a.mode != 1) {
-          sc[r * KT + c] = pr;
-        } else if (key_level[c] < 3 || row_ord[r] - key_ord[c] < a.local_window) {
-          part[key_level[c]] += pr;
-        }
+        sc[r * KT + c] = inv == 0.f || key_ord[c] > row_ord[r] ? 0.f : exp2f(s[i] - row_m[r]) * inv;
       }
     }
-    if (a.mode != 1) {
-      __syncthreads();
-      for (int kc = tid; kc < nk; kc += kStatThreads) {
-        float sum = 0.f, near = 0.f;
-        for (int r = 0; r < QR; ++r) {
-          const float x = sc[r * KT + kc];
-          sum += x;
-          if (a.mode == 2 && row_ord[r] - key_ord[kc] < a.local_window) near += x;
-        }
-        if (sum != 0.f) atomicAdd(a.acc + hd.first_key + k0 + kc, sum);
-        if (near != 0.f) atomicAdd(a.near + hd.first_key + k0 + kc, near);
+    __syncthreads();
+    for (int kc = tid; kc < nk; kc += kStatThreads) {
+      float sum = 0.f, near = 0.f;
+      for (int r = 0; r < QR; ++r) {
+        const float x = sc[r * KT + kc];
+        sum += x;
+        if (a.near && row_ord[r] - key_ord[kc] < a.local_window) near += x;
       }
+      if (sum != 0.f) atomicAdd(a.acc + hd.first_key + k0 + kc, sum);
+      if (near != 0.f) atomicAdd(a.near + hd.first_key + k0 + kc, near);
     }
   }
-  if (a.mode == 2 && tid == 0) {
+  if (a.near && tid == 0) {
     int counted = 0;
     for (int r = 0; r < QR; ++r) counted += row_ord[r] >= keys[0].ord ? 1 : 0;
-    atomicAdd(a.mass + blockIdx.x, static_cast<double>(counted));
-  }
-  if (a.mode == 1) {
-    for (int i = 0; i < 4; ++i) mred[i * kStatThreads + tid] = part[i];
-    __syncthreads();
-    for (int off = kStatThreads / 2; off > 0; off >>= 1) {
-      if (tid < off)
-        for (int i = 0; i < 4; ++i) mred[i * kStatThreads + tid] += mred[i * kStatThreads + tid + off];
-      __syncthreads();
-    }
-    if (tid == 0) {
-      int counted = 0;
-      for (int r = 0; r < QR; ++r) counted += row_ord[r] >= keys[0].ord ? 1 : 0;
-      for (int i = 0; i < 4; ++i) atomicAdd(a.mass + blockIdx.x * 5 + i, mred[i * kStatThreads]);
-      atomicAdd(a.mass + blockIdx.x * 5 + 4, static_cast<double>(counted));
-    }
+    atomicAdd(a.rows + blockIdx.x, static_cast<double>(counted));
   }
 }
 
@@ -593,8 +565,8 @@ const device_ops* cuda_ops() {
 }
 
 void cuda_prompt_stats(const tensor_view& q, int64_t G, dtype kv_type, int64_t D, const std::vector<stat_head>& heads,
-                       const std::vector<stat_key>& keys, float scale, int mode, int64_t local_window, float* out_acc,
-                       float* out_near, double* out_mass) {
+                       const std::vector<stat_key>& keys, float scale, int64_t local_window, float* out_acc,
+                       float* out_near, double* out_rows) {
   if (D > 512) fail_value("the CUDA prompt statistics support head_dim up to 512, got " + std::to_string(D));
   if (heads.empty()) return;
   const int64_t Tq = q.shape[2];
@@ -615,29 +587,29 @@ void cuda_prompt_stats(const tensor_view& q, int64_t G, dtype kv_type, int64_t D
   a.qscale = scale * 1.4426950408889634f;
   a.heads = upload_vec(heads, q.device_id, s);
   a.keys = keys.empty() ? nullptr : upload_vec(keys, q.device_id, s);
-  a.mode = mode;
   a.local_window = local_window;
-  const size_t acc_bytes = mode != 1 ? std::max<size_t>(keys.size(), 1) * sizeof(float) : 16;
-  const size_t near_bytes = mode == 2 ? acc_bytes : 16;
-  const size_t mass_bytes = mode == 1 ? heads.size() * 5 * sizeof(double) : mode == 2 ? heads.size() * sizeof(double) : 16;
+  const size_t acc_bytes = std::max<size_t>(keys.size(), 1) * sizeof(float);
+  const size_t rows_bytes = heads.size() * sizeof(double);
   KV_CUDA(malloc_async(reinterpret_cast<void**>(&a.acc), acc_bytes, s));
-  KV_CUDA(malloc_async(reinterpret_cast<void**>(&a.near), near_bytes, s));
-  KV_CUDA(malloc_async(reinterpret_cast<void**>(&a.mass), mass_bytes, s));
   KV_CUDA(cudaMemsetAsync(a.acc, 0, acc_bytes, s));
-  KV_CUDA(cudaMemsetAsync(a.near, 0, near_bytes, s));
-  KV_CUDA(cudaMemsetAsync(a.mass, 0, mass_bytes, s));
+  if (out_near) {
+    KV_CUDA(malloc_async(reinterpret_cast<void**>(&a.near), acc_bytes, s));
+    KV_CUDA(malloc_async(reinterpret_cast<void**>(&a.rows), rows_bytes, s));
+    KV_CUDA(cudaMemsetAsync(a.near, 0, acc_bytes, s));
+    KV_CUDA(cudaMemsetAsync(a.rows, 0, rows_bytes, s));
+  }
   if (D <= 64) launch_stats<64, 32>(a, static_cast<int64_t>(heads.size()), s);
   else if (D <= 128) launch_stats<32, 32>(a, static_cast<int64_t>(heads.size()), s);
   else if (D <= 256) launch_stats<16, 16>(a, static_cast<int64_t>(heads.size()), s);
   else launch_stats<8, 8>(a, static_cast<int64_t>(heads.size()), s);
-  if (mode != 1 && !keys.empty())
+  if (!keys.empty()) {
     KV_CUDA(cudaMemcpyAsync(out_acc, a.acc, keys.size() * sizeof(float), cudaMemcpyDeviceToHost, s));
-  if (mode == 2 && !keys.empty())
-    KV_CUDA(cudaMemcpyAsync(out_near, a.near, keys.size() * sizeof(float), cudaMemcpyDeviceToHost, s));
-  if (mode != 0) KV_CUDA(cudaMemcpyAsync(out_mass, a.mass, mass_bytes, cudaMemcpyDeviceToHost, s));
+    if (out_near) KV_CUDA(cudaMemcpyAsync(out_near, a.near, keys.size() * sizeof(float), cudaMemcpyDeviceToHost, s));
+  }
+  if (out_near) KV_CUDA(cudaMemcpyAsync(out_rows, a.rows, rows_bytes, cudaMemcpyDeviceToHost, s));
   for (const void* p : {static_cast<const void*>(a.heads), static_cast<const void*>(a.keys),
                         static_cast<const void*>(a.acc), static_cast<const void*>(a.near),
-                        static_cast<const void*>(a.mass)})
+                        static_cast<const void*>(a.rows)})
     release(const_cast<void*>(p), s);
   KV_CUDA(cudaStreamSynchronize(s));  // the one synchronisation: the statistics update host metadata
 }

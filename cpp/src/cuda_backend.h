@@ -45,17 +45,15 @@ struct stat_head {
 struct stat_key {
   const void* k;  // the key row (device)
   int32_t ord;
-  int32_t level;  // FastGen: 0 special, 1 punctuation, 2 frequent, 3 the rest (candidates for local)
 };
-// mode 0 (accumulated attention): out_acc[key] += probability it receives, summed over each
-// head's query group and queries. mode 1 (hybrid recovery): out_mass[head * 5 + i] = summed
-// mass of level i (level 3 only within local_window of the query), [4] = query rows counted.
-// mode 2 (both from one pass, FastGen's prompt): out_acc as mode 0, out_near[key] the same
-// sum over the queries within local_window after the key, out_mass[head] = query rows counted.
-// The outputs are host arrays (filled after one synchronisation).
+// out_acc[key] = the probability the key receives, summed over its head's query group and
+// queries (accumulated attention). With out_near (FastGen's profiling, from the same pass):
+// out_near[key] = the same sum over the queries within local_window after the key, and
+// out_rows[head] = the query rows that see a key. The outputs are host arrays (filled after
+// one synchronisation).
 void cuda_prompt_stats(const tensor_view& q, int64_t G, dtype kv_type, int64_t D, const std::vector<stat_head>& heads,
-                       const std::vector<stat_key>& keys, float scale, int mode, int64_t local_window, float* out_acc,
-                       float* out_near, double* out_mass);
+                       const std::vector<stat_key>& keys, float scale, int64_t local_window, float* out_acc,
+                       float* out_near, double* out_rows);
 
 }  // namespace detail
 }  // namespace kvloom

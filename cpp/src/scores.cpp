@@ -20,18 +20,6 @@ namespace kvloom {
 
 namespace {
 
-// Dot product with 8 independent partial sums (vectorises without -ffast-math).
-float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = 0;
-  for (; i < n; ++i) s += a[i] * b[i];
-  for (int j = 0; j < 8; ++j) s += acc[j];
-  return s;
-}
-
 // One head's live keys in append (ord) order, laid out in panels for the strip kernel
 // (zero keys pad the last panel; they are never part of a softmax).
 struct key_panels {
@@ -101,13 +89,12 @@ std::vector<int64_t> slots_by_ord(const head_store& hs) {
   return slots;
 }
 
-// The device statistics (modes of cuda_prompt_stats): keys described on the host (row address,
-// ord, FastGen level), summed on the GPU. levels(bh, slots) gives the FastGen level of each key
-// (mode 1 only).
-template <class Levels>
+// The device statistics (cuda_prompt_stats): keys described on the host (row address, ord),
+// summed on the GPU. slots[bh]: each head's live slots in ord order, the order of the per-key
+// outputs; with `window`, also near and rows (FastGen's profiling).
 void device_stats(const std::vector<const head_store*>& heads, const block_pool& pool, const tensor_view& q, int64_t G,
-                  int64_t H, float scale, int mode, int64_t local_window, std::vector<std::vector<int64_t>>& slots,
-                  Levels&& levels, std::vector<float>& acc, std::vector<float>& near, std::vector<double>& mass) {
+                  int64_t H, float scale, bool window, int64_t local_window, std::vector<std::vector<int64_t>>& slots,
+                  std::vector<float>& acc, std::vector<float>& near, std::vector<double>& rows) {
   std::vector<detail::stat_head> sh;
   std::vector<detail::stat_key> keys;
   const int bs = pool.block_size();
@@ -116,20 +103,17 @@ void device_stats(const std::vector<const head_store*>& heads, const block_pool&
   for (size_t bh = 0; bh < heads.size(); ++bh) {
     const head_store& hs = *heads[bh];
     slots[bh] = slots_by_ord(hs);
-    const std::vector<char> lv = mode == 1 ? levels(bh, slots[bh]) : std::vector<char>(slots[bh].size(), 3);
     sh.push_back({static_cast<int64_t>(bh) / H, static_cast<int64_t>(bh) % H, static_cast<int64_t>(keys.size()),
                   static_cast<int64_t>(slots[bh].size()), hs.appended()});
-    for (size_t i = 0; i < slots[bh].size(); ++i) {
-      const int64_t sl = slots[bh][i];
+    for (int64_t sl : slots[bh])
       keys.push_back({static_cast<const char*>(pool.block_keys(hs.table()[sl / bs])) + static_cast<size_t>(sl % bs) * row,
-                      hs.ord(sl), lv[i]});
-    }
+                      hs.ord(sl)});
   }
-  acc.assign(mode != 1 ? keys.size() : 0, 0.f);
-  near.assign(mode == 2 ? keys.size() : 0, 0.f);
-  mass.assign(mode == 1 ? heads.size() * 5 : mode == 2 ? heads.size() : 0, 0.0);
-  detail::cuda_prompt_stats(q, G, pool.type(), pool.head_dim(), sh, keys, scale, mode, local_window, acc.data(),
-                            near.data(), mass.data());
+  acc.assign(keys.size(), 0.f);
+  near.assign(window ? keys.size() : 0, 0.f);
+  rows.assign(window ? heads.size() : 0, 0.0);
+  detail::cuda_prompt_stats(q, G, pool.type(), pool.head_dim(), sh, keys, scale, local_window, acc.data(),
+                            window ? near.data() : nullptr, rows.data());
 }
 #endif
 
@@ -337,10 +321,9 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
 #ifdef KVLOOM_WITH_CUDA
   if (pool_->device() == device_kind::cuda) {
     std::vector<std::vector<int64_t>> slots;
-    std::vector<float> acc, near;
-    std::vector<double> mass;
-    device_stats(cheads, *pool_, q_in, G, H, sc, 0, 0, slots, [](size_t, const std::vector<int64_t>&) { return std::vector<char>(); },
-                 acc, near, mass);
+    std::vector<float> acc, unused;
+    std::vector<double> no_rows;
+    device_stats(cheads, *pool_, q_in, G, H, sc, false, 0, slots, acc, unused, no_rows);
     size_t k = 0;
     for (size_t bh = 0; bh < heads.size(); ++bh)
       for (int64_t sl : slots[bh]) heads[bh]->score_[sl] += acc[k++];
@@ -490,32 +473,19 @@ void recovery_pass(const cache& c, int layer, const std::vector<int64_t>& seqs, 
     }
   const size_t BH = heads.size();
 #ifdef KVLOOM_WITH_CUDA
-  if (c.pool().device() == device_kind::cuda) {
+  if (c.pool().device() == device_kind::cuda) {  // the same per-key sums, from one launch
     std::vector<std::vector<int64_t>> slots;
-    std::vector<float> acc, near;
-    std::vector<double> mass;
-    if (accumulate) {  // per-key sums from one pass (mode 2), then as on the host
-      device_stats(heads, c.pool(), q_in, G, H, sc, 2, local_window, slots,
-                   [](size_t, const std::vector<int64_t>&) { return std::vector<char>(); }, acc, near, mass);
-      size_t k = 0;
-      for (size_t bh = 0; bh < BH; ++bh) {
-        head_store& hs = const_cast<head_store&>(*heads[bh]);
-        for (int64_t sl : slots[bh]) hs.score_[sl] += acc[k++];
-      }
-      k = 0;
-      for (size_t bh = 0; bh < BH; ++bh) {
-        masses_from_sums(*heads[bh], slots[bh], r_frequent, {acc.data() + k}, {near.data() + k}, mass[bh], out + bh * 4);
-        k += slots[bh].size();
-      }
-      return;
-    }
-    device_stats(heads, c.pool(), q_in, G, H, sc, 1, local_window, slots,
-                 [&](size_t bh, const std::vector<int64_t>& sl) { return fastgen_levels(*heads[bh], sl, r_frequent); },
-                 acc, near, mass);
+    std::vector<float> all, near;
+    std::vector<double> rows;
+    device_stats(heads, c.pool(), q_in, G, H, sc, true, local_window, slots, all, near, rows);
+    size_t k = 0;
     for (size_t bh = 0; bh < BH; ++bh) {
-      const double* m = &mass[bh * 5];
-      const double cum[4] = {m[0], m[0] + m[1], m[0] + m[1] + m[2], m[0] + m[1] + m[2] + m[3]};
-      for (int j = 0; j < 4; ++j) out[bh * 4 + j] = m[4] > 0 ? cum[j] / m[4] : 0.0;
+      if (accumulate) {
+        head_store& hs = const_cast<head_store&>(*heads[bh]);
+        for (size_t i = 0; i < slots[bh].size(); ++i) hs.score_[slots[bh][i]] += all[k + i];
+      }
+      masses_from_sums(*heads[bh], slots[bh], r_frequent, {all.data() + k}, {near.data() + k}, rows[bh], out + bh * 4);
+      k += slots[bh].size();
     }
     return;
   }
