@@ -2,7 +2,8 @@
 // attention over dense [B, Hkv, T, D] tensors. One kernel serves all three.
 //
 // The cache's block tables reach the GPU as device mirrors (device_mirror.h): per head store,
-//   blocks [cap]       key address of each table entry's block (0: no block, or nothing live)
+//   blocks [cap]       key address of each table entry's block (0: no block, or nothing live;
+//                      bit 0 set: a quantized cache's sealed block, in kvloom/quant.h's layout)
 //   ords   [cap * bs]  each slot's token index (ord), -1 where the slot is not live
 // Before a call, the entries the cache touched since the last upload are gathered into one
 // patch list, uploaded with the call's descriptors in a single copy and scattered by a kernel,
@@ -92,16 +93,19 @@ struct patch {
   uint64_t words;
 };
 
-// The mirror contents of table entries [lo, hi) of a store, as uploaded.
-void mirror_rows(const head_store& hs, const block_pool& pool, int64_t lo, int64_t hi, std::vector<uint64_t>& blocks,
-                 std::vector<int32_t>& ords) {
+// The mirror contents of table entries [lo, hi) of a store, as uploaded. A sealed entry's
+// address is its quantized block's (in `qpool`) with bit 0 set (blocks are 64-byte aligned).
+void mirror_rows(const head_store& hs, const block_pool& pool, const block_pool* qpool, int64_t lo, int64_t hi,
+                 std::vector<uint64_t>& blocks, std::vector<int32_t>& ords) {
   const int bs = pool.block_size();
   blocks.resize(static_cast<size_t>(hi - lo));
   ords.resize(static_cast<size_t>((hi - lo) * bs));
   for (int64_t e = lo; e < hi; ++e) {
     const block_id b = hs.table_[e];
-    if (b >= 0 && hs.sealed(e)) fail_value("quantized (sealed) blocks are not supported on a CUDA cache");
-    blocks[e - lo] = b >= 0 && hs.block_live_[e] > 0 ? reinterpret_cast<uint64_t>(pool.block_keys(b)) : 0;
+    const bool sealed = b >= 0 && hs.sealed(e);
+    blocks[e - lo] = b < 0 || hs.block_live_[e] == 0 ? 0
+                     : sealed                       ? reinterpret_cast<uint64_t>(qpool->block_keys(b)) | 1u
+                                                    : reinterpret_cast<uint64_t>(pool.block_keys(b));
     for (int r = 0; r < bs; ++r) {
       const int64_t slot = e * bs + r;
       ords[(e - lo) * bs + r] = hs.live_[slot] ? hs.ord_[slot] : -1;
@@ -116,7 +120,8 @@ std::atomic<int64_t> g_table_words{0};  // 4-byte words of table mirrors uploade
 // the patches are queued.
 class mirror_sync {
  public:
-  mirror_sync(const block_pool& pool, int device, cudaStream_t s) : pool_(pool), device_(device), s_(s) {}
+  mirror_sync(const block_pool& pool, const block_pool* qpool, int device, cudaStream_t s)
+      : pool_(pool), qpool_(qpool), device_(device), s_(s) {}
 
   const mirror_state* sync(const head_store& hs) {
     const int bs = pool_.block_size();
@@ -152,7 +157,7 @@ class mirror_sync {
       if (n == 0) ranges.clear();
     }
     for (const auto& r : ranges) {
-      mirror_rows(hs, pool_, r.lo, r.hi, blocks_, ords_);
+      mirror_rows(hs, pool_, qpool_, r.lo, r.hi, blocks_, ords_);
       add(m->blocks + r.lo, blocks_.data(), blocks_.size() * 8);
       add(m->ords + r.lo * bs, ords_.data(), ords_.size() * 4);
     }
@@ -176,7 +181,7 @@ class mirror_sync {
     for (const head_store* hs : synced_) {
       const int64_t n = static_cast<int64_t>(hs->table_.size());
       if (n == 0) continue;
-      mirror_rows(*hs, pool_, 0, n, want_b, want_o);
+      mirror_rows(*hs, pool_, qpool_, 0, n, want_b, want_o);
       got_b.resize(want_b.size());
       got_o.resize(want_o.size());
       const mirror_state* m = hs->mirror_.get();
@@ -196,6 +201,7 @@ class mirror_sync {
     payload_.insert(payload_.end(), w, w + bytes / 4);
   }
   const block_pool& pool_;
+  const block_pool* qpool_;  // a quantized cache's sealed blocks (null: none)
   int device_;
   cudaStream_t s_;
   std::vector<patch> patches_;
@@ -267,6 +273,11 @@ struct attn_params {
   // probs[seg.prob_off + row] (and does nothing else).
   float* final_stats;
   float* probs;
+  // A quantized cache (kernels with Q): sealed blocks (table address | 1) in kvloom/quant.h's
+  // layout: bits per code, bytes per code row, the byte offsets of the key (min, step) pairs,
+  // the value codes and the value (min, step) pairs, channels per value group.
+  int q_bits, q_vgroup;
+  int64_t q_row_bytes, q_kparams, q_vcodes, q_vparams;
 };
 
 struct f32_kv {
@@ -312,6 +323,28 @@ struct row_chunk {
       (void)w;
     }
   }
+  // Elements [e0, e0 + E) of row `row` of a quantized block (kvloom/quant.h): its keys or its
+  // values, dequantized in registers as the host does, fma(code, step, min) (scalar path only).
+  __device__ __forceinline__ void load_quant(const char* blk, int row, int e0, int D, const attn_params& p, bool values) {
+    if constexpr (!VEC) {
+      const auto* codes = reinterpret_cast<const uint8_t*>(blk + (values ? p.q_vcodes : 0) + row * p.q_row_bytes);
+      const auto* prm = reinterpret_cast<const uint16_t*>(blk + (values ? p.q_vparams : p.q_kparams));
+      const int groups = D / p.q_vgroup;
+      const unsigned mask = (1u << p.q_bits) - 1u;
+      KVLOOM_UNROLL for (int i = 0; i < E; ++i) {
+        const int d = e0 + i;
+        if (d >= D) {
+          f[i] = 0.f;
+          continue;
+        }
+        const int bit = d * p.q_bits;
+        const float c = static_cast<float>((codes[bit >> 3] >> (bit & 7)) & mask);
+        const int at = values ? (d / p.q_vgroup) * p.bs + row : d;
+        const int n_min = values ? groups * p.bs : D;  // the steps follow the minimums
+        f[i] = fmaf(c, f16_kv::cvt(prm[n_min + at]), f16_kv::cvt(prm[at]));
+      }
+    }
+  }
   // 32-bit word i of the loaded bytes (i a compile-time constant once unrolled)
   __device__ __forceinline__ unsigned word(int i) const {
     const uint4& v = w[i / 4];
@@ -348,8 +381,9 @@ __device__ __forceinline__ void merge_weights(float m1, float m2, float& M, floa
 }
 
 // KV: storage type; L lanes per key row, E elements per lane (L * E >= D); VEC: 16-byte loads
-// (rows 16-byte aligned, L * E == D); GT query rows per task; R rows per lane group per step.
-template <class KV, int L, int E, bool VEC, int GT, int R>
+// (rows 16-byte aligned, L * E == D); GT query rows per task; R rows per lane group per step;
+// Q: a quantized cache, whose sealed blocks (table address | 1) are dequantized in registers.
+template <class KV, int L, int E, bool VEC, int GT, int R, bool Q>
 __global__ void __launch_bounds__(kThreads) attention_kernel(attn_params p) {
   constexpr int KPW = 32 / L;         // key rows a warp reads at once
   constexpr int W = kWarps * KPW;     // lane groups in the block
@@ -409,6 +443,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(attn_params p) {
       const int64_t r = step0 + static_cast<int64_t>(i) * W + worker;
       const char* kp = nullptr;
       const char* vp = nullptr;
+      const char* qb = nullptr;  // (Q) the sealed block holding the row
       live[i] = r < it.r1;
       ord[i] = 0;
       if (live[i]) {
@@ -416,6 +451,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(attn_params p) {
           const uint64_t blk = sg.blocks[r / p.bs];
           ord[i] = sg.ords[r];
           live[i] = blk != 0 && ord[i] >= 0;
+          if (Q && (blk & 1u)) qb = reinterpret_cast<const char*>(blk & ~uint64_t(1));
           kp = reinterpret_cast<const char*>(blk) + (r % p.bs) * p.row_bytes;
           vp = kp + p.v_offset;
         } else {
@@ -423,7 +459,12 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(attn_params p) {
           vp = sg.v + r * sg.v_stride;
         }
       }
-      if (live[i]) {
+      if (live[i] && qb) {
+        const int row = static_cast<int>(r % p.bs);
+        kc[i].load_quant(qb, row, e0, D, p, false);
+        if (!p.probs) vc[i].load_quant(qb, row, e0, D, p, true);
+        else vc[i].clear();
+      } else if (live[i]) {
         kc[i].load(kp, e0, D);
         if (!p.probs) vc[i].load(vp, e0, D);
         else vc[i].clear();
@@ -606,33 +647,38 @@ int tile_for(int n_qrows) { return n_qrows <= 1 ? 1 : n_qrows <= 4 ? 4 : 8; }
 using kernel_fn = void (*)(attn_params);
 
 template <class KV, int GT>
-kernel_fn pick_shape(kernel_shape s) {
+kernel_fn pick_shape(kernel_shape s, bool quant) {
   constexpr int R = GT >= 8 ? 2 : 4;
+  if (quant) {  // element by element, 8 elements a lane, as few lanes per row as D allows
+    if (s.L == 8) return attention_kernel<KV, 8, 8, false, GT, R, true>;
+    if (s.L == 16) return attention_kernel<KV, 16, 8, false, GT, R, true>;
+    return attention_kernel<KV, 32, 8, false, GT, R, true>;
+  }
   if (s.vec) {
     if constexpr (sizeof(typename KV::raw) == 4) {
-      if (s.L == 16) return attention_kernel<KV, 16, 4, true, GT, R>;  // D 64
-      if (s.E == 4) return attention_kernel<KV, 32, 4, true, GT, R>;   // D 128
-      return attention_kernel<KV, 32, 8, true, GT, R>;                 // D 256
+      if (s.L == 16) return attention_kernel<KV, 16, 4, true, GT, R, false>;  // D 64
+      if (s.E == 4) return attention_kernel<KV, 32, 4, true, GT, R, false>;   // D 128
+      return attention_kernel<KV, 32, 8, true, GT, R, false>;                 // D 256
     } else {
-      if (s.L == 8) return attention_kernel<KV, 8, 8, true, GT, R>;    // D 64
-      if (s.L == 16) return attention_kernel<KV, 16, 8, true, GT, R>;  // D 128
-      return attention_kernel<KV, 32, 8, true, GT, R>;                 // D 256
+      if (s.L == 8) return attention_kernel<KV, 8, 8, true, GT, R, false>;    // D 64
+      if (s.L == 16) return attention_kernel<KV, 16, 8, true, GT, R, false>;  // D 128
+      return attention_kernel<KV, 32, 8, true, GT, R, false>;                 // D 256
     }
   }
-  return attention_kernel<KV, 32, 8, false, GT, R>;
+  return attention_kernel<KV, 32, 8, false, GT, R, false>;
 }
 
 template <class KV>
-kernel_fn pick_tile(int GT, kernel_shape s) {
-  if (GT == 1) return pick_shape<KV, 1>(s);
-  if (GT == 4) return pick_shape<KV, 4>(s);
-  return pick_shape<KV, 8>(s);
+kernel_fn pick_tile(int GT, kernel_shape s, bool quant) {
+  if (GT == 1) return pick_shape<KV, 1>(s, quant);
+  if (GT == 4) return pick_shape<KV, 4>(s, quant);
+  return pick_shape<KV, 8>(s, quant);
 }
 
-kernel_fn pick_kernel(dtype kv, int GT, kernel_shape s) {
-  if (kv == dtype::f32) return pick_tile<f32_kv>(GT, s);
-  if (kv == dtype::f16) return pick_tile<f16_kv>(GT, s);
-  if (kv == dtype::bf16) return pick_tile<bf16_kv>(GT, s);
+kernel_fn pick_kernel(dtype kv, int GT, kernel_shape s, bool quant) {
+  if (kv == dtype::f32) return pick_tile<f32_kv>(GT, s, quant);
+  if (kv == dtype::f16) return pick_tile<f16_kv>(GT, s, quant);
+  if (kv == dtype::bf16) return pick_tile<bf16_kv>(GT, s, quant);
   fail_type(std::string("attention over ") + dtype_name(kv) + " keys is not supported on CUDA");
 }
 
@@ -703,6 +749,7 @@ struct call_extras {
   // recorded; the call does not wait for the GPU
   float* probs_host = nullptr;
   cudaEvent_t probs_done = nullptr;
+  const quant_layout* quant = nullptr;  // a quantized cache's sealed blocks
 };
 
 // Uploads the patches and the call's descriptors in one copy, applies the patches and runs
@@ -775,7 +822,15 @@ void launch(const tensor_view& q4, const tensor_view& out4, int G, dtype kv_type
         p.mask_type = ex.mask->type;
         p.mask_threshold = ex.mask_threshold;
       }
-      const kernel_shape shape = shape_for(kv_type, D, aligned);
+      const kernel_shape shape = ex.quant ? kernel_shape{D <= 64 ? 8 : D <= 128 ? 16 : 32, 8, false} : shape_for(kv_type, D, aligned);
+      if (ex.quant) {
+        p.q_bits = ex.quant->bits;
+        p.q_vgroup = ex.quant->value_group;
+        p.q_row_bytes = static_cast<int64_t>(ex.quant->code_row_bytes());
+        p.q_kparams = static_cast<int64_t>(ex.quant->key_params);
+        p.q_vcodes = static_cast<int64_t>(ex.quant->value_codes);
+        p.q_vparams = static_cast<int64_t>(ex.quant->value_params);
+      }
       KV_CUDA(cu::malloc_async(reinterpret_cast<void**>(&partial),
                               std::max<size_t>(1, cp.items.size()) * GT * (D + 2) * sizeof(float), s));
       p.partial = partial;
@@ -785,7 +840,7 @@ void launch(const tensor_view& q4, const tensor_view& out4, int G, dtype kv_type
         KV_CUDA(cudaMemsetAsync(probs, 0, std::max<int64_t>(1, total_rows) * sizeof(float), s));
         p.final_stats = stats;
       }
-      const kernel_fn k = pick_kernel(kv_type, GT, shape);
+      const kernel_fn k = pick_kernel(kv_type, GT, shape, ex.quant != nullptr);
       const size_t smem = sizeof(float) * kWarps * GT * (2 + shape.L * shape.E);  // < 48 KiB
       if (!cp.items.empty()) {  // (no items: every head is empty, and the merge writes zeros)
         KVLOOM_LAUNCH(k, static_cast<unsigned>(cp.items.size()), kThreads, smem, s)(p);
@@ -917,12 +972,13 @@ void cuda_attend_cache(const cache& c, int layer, const std::vector<std::vector<
   const int G = static_cast<int>(q.shape[1] / Hkv);
   device_scope ds(q.device_id);
   std::lock_guard<std::mutex> lock(g_mirror_mu);
-  mirror_sync ms(pool, q.device_id, cu::stream());
+  mirror_sync ms(pool, c.sealed_pool(), q.device_id, cu::stream());
   call_plan cp;
   add_cache_segments(c, layer, views, ms, cp);
   call_extras ex;
   ex.inv_freq = rope.inv_freq;
   ex.n_freq = rope.n_freq;
+  ex.quant = c.sealed_pool() ? c.sealed_pool()->quant() : nullptr;
   std::shared_ptr<pending_probs> pending;
   if (accumulate) {
     int64_t rows = 0;
@@ -954,10 +1010,11 @@ void cuda_chunk_attention(const cache& c, int layer, const std::vector<int64_t>&
   const int G = static_cast<int>(q.shape[1] / Hkv);
   device_scope ds(q.device_id);
   std::lock_guard<std::mutex> lock(g_mirror_mu);
-  mirror_sync ms(pool, q.device_id, cu::stream());
+  mirror_sync ms(pool, c.sealed_pool(), q.device_id, cu::stream());
   call_plan cp;
   std::vector<std::vector<cache_segment>> views;
   call_extras ex;
+  ex.quant = c.sealed_pool() ? c.sealed_pool()->quant() : nullptr;
   ex.mask = mask;
   ex.mask_threshold = mask_threshold;
   for (size_t b = 0; b < seqs.size(); ++b) {

@@ -154,6 +154,35 @@ def test_chunk_attention_on_a_device_cache_equals_cpu(heads, past, Tq, B, dtype,
     torch.testing.assert_close(got.cpu().float(), want.float(), **TOL[dtype])
 
 
+@settings(max_examples=15, deadline=None)
+@given(kv_dtype=st.sampled_from(["int8", "int4", "int2"]), dtype=st.sampled_from([torch.float32, torch.float16]),
+       lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6), evict=st.floats(0, 0.5), seed=st.integers(0, 1000))
+def test_quantized_device_cache_matches_cpu(kv_dtype, dtype, lengths, evict, seed):
+    # the device cache seals the same blocks into the same codes (gathers equal bit for bit),
+    # and decode and chunk attention over its codes equal the CPU cache's quantized kernels
+    g = torch.Generator().manual_seed(seed)
+    cpu, gpu = (kvloom.KVCache(1, 3, 64, dtype=dtype, policy=kvloom.Window(4, 60), kv_dtype=kv_dtype, device=d)
+                for d in ("cpu", DEV))
+    s, sd = cpu.add_sequence(), gpu.add_sequence()
+    for n in lengths:
+        k, v = torch.randn(3, n, 64, generator=g).to(dtype), torch.randn(3, n, 64, generator=g).to(dtype)
+        cpu.append(0, s, k, v)
+        gpu.append(0, sd, k.to(DEV), v.to(DEV))
+        assert cpu.apply_policy(0, s) == gpu.apply_policy(0, sd)
+        live = cpu.slots(0, 1, s)[0].tolist()
+        drop = live[1::2][: int(evict * len(live))]
+        cpu.evict(0, 1, s, drop)
+        gpu.evict(0, 1, sd, drop)
+    _same(cpu, gpu, s, sd)
+    assert cpu.memory_bytes() == gpu.memory_bytes()
+    q = torch.randn(1, 9, 64, generator=g).to(dtype)
+    torch.testing.assert_close(gpu.attend(0, q.to(DEV), [sd]).cpu().float(), cpu.attend(0, q, [s]).float(), **TOL[dtype])
+    Tq = min(5, cpu.seq_length(s))
+    qc = torch.randn(1, 9, Tq, 64, generator=g).to(dtype)
+    torch.testing.assert_close(gpu.chunk_attention(0, qc.to(DEV), [sd]).cpu().float(),
+                               cpu.chunk_attention(0, qc, [s]).float(), **TOL[dtype])
+
+
 def test_prompt_statistics_on_a_device_cache_equal_the_cpu_ones():
     from kvloom.policies.fastgen import hybrid_recovery
 

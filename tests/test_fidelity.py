@@ -34,4 +34,10 @@ def test_fidelity_run_small(tmp_path, capsys):
     assert full["kv_bytes_vs_full"] == 1.0 and full["greedy_prefix_agreement"] == 1.0
     assert full["perplexity_delta_pct"] == 0.0
     assert rows["window"]["kv_bytes_vs_full"] < 0.7
+    # per-case results: one hit and one answer per case, the hits agreeing with the accuracy
+    assert len(data["cases"]) == data["needle_cases"] == 1 and data["cases"][0]["tokens"] == 120
+    for r in rows.values():
+        assert len(r["needle_hits"]) == len(r["needle_answers"]) == 1
+        assert r["needle_accuracy"] == sum(r["needle_hits"]) / len(r["needle_hits"])
+        assert r["needle_hits"][0] == int(data["cases"][0]["answer"] in r["needle_answers"][0])
     assert "| policy |" in capsys.readouterr().out

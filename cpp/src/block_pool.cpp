@@ -23,8 +23,6 @@ block_pool::block_pool(dtype type, int head_dim, int block_size, int64_t capacit
   if (device == device_kind::cuda && (device_id < 0 || device_id >= cuda_device_count()))
     fail_value("block_pool: CUDA device " + std::to_string(device_id) + " does not exist (" +
                std::to_string(cuda_device_count()) + " visible)");
-  if (quant_bits != 0 && device != device_kind::cpu)
-    fail_value("quantized KV blocks live in host memory only (a CUDA pool of quantized blocks is not built yet)");
   if (!dtype_is_float(type)) fail_type(std::string("block_pool dtype must be float32, float16 or bfloat16, got ") + dtype_name(type));
   if (head_dim <= 0 || head_dim > 4096) fail_value("head_dim must be in [1, 4096], got " + std::to_string(head_dim));
   if (block_size <= 0 || block_size > 4096) fail_value("block_size must be in [1, 4096], got " + std::to_string(block_size));
@@ -140,4 +138,18 @@ size_t block_pool::reserved_bytes() const {
   return static_cast<size_t>(refcount_.size()) * block_bytes_;
 }
 
+namespace detail {
+
+const void* block_on_host(const block_pool& pool, block_id b, std::vector<char>& buf) {
+  if (pool.device() == device_kind::cpu) return pool.block_keys(b);
+  buf.resize(pool.block_bytes());
+  ops_for(pool.device()).to_host(pool.device_id(), buf.data(), pool.block_keys(b), pool.block_bytes());
+  return buf.data();
+}
+
+void block_from_host(const block_pool& pool, block_id b, const void* src) {
+  ops_for(pool.device()).from_host(pool.device_id(), pool.block_keys(b), src, pool.block_bytes());
+}
+
+}  // namespace detail
 }  // namespace kvloom

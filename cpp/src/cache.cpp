@@ -109,7 +109,8 @@ void cache::set_quantized(std::shared_ptr<block_pool> sealed) {
       fail_value("set_quantized: the quantized pool's head_dim/block_size (" + std::to_string(sealed->head_dim()) + "/" +
                  std::to_string(sealed->block_size()) + ") must equal the cache's (" + std::to_string(pool_->head_dim()) +
                  "/" + std::to_string(pool_->block_size()) + ")");
-    if (pool_->device() != device_kind::cpu) fail_value("quantized KV storage runs on the CPU only (not built for CUDA yet)");
+    if (sealed->device() != pool_->device() || sealed->device_id() != pool_->device_id())
+      fail_value("set_quantized: the quantized pool must be on the cache's device");
   }
   for (const auto& sq : seqs_)
     if (sq) fail_value("quantized storage can only be set on a cache without sequences");
@@ -619,7 +620,8 @@ void cache::seal_full(head_store& hs, const std::vector<uint8_t>* skip) {
             newest_ord = hs.ord(sl);
             newest = static_cast<int64_t>(bi);
           }
-  thread_local std::vector<float> kf, vf;
+  std::vector<size_t> todo;  // the entries to seal, each with a quantized block
+  std::vector<block_id> qbs;
   for (size_t bi = 0; bi < hs.table_.size(); ++bi) {
     if (!sealable(bi) || (skip && (*skip)[bi]) || static_cast<int64_t>(bi) == keep || static_cast<int64_t>(bi) == newest)
       continue;
@@ -627,31 +629,73 @@ void cache::seal_full(head_store& hs, const std::vector<uint8_t>* skip) {
     try {
       qpool_->alloc(1, &qb);
     } catch (const capacity_error&) {
-      return;  // the quantized pool is full: the blocks stay in full precision
+      break;  // the quantized pool is full: the other blocks stay in full precision
     }
-    kf.resize(static_cast<size_t>(bs * D));
-    vf.resize(static_cast<size_t>(bs * D));
-    const char* kb = static_cast<const char*>(pool_->block_keys(hs.table_[bi]));
-    const char* vb = kb + pool_->value_offset();
-    for (int64_t i = 0; i < bs * D; ++i) {
-      kf[static_cast<size_t>(i)] = load_as_f32(kb, t, static_cast<size_t>(i));
-      vf[static_cast<size_t>(i)] = load_as_f32(vb, t, static_cast<size_t>(i));
+    todo.push_back(bi);
+    qbs.push_back(qb);
+  }
+  if (todo.empty()) return;
+  // Their rows as fp32 on the host in one batched read (a device pool: one copy, one wait),
+  // quantized there by the one quantizer (quant.cpp) and, for a device pool, uploaded.
+  const size_t per = static_cast<size_t>(2 * bs * D);  // floats per block: keys, then values
+  const size_t row = static_cast<size_t>(D) * dtype_size(pool_->type());
+  const bool on_host = pool_->device() == device_kind::cpu;
+  const detail::device_ops& ops = detail::ops_for(pool_->device());
+  size_t done = 0;
+  try {
+    std::vector<const void*> rows;
+    rows.reserve(todo.size() * 2 * static_cast<size_t>(bs));
+    for (size_t bi : todo) {
+      const char* kb = static_cast<const char*>(pool_->block_keys(hs.table_[bi]));
+      for (int part = 0; part < 2; ++part)
+        for (int r = 0; r < bs; ++r) rows.push_back(kb + part * pool_->value_offset() + r * row);
     }
-    try {
-      quantize_block(*qpool_->quant(), kf.data(), vf.data(), bs, nullptr, qpool_->block_keys(qb));
-    } catch (const std::invalid_argument&) {  // out of fp16's range after rounding to the storage dtype
-      qpool_->decref(qb);
-      continue;
+    std::vector<float> kv(todo.size() * per);
+    ops.rows_to_host_f32(pool_->device_id(), rows, t, D, kv.data());
+    std::vector<char> staged(on_host ? 0 : qpool_->block_bytes());
+    for (; done < todo.size(); ++done) {
+      const size_t bi = todo[done];
+      const block_id qb = qbs[done];
+      const float* kf = kv.data() + done * per;
+      try {
+        quantize_block(L, kf, kf + bs * D, bs, nullptr, on_host ? qpool_->block_keys(qb) : staged.data());
+      } catch (const std::invalid_argument&) {  // out of fp16's range after rounding to the storage dtype
+        qpool_->decref(qb);
+        continue;
+      }
+      if (!on_host) detail::block_from_host(*qpool_, qb, staged.data());
+      pool_->decref(hs.table_[bi]);
+      hs.table_[bi] = qb;
+      hs.sealed_[bi] = 1;
+      hs.touch(static_cast<int64_t>(bi));
     }
-    pool_->decref(hs.table_[bi]);
-    hs.table_[bi] = qb;
-    hs.sealed_[bi] = 1;
-    hs.touch(static_cast<int64_t>(bi));
+  } catch (...) {  // a device error: the blocks not sealed yet stay in full precision
+    for (; done < todo.size(); ++done) qpool_->decref(qbs[done]);
+    throw;
   }
 }
 
-void cache::check_quantizable(const tensor_view& k, const tensor_view& v) const {
-  for (const tensor_view* t : {&k, &v}) {
+void cache::check_quantizable(const tensor_view& k_in, const tensor_view& v_in) const {
+  // device tensors are checked from a host copy of the elements they span (one wait)
+  std::vector<char> host_bytes[2];
+  tensor_view kv_host[2] = {k_in, v_in};
+  for (int i = 0; i < 2; ++i) {
+    tensor_view& t = kv_host[i];
+    if (t.device == device_kind::cpu) continue;
+    int64_t lo = 0, hi = 0;  // element offsets spanned, relative to data
+    for (int d = 0; d < t.ndim; ++d) {
+      if (t.shape[d] == 0) return;  // nothing to check
+      (t.strides[d] < 0 ? lo : hi) += (t.shape[d] - 1) * t.strides[d];
+    }
+    const size_t esz = dtype_size(t.type);
+    host_bytes[i].resize(static_cast<size_t>(hi - lo + 1) * esz);
+    detail::ops_for(t.device).to_host(t.device_id, host_bytes[i].data(), static_cast<const char*>(t.data) + lo * static_cast<int64_t>(esz),
+                                      host_bytes[i].size());
+    t.data = host_bytes[i].data() - lo * static_cast<int64_t>(esz);
+    t.device = device_kind::cpu;
+  }
+  const tensor_view& k = kv_host[0];
+  for (const tensor_view* t : {&kv_host[0], &kv_host[1]}) {
     const int64_t H = t->shape[0], n = t->shape[1], D = t->shape[2];
     for (int64_t h = 0; h < H; ++h)
       for (int64_t j = 0; j < n; ++j)
@@ -950,30 +994,58 @@ void cache::gather(int layer, int head, int64_t seq, const tensor_view& k_out, c
     if (pos_out) static_cast<int32_t*>(pos_out->data)[i * pos_out->strides[0]] = hs.pos_[sl];
   }
   if (L == 0) return;
-  if (!qpool_) return detail::ops_for(pool_->device()).read_rows(pool_->device_id(), rows, pool_->type(), D, k_out, v_out);
-  // a quantized cache (host): every row as fp32 first, sealed blocks dequantized once each
+  const detail::device_ops& ops = detail::ops_for(pool_->device());
+  if (!qpool_) return ops.read_rows(pool_->device_id(), rows, pool_->type(), D, k_out, v_out);
+  // a quantized cache: every row as fp32 on the host first (full-precision rows in one batched
+  // read, sealed blocks dequantized once each), then written out as the rows of an fp32 gather
   std::vector<float> kv(static_cast<size_t>(2 * L * D)), tile(static_cast<size_t>(2 * bs * D));
+  std::vector<const void*> fp_src;  // keys of the full-precision rows, then their values
+  std::vector<int64_t> fp_at;
+  std::vector<char> qbuf;
   int64_t tile_entry = -1;
   for (int64_t i = 0; i < L; ++i) {
     const int64_t sl = slots[i], e = sl / bs;
-    float* kd = kv.data() + i * D;
-    float* vd = kv.data() + (L + i) * D;
     if (hs.sealed(e)) {
       if (tile_entry != e) {
-        dequantize_block(*qpool_->quant(), qpool_->block_keys(hs.table_[e]), bs, tile.data(), tile.data() + bs * D);
+        dequantize_block(*qpool_->quant(), detail::block_on_host(*qpool_, hs.table_[e], qbuf), bs, tile.data(),
+                         tile.data() + bs * D);
         tile_entry = e;
       }
-      std::copy_n(tile.data() + (sl % bs) * D, D, kd);
-      std::copy_n(tile.data() + (bs + sl % bs) * D, D, vd);
+      std::copy_n(tile.data() + (sl % bs) * D, D, kv.data() + i * D);
+      std::copy_n(tile.data() + (bs + sl % bs) * D, D, kv.data() + (L + i) * D);
     } else {
-      for (int64_t d = 0; d < D; ++d) {
-        kd[d] = load_as_f32(rows[i].k_src, pool_->type(), static_cast<size_t>(d));
-        vd[d] = load_as_f32(rows[i].v_src, pool_->type(), static_cast<size_t>(d));
-      }
+      fp_src.push_back(rows[i].k_src);
+      fp_at.push_back(i);
     }
-    rows[i] = {kd, vd};
   }
-  detail::ops_for(device_kind::cpu).read_rows(0, rows, dtype::f32, D, k_out, v_out);
+  if (!fp_at.empty()) {
+    const size_t n_fp = fp_at.size();
+    for (int64_t i : fp_at) fp_src.push_back(rows[i].v_src);
+    std::vector<float> fp(2 * n_fp * static_cast<size_t>(D));
+    ops.rows_to_host_f32(pool_->device_id(), fp_src, pool_->type(), D, fp.data());
+    for (size_t j = 0; j < n_fp; ++j) {
+      std::copy_n(fp.data() + j * D, D, kv.data() + fp_at[j] * D);
+      std::copy_n(fp.data() + (n_fp + j) * D, D, kv.data() + (L + fp_at[j]) * D);
+    }
+  }
+  if (pool_->device() == device_kind::cpu) {
+    for (int64_t i = 0; i < L; ++i) rows[i] = {kv.data() + i * D, kv.data() + (L + i) * D};
+    return ops.read_rows(0, rows, dtype::f32, D, k_out, v_out);
+  }
+  // device outputs: the fp32 rows go up once and are read from there
+  const size_t bytes = kv.size() * sizeof(float);
+  void* dev = ops.arena_alloc(pool_->device_id(), bytes);
+  if (!dev) throw capacity_error("gather: device memory exhausted for the dequantized rows");
+  try {
+    ops.from_host(pool_->device_id(), dev, kv.data(), bytes);
+    const float* dk = static_cast<const float*>(dev);
+    for (int64_t i = 0; i < L; ++i) rows[i] = {dk + i * D, dk + (L + i) * D};
+    ops.read_rows(pool_->device_id(), rows, dtype::f32, D, k_out, v_out);
+  } catch (...) {
+    ops.arena_free(pool_->device_id(), dev);
+    throw;
+  }
+  ops.arena_free(pool_->device_id(), dev);
 }
 
 std::pair<size_t, size_t> cache::blocks_held_unlocked() const {

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kvloom/block_pool.h"
 #include "kvloom/common.h"
 #include "kvloom/device.h"
 #include "kvloom/tensor_view.h"
@@ -69,6 +70,12 @@ const device_ops& host_ops();
 const device_ops* cuda_ops();  // null when kvloom was built without CUDA
 // The ops of a device kind; std::invalid_argument when that device is not built in.
 const device_ops& ops_for(device_kind kind);
+
+// A block's bytes (block_bytes(), from block_keys()) readable on the host: the block itself in
+// a host pool, else a copy in `buf` (waits for it). Quantized blocks are read this way.
+const void* block_on_host(const block_pool& pool, block_id b, std::vector<char>& buf);
+// Writes a whole block (block_bytes()) from host memory.
+void block_from_host(const block_pool& pool, block_id b, const void* src);
 
 // The current stream of the calling thread (a cudaStream_t; null: the legacy default stream).
 void* current_stream();

@@ -48,24 +48,33 @@ key_panels load_panels(const head_store& hs, const block_pool& pool, const block
                                        static_cast<size_t>(sl % bs) * D * dtype_size(pool.type());
   }
   std::vector<float> keys(static_cast<size_t>(L * D));
-  if (qpool) {  // a quantized cache (host): sealed blocks dequantized, one at a time
+  if (qpool) {  // a quantized cache: sealed blocks dequantized, one at a time
     std::vector<float> tile(static_cast<size_t>(2 * bs * D));
+    std::vector<char> qbuf;
     std::vector<std::pair<int64_t, int64_t>> sealed_rows;  // (entry, i)
+    std::vector<const void*> fp_rows;
+    std::vector<int64_t> fp_at;
     for (int64_t i = 0; i < L; ++i) {
       const int64_t e = kp.slots[i] / bs;
       if (hs.sealed(e)) {
         sealed_rows.push_back({e, i});
-        rows[i] = nullptr;
       } else {
-        for (int64_t d = 0; d < D; ++d) keys[static_cast<size_t>(i * D + d)] = load_as_f32(rows[i], pool.type(), static_cast<size_t>(d));
+        fp_rows.push_back(rows[i]);
+        fp_at.push_back(i);
       }
+    }
+    if (!fp_rows.empty()) {  // the full-precision rows in one batched read
+      std::vector<float> fp(fp_rows.size() * static_cast<size_t>(D));
+      detail::ops_for(pool.device()).rows_to_host_f32(pool.device_id(), fp_rows, pool.type(), D, fp.data());
+      for (size_t j = 0; j < fp_at.size(); ++j) std::copy_n(fp.data() + j * D, D, keys.data() + fp_at[j] * D);
     }
     std::sort(sealed_rows.begin(), sealed_rows.end());
     int64_t cur = -1;
     for (const auto& er : sealed_rows) {
       if (er.first != cur) {
         cur = er.first;
-        dequantize_block(*qpool->quant(), qpool->block_keys(hs.table()[cur]), bs, tile.data(), tile.data() + bs * D);
+        dequantize_block(*qpool->quant(), detail::block_on_host(*qpool, hs.table()[cur], qbuf), bs, tile.data(),
+                         tile.data() + bs * D);
       }
       std::copy_n(tile.data() + (kp.slots[er.second] % bs) * D, D, keys.data() + er.second * D);
     }
@@ -319,7 +328,7 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
       appended.push_back(heads.back()->appended());
     }
 #ifdef KVLOOM_WITH_CUDA
-  if (pool_->device() == device_kind::cuda) {
+  if (pool_->device() == device_kind::cuda && !qpool_) {  // (quantized: from the host's copy of the keys, below)
     std::vector<std::vector<int64_t>> slots;
     std::vector<float> acc, unused;
     std::vector<double> no_rows;
@@ -332,7 +341,7 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
 #endif
   const host_query hq = query_on_host(q_in);
   const tensor_view& q = hq.view;
-  if (q.shape[2] * G <= kFewRows) {  // a decode step (or a few tokens): straight from the blocks
+  if (q.shape[2] * G <= kFewRows && pool_->device() == device_kind::cpu) {  // a decode step (or a few tokens): straight from the blocks
     accumulate_few(heads, *pool_, qpool_.get(), q, G, H, sc);
     return;
   }
@@ -473,7 +482,7 @@ void recovery_pass(const cache& c, int layer, const std::vector<int64_t>& seqs, 
     }
   const size_t BH = heads.size();
 #ifdef KVLOOM_WITH_CUDA
-  if (c.pool().device() == device_kind::cuda) {  // the same per-key sums, from one launch
+  if (c.pool().device() == device_kind::cuda && !c.sealed_pool()) {  // the same per-key sums, from one launch
     std::vector<std::vector<int64_t>> slots;
     std::vector<float> all, near;
     std::vector<double> rows;

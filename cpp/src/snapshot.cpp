@@ -276,12 +276,12 @@ std::vector<uint8_t> cache::export_sequences(const std::vector<int64_t>& seqs) c
       }
     w.put_array(tmp.data(), tmp.size());
   }
-  if (qpool_) {  // sealed blocks (host memory), dead rows' codes and value scales zeroed
+  if (qpool_) {  // sealed blocks (from their device), dead rows' codes and value scales zeroed
     const quant_layout& L = *qpool_->quant();
     const size_t rb = L.code_row_bytes();
     std::vector<uint8_t> qb(L.bytes);
     for (size_t i = 0; i < sealed.size(); ++i) {
-      std::memcpy(qb.data(), qpool_->block_keys(sealed[i]), L.bytes);
+      ops.to_host(qpool_->device_id(), qb.data(), qpool_->block_keys(sealed[i]), L.bytes);
       auto* vmin = reinterpret_cast<uint16_t*>(qb.data() + L.value_params);
       auto* vstep = vmin + static_cast<size_t>(bs) * L.value_groups();
       for (int r = 0; r < bs; ++r)
@@ -446,23 +446,22 @@ std::vector<int64_t> cache::import_sequences(const uint8_t* data, size_t size, b
     if (n_sealed) qpool_->decref_many(qgot.data(), qgot.size());
     throw;
   }
-  for (uint64_t b = 0; b < n_sealed; ++b) {  // host memory: plain copies that cannot fail
-    std::memcpy(qpool_->block_keys(qgot[b]), sealed_data + b * qbytes, qbytes);
-    for (int64_t k = 1; k < qrefs[b]; ++k) qpool_->incref(qgot[b]);
-  }
   try {
     const detail::device_ops& ops = detail::ops_for(pool_->device());
+    for (uint64_t b = 0; b < n_sealed; ++b) ops.from_host(qpool_->device_id(), qpool_->block_keys(qgot[b]), sealed_data + b * qbytes, qbytes);
     for (uint64_t b = 0; b < n_blocks; ++b) {
       ops.from_host(pool_->device_id(), pool_->block_keys(got[b]), block_data + b * 2 * half, half);
       ops.from_host(pool_->device_id(), pool_->block_values(got[b]), block_data + b * 2 * half + half, half);
-      for (int64_t k = 1; k < refs[b]; ++k) pool_->incref(got[b]);
     }
-  } catch (...) {
+  } catch (...) {  // (a failed device copy: every block still has the one reference alloc gave it)
     pool_->decref_many(got.data(), got.size());
-    for (uint64_t b = 0; b < n_sealed; ++b)
-      for (int64_t k = 0; k < qrefs[b]; ++k) qpool_->decref(qgot[b]);
+    if (n_sealed) qpool_->decref_many(qgot.data(), qgot.size());
     throw;
   }
+  for (uint64_t b = 0; b < n_sealed; ++b)  // the blocks' other references (cannot fail)
+    for (int64_t k = 1; k < qrefs[b]; ++k) qpool_->incref(qgot[b]);
+  for (uint64_t b = 0; b < n_blocks; ++b)
+    for (int64_t k = 1; k < refs[b]; ++k) pool_->incref(got[b]);
   std::vector<int64_t> out;
   if (keep_ids) {
     int64_t top = static_cast<int64_t>(seqs_.size());

@@ -154,7 +154,8 @@ class KVCache:
             any more (and at the end of ``apply_policy``, after the policy's evictions), in
             kvloom's block format (README, *Quantized KV*); the block being filled stays in
             ``dtype`` (with int2 also each head's first block and the full block holding its
-            newest token). Default block size 32 then (16 with int2). CPU only; appends must be finite and within
+            newest token). Default block size 32 then (16 with int2). On a CUDA device the quantized
+            blocks live there too (README, *On the GPU*). Appends must be finite and within
             fp16's range; ``capacity_bytes`` bounds each of the two pools.
         kv_budget: a memory budget, as a fraction in (0, 1] of what ``Full`` holds (default
             None: none). After each :meth:`apply_policy`, one layer of one sequence holds at
@@ -179,8 +180,6 @@ class KVCache:
         if pool is not None:
             self._check_pool(pool, dtype, block_size, capacity_bytes, device)
         dev = parse_device(device)
-        if bits and dev.type != "cpu":
-            raise ValueError(f"kv_dtype={kv_dtype!r}: quantized KV storage runs on the CPU only (not built for CUDA yet)")
         if pool is None:
             name = kv_dtype_name(torch.float32 if dtype is None else dtype)
             if capacity_bytes is None:
@@ -204,8 +203,9 @@ class KVCache:
         self._qpool = None
         if bits:
             qbytes = _core.quant_block_bytes(bits, int(block_size), int(head_dim))  # validates head_dim
+            qchunk = 0 if dev.type == "cpu" else max(1, (64 << 20) // qbytes)
             self._qpool = BlockPool(name, int(head_dim), int(block_size), max(1, min(int(capacity_bytes) // qbytes, 1 << 30)),
-                                    0, "cpu", 0, bits)
+                                    qchunk, dev.type, dev.index or 0, bits)
         self._device = torch.device(pool.device)
         self._policy = make_policy(policy)
         self._layer_policy: dict = {}  # layer -> Policy overriding self._policy

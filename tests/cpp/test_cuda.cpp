@@ -360,10 +360,15 @@ struct twin {
   std::shared_ptr<block_pool> hp, dp;
   cache h, d;
   std::vector<std::pair<int64_t, int64_t>> seqs;  // (host id, device id)
-  twin(dtype st, int n_layers, int heads, int head_dim, int bs, std::shared_ptr<const head_plan> plan)
+  // quant_bits 8, 4 or 2: both caches seal their full blocks into quantized pools
+  twin(dtype st, int n_layers, int heads, int head_dim, int bs, std::shared_ptr<const head_plan> plan, int quant_bits = 0)
       : L(n_layers), H(heads), D(head_dim), hp(std::make_shared<block_pool>(st, head_dim, bs, 4096, 7)),
         dp(std::make_shared<block_pool>(st, head_dim, bs, 4096, 7, device_kind::cuda, 0)), h(hp, n_layers, heads, plan),
         d(dp, n_layers, heads, plan) {
+    if (quant_bits) {
+      h.set_quantized(std::make_shared<block_pool>(st, head_dim, bs, 4096, 7, device_kind::cpu, 0, quant_bits));
+      d.set_quantized(std::make_shared<block_pool>(st, head_dim, bs, 4096, 7, device_kind::cuda, 0, quant_bits));
+    }
     seqs.push_back({h.seq_add(), d.seq_add()});
   }
 };
@@ -461,6 +466,33 @@ float chunk_both(twin& t, int layer, int Hq, int64_t Tq, kvtest::lcg& rng) {
   return worst;
 }
 
+// The plans of the random histories: "window" (2 sinks, 20 recent) or "full".
+std::shared_ptr<const head_plan> history_plan(const std::string& name) {
+  return name == "window" ? make_plan("window", plan_params().set("sinks", 2).set("recent", 20))
+                          : make_plan("full", plan_params());
+}
+
+// RoPE inverse frequencies for head_dim D (base 10000).
+struct rope_table {
+  std::vector<float> inv;
+  explicit rope_table(int D) : inv(static_cast<size_t>(D / 2)) {
+    for (int i = 0; i < D / 2; ++i) inv[i] = std::pow(10000.f, -2.f * i / D);
+  }
+  rope_spec spec() const { return {inv.data(), static_cast<int>(inv.size())}; }
+};
+
+// One step of a random history: a random operation, then decode attention over every
+// sequence (q in q_type; RoPE on two steps of three) and chunk attention of the last few
+// tokens; the worst errors so far are updated.
+void history_step(twin& t, kvtest::lcg& rng, int step, int Hq, dtype q_type, const rope_spec& rope, float& worst_decode,
+                  float& worst_chunk) {
+  random_op(t, rng, step);
+  worst_decode = worse(worst_decode, decode_both(t, step % t.L, Hq, q_type, rng, step % 3 ? rope : rope_spec{}));
+  int64_t shortest = INT64_MAX;
+  for (auto [sh, sd] : t.seqs) shortest = std::min(shortest, t.h.seq_length(sh));
+  if (shortest > 0) worst_chunk = worse(worst_chunk, chunk_both(t, 0, Hq, std::min<int64_t>(shortest, 1 + step % 5), rng));
+}
+
 struct kernel_case {
   dtype st;
   int L, H, G, D, bs;
@@ -484,21 +516,14 @@ TEST(cuda_attention_over_random_cache_histories) {
   };
   int ci = 0;
   for (const kernel_case& kc : cases) {
-    auto plan = std::string(kc.plan) == "window" ? make_plan("window", plan_params().set("sinks", 2).set("recent", 20))
-                                                  : make_plan("full", plan_params());
+    const auto plan = history_plan(kc.plan);
     twin t(kc.st, kc.L, kc.H, kc.D, kc.bs, plan);
     kvtest::lcg rng(100 + ci);
-    std::vector<float> inv(static_cast<size_t>(kc.D / 2));
-    for (int i = 0; i < kc.D / 2; ++i) inv[i] = std::pow(10000.f, -2.f * i / kc.D);
-    const rope_spec rope{inv.data(), kc.D / 2};
+    const rope_table rt(kc.D);
+    const rope_spec rope = rt.spec();
     float worst_decode = 0.f, worst_chunk = 0.f;
     for (int step = 0; step < 14; ++step) {
-      random_op(t, rng, step);
-      worst_decode = worse(worst_decode, decode_both(t, step % kc.L, kc.H * kc.G, step % 2 ? dtype::bf16 : dtype::f32,
-                                                        rng, step % 3 ? rope : rope_spec{}));
-      int64_t shortest = INT64_MAX;
-      for (auto [sh, sd] : t.seqs) shortest = std::min(shortest, t.h.seq_length(sh));
-      if (shortest > 0) worst_chunk = worse(worst_chunk, chunk_both(t, 0, kc.H * kc.G, std::min<int64_t>(shortest, 1 + step % 5), rng));
+      history_step(t, rng, step, kc.H * kc.G, step % 2 ? dtype::bf16 : dtype::f32, rope, worst_decode, worst_chunk);
       CHECK(same_contents(t.h, t.d, t.seqs[0].first, t.seqs[0].second));
     }
     if (!(worst_decode < 2e-5f && worst_chunk < 2e-5f))
@@ -688,5 +713,89 @@ TEST(cuda_decode_accumulation_matches_host) {
     if (!(worst_out < 2e-5f && worst_score < 1e-4f)) std::printf("  D %d: output error %g, score error %g\n", D, worst_out, worst_score);
     CHECK(worst_out < 2e-5f);
     CHECK(worst_score < 1e-4f);
+  }
+}
+
+// A quantized cache on the device (its sealed blocks quantized on the host by quant.cpp and
+// uploaded; the kernels read the codes): after random appends, forks, rollbacks, evictions,
+// policy runs and drops it holds what the host cache holds (gather dequantizes both the same
+// way, so bit for bit), decode and chunk attention equal the host's quantized kernels, and so
+// do the prompt statistics; a snapshot of the device cache loads into a host cache unchanged.
+TEST(cuda_quantized_cache_matches_host) {
+  if (!have_gpu()) return;
+  struct qcase {
+    dtype st;
+    int bits, H, G, D, bs;
+    const char* plan;
+  };
+  const qcase cases[] = {{dtype::f32, 8, 2, 3, 64, 4, "window"}, {dtype::f16, 4, 1, 4, 128, 8, "full"},
+                         {dtype::bf16, 2, 2, 2, 32, 4, "window"}, {dtype::f32, 4, 2, 9, 40, 2, "full"},
+                         {dtype::f16, 8, 1, 1, 256, 16, "full"}};
+  int ci = 0;
+  for (const qcase& qc : cases) {
+    const auto plan = history_plan(qc.plan);
+    twin t(qc.st, 2, qc.H, qc.D, qc.bs, plan, qc.bits);
+    kvtest::lcg rng(300 + ci);
+    const rope_table rt(qc.D);
+    const rope_spec rope = rt.spec();
+    float worst_decode = 0.f, worst_chunk = 0.f;
+    for (int step = 0; step < 16; ++step) {
+      history_step(t, rng, step, qc.H * qc.G, dtype::f32, rope, worst_decode, worst_chunk);
+      for (auto [sh, sd] : t.seqs) CHECK(same_contents(t.h, t.d, sh, sd));
+      CHECK_EQ(t.h.memory_bytes(), t.d.memory_bytes());
+    }
+    // the histories sealed blocks (else this test would check nothing quantized)
+    int sealed = 0;
+    for (int l = 0; l < 2; ++l)
+      for (int head = 0; head < qc.H; ++head)
+        for (uint8_t x : t.d.sealed_entries(l, head, t.seqs[0].second)) sealed += x;
+    CHECK(sealed > 0);
+    if (!(worst_decode < 2e-5f && worst_chunk < 2e-5f))
+      std::printf("  case %d: worst decode error %g, chunk error %g\n", ci, worst_decode, worst_chunk);
+    CHECK(worst_decode < 2e-5f);
+    CHECK(worst_chunk < 2e-5f);
+    // prompt statistics (from the host's copy of the device keys) equal the host cache's
+    const auto [sh, sd] = t.seqs[0];
+    const int64_t Tq = std::min<int64_t>(t.h.seq_length(sh), 6), Hq = qc.H * qc.G;
+    if (Tq > 0) {
+      auto q = rng.vec(static_cast<size_t>(Hq * Tq * qc.D));
+      const auto qv = kvtest::view(q.data(), dtype::f32, {1, Hq, Tq, qc.D});
+      dbuf dq(q.data(), q.size() * 4);
+      t.h.accumulate_attention(1, {sh}, qv, 0.f);
+      t.d.accumulate_attention(1, {sd}, on_cuda(qv, dq.p), 0.f);
+      std::vector<double> mh(static_cast<size_t>(qc.H) * 4), md(mh.size());
+      accumulate_with_recovery(t.h, 0, {sh}, qv, 0.f, 0.0, 3, mh.data());
+      accumulate_with_recovery(t.d, 0, {sd}, on_cuda(qv, dq.p), 0.f, 0.0, 3, md.data());
+      float worst = 0.f;
+      for (int l = 0; l < 2; ++l)
+        for (int head = 0; head < qc.H; ++head) {
+          const auto x = t.h.live_slots(l, head, sh), y = t.d.live_slots(l, head, sd);
+          CHECK_EQ(x.size(), y.size());
+          for (size_t i = 0; i < x.size() && i < y.size(); ++i)
+            worst = worse(worst, std::fabs(x[i].score - y[i].score) / (1.f + std::fabs(x[i].score)));
+        }
+      CHECK(worst < 2e-5f);
+      for (size_t i = 0; i < mh.size(); ++i) CHECK(std::fabs(mh[i] - md[i]) < 1e-5);
+    }
+    // a snapshot of the device cache, loaded into a fresh host cache, holds the same tokens
+    const auto blob = t.d.export_sequences({sd});
+    twin back(qc.st, 2, qc.H, qc.D, qc.bs, plan, qc.bits);
+    const auto ids = back.h.import_sequences(blob.data(), blob.size());
+    const auto ids_d = back.d.import_sequences(blob.data(), blob.size());
+    CHECK(same_contents(back.h, t.d, ids[0], sd));
+    CHECK(same_contents(t.h, back.d, sh, ids_d[0]));
+    // a device append the format cannot hold (a NaN, beyond fp16) is refused, nothing stored
+    const int64_t before = t.d.seq_length(sd);
+    const size_t bytes = t.d.memory_bytes();
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), 1e6f}) {
+      auto k = rng.vec(static_cast<size_t>(qc.H * 3 * qc.D)), v = rng.vec(k.size());
+      v[k.size() - 1] = bad;
+      dbuf dk(k.data(), k.size() * 4), dv(v.data(), v.size() * 4);
+      const auto kv = kvtest::view(nullptr, dtype::f32, {qc.H, 3, qc.D});
+      CHECK_THROWS(t.d.append(0, sd, on_cuda(kv, dk.p), on_cuda(kv, dv.p), nullptr), std::invalid_argument);
+    }
+    CHECK_EQ(t.d.seq_length(sd), before);
+    CHECK_EQ(t.d.memory_bytes(), bytes);
+    ++ci;
   }
 }

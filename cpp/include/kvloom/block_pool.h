@@ -8,7 +8,7 @@
 //
 // A quantized pool (quant_bits 8, 4 or 2) holds blocks in kvloom's quantized format instead
 // (kvloom/quant.h: codes and scales of keys and values in one run of bytes at block_keys();
-// type() is uint8 and block_values() is meaningless); host memory only.
+// type() is uint8 and block_values() is meaningless), on the host or a CUDA device.
 //
 // A pool lives on one device: the host (default) or a CUDA device, whose blocks are device
 // memory that the host never dereferences (kvloom/device.h).

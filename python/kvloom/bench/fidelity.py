@@ -207,8 +207,8 @@ class Fidelity(Benchmark):
                 prompt, then = (c["ids"], None) if kind == "needle" else (c["doc_ids"], c["question_ids"])
                 cache = make(setting, prompt.shape[1])
                 out, tps, _ = _greedy(model, prompt, cache, 24, then=then)
-                return {"hit": c["answer"] in tok.decode(out, skip_special_tokens=True), "bytes": kv_bytes(cache),
-                        "tok_s": tps}
+                text = tok.decode(out, skip_special_tokens=True)
+                return {"hit": c["answer"] in text, "text": text, "bytes": kv_bytes(cache), "tok_s": tps}
             if kind == "ppl":
                 return {"ppl": _perplexity(model, ppl_ids, make(setting, args.ppl_prefix), args.ppl_prefix)}
             ids = agree_prompts[i]
@@ -229,13 +229,19 @@ class Fidelity(Benchmark):
                             sum(results[(name, kinds[p], i)]["hit"] for i in range(len(cases))) / len(cases)
                             for p in protocols},
                          **self.needle_by_length(name, results, cases, kinds, protocols),
+                         # per case (summary["cases"] order): found or not, and the model's answer
+                         **{f"needle_hits{SUFFIX[p]}": [int(results[(name, kinds[p], i)]["hit"]) for i in range(len(cases))]
+                            for p in protocols},
+                         **{f"needle_answers{SUFFIX[p]}": [results[(name, kinds[p], i)]["text"] for i in range(len(cases))]
+                            for p in protocols},
                          "perplexity": results[(name, "ppl", 0)]["ppl"],
                          "greedy_prefix_agreement": sum(agree) / len(agree),
                          "decode_tok_s": sum(r["tok_s"] for r in needles) / len(needles)})
         full_ppl = rows[0]["perplexity"]
         for r in rows:
             r["perplexity_delta_pct"] = 100.0 * (r["perplexity"] / full_ppl - 1.0)
-        return {"model": args.model or models.DEFAULT_MODEL, "needle_cases": len(cases), "lengths": args.lengths,
+        return {"model": args.model or models.DEFAULT_MODEL, "needle_cases": len(cases),
+                "cases": [{k: c[k] for k in ("tokens", "depth", "seed", "answer")} for c in cases], "lengths": args.lengths,
                 "depths": args.depths, "seeds": args.seeds, "ppl_prefix": args.ppl_prefix,
                 "ppl_tokens": args.ppl_tokens, "agree_tokens": args.agree_tokens, "rows": rows}
 

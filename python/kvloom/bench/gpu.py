@@ -15,6 +15,7 @@ All times are CUDA-event medians after warm-up, every ratio from the same run.
 from __future__ import annotations
 
 import statistics
+from typing import Optional
 import time
 
 import torch
@@ -74,11 +75,13 @@ def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
     return 2 * nbytes / t
 
 
-def attention_case(B: int, T: int, Hq: int = 32, Hkv: int = 8, D: int = 128, reps: int = 20) -> dict:
+def attention_case(B: int, T: int, Hq: int = 32, Hkv: int = 8, D: int = 128, reps: int = 20,
+                   kv_dtype: Optional[str] = None) -> dict:
     import kvloom
 
     g = torch.Generator(device="cuda").manual_seed(T + B)
-    kv = kvloom.KVCache(1, Hkv, D, dtype=torch.bfloat16, device="cuda", block_size=16)
+    kv = kvloom.KVCache(1, Hkv, D, dtype=torch.bfloat16, device="cuda", block_size=32 if kv_dtype else 16,
+                        kv_dtype=kv_dtype)
     k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
     seqs = [kv.add_sequence() for _ in range(B)]
@@ -95,10 +98,10 @@ def attention_case(B: int, T: int, Hq: int = 32, Hkv: int = 8, D: int = 128, rep
     t_dense = _cuda_time(lambda: kvloom.ops.decode_attention(q, k, v), reps)
     q4 = q[:, :, None]
     t_sdpa = _cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True), reps)
-    nbytes = 2 * B * Hkv * T * D * 2
+    nbytes = kv.memory_bytes() if kv_dtype else 2 * B * Hkv * T * D * 2
     kv = k = v = None  # (the lambdas above hold them as cells)
     torch.cuda.empty_cache()
-    return {"B": B, "T": T, "Hq": Hq, "Hkv": Hkv, "D": D, "kv_bytes": nbytes, "kvloom_us": t_kv * 1e6,
+    return {"B": B, "T": T, "Hq": Hq, "Hkv": Hkv, "D": D, "kv_dtype": kv_dtype or "bf16", "kv_bytes": nbytes, "kvloom_us": t_kv * 1e6,
             "kvloom_host_us": host_kv * 1e6, "kvloom_gpu_us": gpu_kv * 1e6 if gpu_kv else None, "dense_us": t_dense * 1e6, "sdpa_us": t_sdpa * 1e6,
             "speedup": t_sdpa / t_kv, "kvloom_gbps": nbytes / t_kv / 1e9, "max_abs_err": err}
 
@@ -175,6 +178,8 @@ class GPU(Benchmark):
         p.add_argument("--context", type=int, default=8192, help="end-to-end prompt tokens")
         p.add_argument("--new-tokens", type=int, default=32, help="end-to-end decoded tokens per run")
         p.add_argument("--reps", type=int, default=20, help="timed repetitions per kernel case (median)")
+        p.add_argument("--quant-lengths", type=ints, default=[4096, 32768],
+                       help="KV tokens for the quantized-cache rows (int8, int4; batch 1)")
         p.add_argument("--skip-e2e", action="store_true", help="only the kernel rows")
 
     def run(self, args) -> dict:
@@ -190,6 +195,19 @@ class GPU(Benchmark):
                          postfix=lambda c, r: f"B{c[0]} T{c[1]}: {r['speedup']:.2f}x SDPA")
         for r in rows:
             r["bw_fraction"] = r["kvloom_gbps"] * 1e9 / bw
+        # quantized caches (issue 15): the same decode step over int8 / int4 blocks, against the
+        # bf16 cache's time at the same shape (measured alongside when the grid lacks it)
+        qcases = [(T, dt) for T in args.quant_lengths for dt in ("int8", "int4")]
+        quant = self.grid(qcases, lambda c: attention_case(1, c[0], reps=args.reps, kv_dtype=c[1]), unit="case",
+                          postfix=lambda c, r: f"{c[1]} T{c[0]}: {r['kvloom_us']:.0f} us")
+        for r in quant:
+            base = next((x for x in rows if x["B"] == 1 and x["T"] == r["T"]), None)
+            if base is None:
+                base = attention_case(1, r["T"], reps=args.reps)
+                rows.append(base)
+                base["bw_fraction"] = base["kvloom_gbps"] * 1e9 / bw
+            r["bf16_us"] = base["kvloom_us"]
+            r["vs_bf16"] = base["kvloom_us"] / r["kvloom_us"]
         e2e = []
         if not args.skip_e2e:
             model = llama_1b()
@@ -208,7 +226,7 @@ class GPU(Benchmark):
         props = torch.cuda.get_device_properties(0)
         return {"device": props.name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                 "cuda_archs": kvloom._core.cuda_architectures(), "copy_bandwidth_gbps": bw / 1e9, "rows": rows,
-                "e2e": e2e}
+                "quantized": quant, "e2e": e2e}
 
     def markdown(self, summary: dict) -> str:
         head = (f"{summary['device']}, {summary['date']} (torch {summary['torch']}, kvloom built for "
@@ -224,6 +242,12 @@ class GPU(Benchmark):
                 for r in summary["rows"]]
         out = head + table(["batch", "T", "kvloom µs", "host µs/call", "GPU-busy µs", "dense µs", "SDPA µs", "× SDPA",
                             "kvloom GB/s", "% of copy BW", "max |err|"], rows)
+        if summary.get("quantized"):
+            out += ("\nQuantized caches (kv_dtype; batch 1, same shape), against the bf16 cache:\n\n"
+                    + table(["kv_dtype", "T", "KV bytes × bf16", "kvloom µs", "bf16 cache µs", "× bf16", "max abs err vs SDPA (unquantized KV)"],
+                            [[r["kv_dtype"], r["T"], f"{r['kv_bytes'] / (2 * r['T'] * r['Hkv'] * r['D'] * 2):.3f}",
+                              f"{r['kvloom_us']:.0f}", f"{r['bf16_us']:.0f}", f"{r['vs_bf16']:.2f}×",
+                              f"{r['max_abs_err']:.1e}"] for r in summary["quantized"]]))
         if summary["e2e"]:
             e = summary["e2e"]
             out += (f"\nEnd to end, random-init Llama-3.2-1B shape, bf16, {e[0]['context']} tokens of context:\n\n"
