@@ -291,6 +291,23 @@ def test_every_policy_runs_on_gpu(name):
         assert _greedy(model, same, ids, 8) == _greedy(model, kvloom.Cache(model), ids, 8)
 
 
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_quantized_cache_generates_on_gpu(kv_dtype):
+    """generate() through a quantized cache on the device: it seals blocks (fewer bytes than
+    Full), and at int8 its greedy tokens equal Full's (the tiny model's margins are wide)."""
+    import policy_suite
+
+    model = kvloom.enable(policy_suite.tiny_llama().to(DEV))
+    ids = torch.randint(4, 128, (1, 90), generator=torch.Generator().manual_seed(4)).to(DEV)
+    full = kvloom.Cache(model)
+    want = _greedy(model, full, ids, 8)
+    cache = kvloom.Cache(model, kv_dtype=kv_dtype)
+    got = _greedy(model, cache, ids, 8)
+    assert len(got) == 8 and cache.memory_bytes() < full.memory_bytes()
+    if kv_dtype == "int8":
+        assert got == want
+
+
 def test_window_evicts_the_same_tokens_on_gpu_and_cpu():
     import policy_suite
 
