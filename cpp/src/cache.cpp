@@ -676,26 +676,10 @@ void cache::seal_full(head_store& hs, const std::vector<uint8_t>* skip) {
 }
 
 void cache::check_quantizable(const tensor_view& k_in, const tensor_view& v_in) const {
-  // device tensors are checked from a host copy of the elements they span (one wait)
-  std::vector<char> host_bytes[2];
-  tensor_view kv_host[2] = {k_in, v_in};
-  for (int i = 0; i < 2; ++i) {
-    tensor_view& t = kv_host[i];
-    if (t.device == device_kind::cpu) continue;
-    int64_t lo = 0, hi = 0;  // element offsets spanned, relative to data
-    for (int d = 0; d < t.ndim; ++d) {
-      if (t.shape[d] == 0) return;  // nothing to check
-      (t.strides[d] < 0 ? lo : hi) += (t.shape[d] - 1) * t.strides[d];
-    }
-    const size_t esz = dtype_size(t.type);
-    host_bytes[i].resize(static_cast<size_t>(hi - lo + 1) * esz);
-    detail::ops_for(t.device).to_host(t.device_id, host_bytes[i].data(), static_cast<const char*>(t.data) + lo * static_cast<int64_t>(esz),
-                                      host_bytes[i].size());
-    t.data = host_bytes[i].data() - lo * static_cast<int64_t>(esz);
-    t.device = device_kind::cpu;
-  }
-  const tensor_view& k = kv_host[0];
-  for (const tensor_view* t : {&kv_host[0], &kv_host[1]}) {
+  // device tensors are checked from a host copy (one wait each)
+  const detail::host_tensor kh = detail::tensor_on_host(k_in), vh = detail::tensor_on_host(v_in);
+  const tensor_view& k = kh.view;
+  for (const tensor_view* t : {&kh.view, &vh.view}) {
     const int64_t H = t->shape[0], n = t->shape[1], D = t->shape[2];
     for (int64_t h = 0; h < H; ++h)
       for (int64_t j = 0; j < n; ++j)
@@ -996,38 +980,10 @@ void cache::gather(int layer, int head, int64_t seq, const tensor_view& k_out, c
   if (L == 0) return;
   const detail::device_ops& ops = detail::ops_for(pool_->device());
   if (!qpool_) return ops.read_rows(pool_->device_id(), rows, pool_->type(), D, k_out, v_out);
-  // a quantized cache: every row as fp32 on the host first (full-precision rows in one batched
-  // read, sealed blocks dequantized once each), then written out as the rows of an fp32 gather
-  std::vector<float> kv(static_cast<size_t>(2 * L * D)), tile(static_cast<size_t>(2 * bs * D));
-  std::vector<const void*> fp_src;  // keys of the full-precision rows, then their values
-  std::vector<int64_t> fp_at;
-  std::vector<char> qbuf;
-  int64_t tile_entry = -1;
-  for (int64_t i = 0; i < L; ++i) {
-    const int64_t sl = slots[i], e = sl / bs;
-    if (hs.sealed(e)) {
-      if (tile_entry != e) {
-        dequantize_block(*qpool_->quant(), detail::block_on_host(*qpool_, hs.table_[e], qbuf), bs, tile.data(),
-                         tile.data() + bs * D);
-        tile_entry = e;
-      }
-      std::copy_n(tile.data() + (sl % bs) * D, D, kv.data() + i * D);
-      std::copy_n(tile.data() + (bs + sl % bs) * D, D, kv.data() + (L + i) * D);
-    } else {
-      fp_src.push_back(rows[i].k_src);
-      fp_at.push_back(i);
-    }
-  }
-  if (!fp_at.empty()) {
-    const size_t n_fp = fp_at.size();
-    for (int64_t i : fp_at) fp_src.push_back(rows[i].v_src);
-    std::vector<float> fp(2 * n_fp * static_cast<size_t>(D));
-    ops.rows_to_host_f32(pool_->device_id(), fp_src, pool_->type(), D, fp.data());
-    for (size_t j = 0; j < n_fp; ++j) {
-      std::copy_n(fp.data() + j * D, D, kv.data() + fp_at[j] * D);
-      std::copy_n(fp.data() + (n_fp + j) * D, D, kv.data() + (L + fp_at[j]) * D);
-    }
-  }
+  // a quantized cache: every row as fp32 on the host first, then written out as the rows of
+  // an fp32 gather
+  std::vector<float> kv(static_cast<size_t>(2 * L * D));
+  detail::store_rows_f32(hs, *pool_, qpool_.get(), slots, kv.data(), kv.data() + L * D);
   if (pool_->device() == device_kind::cpu) {
     for (int64_t i = 0; i < L; ++i) rows[i] = {kv.data() + i * D, kv.data() + (L + i) * D};
     return ops.read_rows(0, rows, dtype::f32, D, k_out, v_out);
@@ -1047,6 +1003,57 @@ void cache::gather(int layer, int head, int64_t seq, const tensor_view& k_out, c
   }
   ops.arena_free(pool_->device_id(), dev);
 }
+
+namespace detail {
+
+void store_rows_f32(const head_store& hs, const block_pool& pool, const block_pool* qpool,
+                    const std::vector<int64_t>& slots, float* k_out, float* v_out) {
+  const int bs = pool.block_size();
+  const int64_t D = pool.head_dim();
+  const size_t row = static_cast<size_t>(D) * dtype_size(pool.type());
+  const int parts = v_out ? 2 : 1;
+  std::vector<std::pair<int64_t, size_t>> sealed;  // (table entry, index in slots)
+  std::vector<size_t> fp_at;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    if (qpool && hs.sealed(static_cast<size_t>(slots[i] / bs))) sealed.push_back({slots[i] / bs, i});
+    else fp_at.push_back(i);
+  }
+  if (!fp_at.empty()) {  // keys of the full-precision rows, then their values: one read
+    std::vector<const void*> src;
+    src.reserve(parts * fp_at.size());
+    for (int part = 0; part < parts; ++part)
+      for (size_t i : fp_at) {
+        const char* kb = static_cast<const char*>(pool.block_keys(hs.table()[slots[i] / bs]));
+        src.push_back(kb + part * pool.value_offset() + static_cast<size_t>(slots[i] % bs) * row);
+      }
+    const detail::device_ops& ops = detail::ops_for(pool.device());
+    if (fp_at.size() == slots.size() && parts == 1) {
+      ops.rows_to_host_f32(pool.device_id(), src, pool.type(), D, k_out);  // (no rows to interleave)
+    } else {
+      std::vector<float> fp(src.size() * static_cast<size_t>(D));
+      ops.rows_to_host_f32(pool.device_id(), src, pool.type(), D, fp.data());
+      for (int part = 0; part < parts; ++part)
+        for (size_t j = 0; j < fp_at.size(); ++j)
+          std::copy_n(fp.data() + (part * fp_at.size() + j) * D, D, (part ? v_out : k_out) + fp_at[j] * D);
+    }
+  }
+  if (sealed.empty()) return;
+  std::sort(sealed.begin(), sealed.end());  // each sealed block read and dequantized once
+  std::vector<float> tile(static_cast<size_t>(2 * bs * D));
+  std::vector<char> qbuf;
+  int64_t cur = -1;
+  for (const auto& [e, i] : sealed) {
+    if (e != cur) {
+      cur = e;
+      dequantize_block(*qpool->quant(), block_on_host(*qpool, hs.table()[e], qbuf), bs, tile.data(), tile.data() + bs * D);
+    }
+    const int64_t r = slots[i] % bs;
+    std::copy_n(tile.data() + r * D, D, k_out + i * D);
+    if (v_out) std::copy_n(tile.data() + (bs + r) * D, D, v_out + i * D);
+  }
+}
+
+}  // namespace detail
 
 std::pair<size_t, size_t> cache::blocks_held_unlocked() const {
   std::vector<block_id> ids, qids;

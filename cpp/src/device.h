@@ -18,6 +18,7 @@
 #include "kvloom/tensor_view.h"
 
 namespace kvloom {
+struct head_store;
 namespace detail {
 
 // Byte spans of equal size to copy (copy-on-write blocks, compaction rows).
@@ -76,6 +77,21 @@ const device_ops& ops_for(device_kind kind);
 const void* block_on_host(const block_pool& pool, block_id b, std::vector<char>& buf);
 // Writes a whole block (block_bytes()) from host memory.
 void block_from_host(const block_pool& pool, block_id b, const void* src);
+
+// A tensor readable on the host: the tensor itself on the host, else a host copy of the
+// elements it spans (any strides; waits for the copy), viewed with the same strides.
+struct host_tensor {
+  tensor_view view;
+  std::vector<char> bytes;
+};
+host_tensor tensor_on_host(const tensor_view& t);
+
+// Keys (and, with v_out, values) of a head store's slots as fp32 rows on the host
+// ([slots.size(), D] each, in the order given), whichever device the blocks live on: the
+// full-precision rows in one batched read, each sealed block of `qpool` (null: none) read and
+// dequantized once.
+void store_rows_f32(const head_store& hs, const block_pool& pool, const block_pool* qpool,
+                    const std::vector<int64_t>& slots, float* k_out, float* v_out);
 
 // The current stream of the calling thread (a cudaStream_t; null: the legacy default stream).
 void* current_stream();

@@ -117,6 +117,22 @@ const device_ops& ops_for(device_kind kind) {
 
 void* current_stream() { return g_stream; }
 
+host_tensor tensor_on_host(const tensor_view& t) {
+  host_tensor h{t, {}};
+  if (t.device == device_kind::cpu) return h;
+  int64_t lo = 0, hi = 0;  // the element offsets spanned, relative to data
+  for (int d = 0; d < t.ndim; ++d) {
+    if (t.shape[d] == 0) return h;  // no element (data is never read)
+    (t.strides[d] < 0 ? lo : hi) += (t.shape[d] - 1) * t.strides[d];
+  }
+  const int64_t esz = static_cast<int64_t>(dtype_size(t.type));
+  h.bytes.resize(static_cast<size_t>((hi - lo + 1) * esz));
+  ops_for(t.device).to_host(t.device_id, h.bytes.data(), static_cast<const char*>(t.data) + lo * esz, h.bytes.size());
+  h.view.data = h.bytes.data() - lo * esz;
+  h.view.device = device_kind::cpu;
+  return h;
+}
+
 #ifndef KVLOOM_WITH_CUDA
 const device_ops* cuda_ops() { return nullptr; }
 void mirror_release(mirror_state*) {}  // no mirror is ever made without CUDA

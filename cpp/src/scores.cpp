@@ -34,53 +34,13 @@ key_panels load_panels(const head_store& hs, const block_pool& pool, const block
     if (hs.live(sl)) kp.slots.push_back(sl);
   std::sort(kp.slots.begin(), kp.slots.end(), [&](int64_t a, int64_t b) { return hs.ord(a) < hs.ord(b); });
   const int64_t L = static_cast<int64_t>(kp.slots.size()), D = pool.head_dim();
-  const int bs = pool.block_size();
   kp.ords.resize(kp.slots.size());
   kp.n_panels = (L + detail::kPanel - 1) / detail::kPanel;
   kp.panels.assign(static_cast<size_t>(kp.n_panels * D * detail::kPanel), 0.f);
+  for (int64_t i = 0; i < L; ++i) kp.ords[i] = hs.ord(kp.slots[i]);
   // the keys in fp32 on the host, in ord order (one batched read for device pools)
-  std::vector<const void*> rows(static_cast<size_t>(L));
-  for (int64_t i = 0; i < L; ++i) {
-    const int64_t sl = kp.slots[i];
-    kp.ords[i] = hs.ord(sl);
-    rows[i] = hs.sealed(sl / bs) ? nullptr
-                                 : static_cast<const char*>(pool.block_keys(hs.table()[sl / bs])) +
-                                       static_cast<size_t>(sl % bs) * D * dtype_size(pool.type());
-  }
   std::vector<float> keys(static_cast<size_t>(L * D));
-  if (qpool) {  // a quantized cache: sealed blocks dequantized, one at a time
-    std::vector<float> tile(static_cast<size_t>(2 * bs * D));
-    std::vector<char> qbuf;
-    std::vector<std::pair<int64_t, int64_t>> sealed_rows;  // (entry, i)
-    std::vector<const void*> fp_rows;
-    std::vector<int64_t> fp_at;
-    for (int64_t i = 0; i < L; ++i) {
-      const int64_t e = kp.slots[i] / bs;
-      if (hs.sealed(e)) {
-        sealed_rows.push_back({e, i});
-      } else {
-        fp_rows.push_back(rows[i]);
-        fp_at.push_back(i);
-      }
-    }
-    if (!fp_rows.empty()) {  // the full-precision rows in one batched read
-      std::vector<float> fp(fp_rows.size() * static_cast<size_t>(D));
-      detail::ops_for(pool.device()).rows_to_host_f32(pool.device_id(), fp_rows, pool.type(), D, fp.data());
-      for (size_t j = 0; j < fp_at.size(); ++j) std::copy_n(fp.data() + j * D, D, keys.data() + fp_at[j] * D);
-    }
-    std::sort(sealed_rows.begin(), sealed_rows.end());
-    int64_t cur = -1;
-    for (const auto& er : sealed_rows) {
-      if (er.first != cur) {
-        cur = er.first;
-        dequantize_block(*qpool->quant(), detail::block_on_host(*qpool, hs.table()[cur], qbuf), bs, tile.data(),
-                         tile.data() + bs * D);
-      }
-      std::copy_n(tile.data() + (kp.slots[er.second] % bs) * D, D, keys.data() + er.second * D);
-    }
-  } else if (L > 0) {
-    detail::ops_for(pool.device()).rows_to_host_f32(pool.device_id(), rows, pool.type(), D, keys.data());
-  }
+  detail::store_rows_f32(hs, pool, qpool, kp.slots, keys.data(), nullptr);
   for (int64_t i = 0; i < L; ++i) {
     float* dst = &kp.panels[static_cast<size_t>((i / detail::kPanel) * D * detail::kPanel + i % detail::kPanel)];
     for (int64_t d = 0; d < D; ++d) dst[d * detail::kPanel] = keys[static_cast<size_t>(i * D + d)];
@@ -211,25 +171,16 @@ void accumulate_few(const std::vector<head_store*>& heads, const block_pool& poo
   });
 }
 
-// q as a host tensor: itself on the host; a host copy (same contiguous layout) for a CUDA q.
-struct host_query {
-  tensor_view view;
-  std::vector<char> bytes;
-};
-
-host_query query_on_host(const tensor_view& q) {
-  host_query h{q, {}};
-  if (q.device == device_kind::cpu) return h;
-  int64_t expect = 1;
-  for (int i = q.ndim - 1; i >= 0; --i) {
-    if (q.shape[i] > 1 && q.strides[i] != expect) fail_value("a CUDA q for the prompt statistics must be contiguous");
-    expect *= q.shape[i];
+// q as a host tensor: itself on the host; a host copy for a CUDA q (which must be contiguous).
+detail::host_tensor query_on_host(const tensor_view& q) {
+  if (q.device != device_kind::cpu) {
+    int64_t expect = 1;
+    for (int i = q.ndim - 1; i >= 0; --i) {
+      if (q.shape[i] > 1 && q.strides[i] != expect) fail_value("a CUDA q for the prompt statistics must be contiguous");
+      expect *= q.shape[i];
+    }
   }
-  h.bytes.resize(static_cast<size_t>(q.numel()) * dtype_size(q.type));
-  detail::ops_for(q.device).to_host(q.device_id, h.bytes.data(), q.data, h.bytes.size());
-  h.view.data = h.bytes.data();
-  h.view.device = device_kind::cpu;
-  return h;
+  return detail::tensor_on_host(q);
 }
 
 constexpr int64_t kChunkTokens = 16;  // query tokens per parallel task
@@ -339,7 +290,7 @@ void cache::accumulate_attention(int layer, const std::vector<int64_t>& seqs, co
     return;
   }
 #endif
-  const host_query hq = query_on_host(q_in);
+  const detail::host_tensor hq = query_on_host(q_in);
   const tensor_view& q = hq.view;
   if (q.shape[2] * G <= kFewRows && pool_->device() == device_kind::cpu) {  // a decode step (or a few tokens): straight from the blocks
     accumulate_few(heads, *pool_, qpool_.get(), q, G, H, sc);
@@ -499,7 +450,7 @@ void recovery_pass(const cache& c, int layer, const std::vector<int64_t>& seqs, 
     return;
   }
 #endif
-  const host_query hq = query_on_host(q_in);
+  const detail::host_tensor hq = query_on_host(q_in);
   const tensor_view& q = hq.view;
   const std::vector<key_panels> keys = layer_panels(heads, c.pool(), c.sealed_pool());
   const int W = detail::pool_threads();

@@ -15,8 +15,8 @@ All times are CUDA-event medians after warm-up, every ratio from the same run.
 from __future__ import annotations
 
 import statistics
-from typing import Optional
 import time
+from typing import Optional
 
 import torch
 
